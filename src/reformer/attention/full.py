@@ -1,0 +1,78 @@
+"""Exact (full) shared-QK attention, with the LSH layer's conventions.
+
+Used for short sequences, to evaluate an LSH-trained model with exact attention, and as the
+reference that LSH attention converges to as its windows grow: queries and keys share a
+projection, keys are unit-normalised, there is no 1/sqrt(E), a query's own position gets -1e5
+and padding / later positions (causal) -1e9.
+
+Shapes: B batch, H heads, L length, E d_head, Q query block.
+
+Decision: the masks go to ``scaled_dot_product_attention`` as an additive bias built for one
+block of Q queries at a time, so that no (L, L) bias exists for long inputs. Adding -1e5 / -1e9
+instead of replacing the logit gives the same probabilities: |q . k_hat| <= |q| is tiny next
+to these values, and a row whose only unmasked key is the query itself puts all its weight on
+it either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reformer.attention._chunked import mask_values, padded_mask
+from reformer.attention.base import AttentionState, HeadSlicedAttention
+from reformer.config import ReformerConfig
+
+_BIAS_ELEMENTS = 1 << 24  # largest (Q, L) bias block
+
+
+def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                   attention_mask: torch.Tensor | None = None,
+                   dropout: float = 0.0) -> torch.Tensor:
+    """Exact shared-QK attention.
+
+    Args:
+        qk, v: (B, H, L, E).
+        causal: mask keys at later positions.
+        attention_mask: (B, L) bool, True = real token.
+        dropout: attention dropout probability (0 in eval).
+
+    Returns:
+        (B, H, L, E).
+    """
+    B, H, L, E = qk.shape
+    invalid_value, self_value = mask_values(qk.dtype)
+    k = F.normalize(qk, dim=-1)
+    mask = padded_mask(attention_mask, B, L, L, qk.device)
+    block = max(1, min(L, _BIAS_ELEMENTS // L))
+    keys = torch.arange(L, device=qk.device)
+    outs = []
+    for start in range(0, L, block):
+        queries = keys[start:start + block, None]  # (Q, 1)
+        bias = torch.zeros(queries.shape[0], L, dtype=qk.dtype, device=qk.device)  # (Q, L)
+        bias = bias.masked_fill(queries == keys, self_value)
+        if causal:
+            bias = bias.masked_fill(keys > queries, invalid_value)
+        if mask is not None:
+            bias = bias.masked_fill(~mask[:, None, None, :], invalid_value)  # (B, 1, Q, L)
+        outs.append(F.scaled_dot_product_attention(
+            qk[:, :, start:start + block], k, v, attn_mask=bias, dropout_p=dropout, scale=1.0))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+class FullSelfAttention(HeadSlicedAttention):
+    """Multi-head exact attention with shared W_qk (interchangeable with LSHSelfAttention)."""
+
+    def __init__(self, config: ReformerConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
+        inner = config.n_heads * config.d_head
+        self.w_qk = nn.Linear(config.d_model, inner, bias=False)
+        self.w_v = nn.Linear(config.d_model, inner, bias=False)
+
+    def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = full_attention(self.project(self.w_qk, x, heads), self.project(self.w_v, x, heads),
+                             causal=self.config.causal, attention_mask=attention_mask,
+                             dropout=self.attention_dropout())
+        return self.merge(out, heads)

@@ -1,0 +1,79 @@
+"""Local (chunked, position-ordered) self-attention.
+
+The sequence is cut into chunks of ``local_chunk_length`` positions; each chunk attends to
+itself, ``n_chunks_before`` earlier chunks and ``n_chunks_after`` later ones. Unlike LSH
+attention the window does not wrap around: chunks beyond the ends of the sequence are masked.
+Queries, keys and values have separate projections and logits are scaled by 1/sqrt(E), as in
+a standard Transformer; there is no self mask.
+
+Shapes: B batch, H heads, L length (padded to Lp), E d_head, M chunk length,
+n = Lp/M chunks, K = (before + 1 + after) * M window keys. Prefix ``c_``: chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reformer.attention._chunked import attend_chunks, default_scale, look_around, \
+    pad_to_multiple, padded_mask
+from reformer.attention.base import AttentionState, HeadSlicedAttention
+from reformer.config import ReformerConfig
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_length: int,
+                    n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = True,
+                    attention_mask: torch.Tensor | None = None,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """Chunked local attention.
+
+    Args:
+        q, k, v: (B, H, L, E).
+        chunk_length: M positions per chunk.
+        n_chunks_before, n_chunks_after: neighbour chunks in the window (no wrap-around).
+        causal: mask keys at later positions.
+        attention_mask: (B, L) bool, True = real token.
+        dropout: attention dropout probability (0 in eval).
+
+    Returns:
+        (B, H, L, E).
+    """
+    B, H, L, E = q.shape
+    M = chunk_length
+    Lp = L + (-L % M)
+    n = Lp // M
+    mask = padded_mask(attention_mask, B, L, Lp, q.device)
+    offsets = list(range(-n_chunks_before, n_chunks_after + 1))
+    c_q = pad_to_multiple(q, M, 2).view(B, H, n, M, E)
+    c_k = look_around(pad_to_multiple(k, M, 2).view(B, H, n, M, E), offsets, 2, circular=False)
+    c_v = look_around(pad_to_multiple(v, M, 2).view(B, H, n, M, E), offsets, 2, circular=False)
+    c_qpos = torch.arange(Lp, device=q.device).view(n, M)
+    c_kpos = look_around(c_qpos, offsets, 0, circular=False, fill=-1)  # (n, K); -1 = outside
+    key_valid = c_kpos >= 0
+    if mask is not None:
+        key_valid = key_valid & mask[:, c_kpos.clamp(min=0)][:, None]  # (B, 1, n, K)
+    out, _ = attend_chunks(c_q, c_k, c_v, c_qpos, c_kpos, causal=causal, key_valid=key_valid,
+                           scale=default_scale(E), dropout=dropout)  # (B, H, n, M, E)
+    return out.view(B, H, Lp, E)[:, :, :L]
+
+
+class LocalSelfAttention(HeadSlicedAttention):
+    """Multi-head local attention with separate W_q, W_k, W_v."""
+
+    def __init__(self, config: ReformerConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
+        inner = config.n_heads * config.d_head
+        self.w_q = nn.Linear(config.d_model, inner, bias=False)
+        self.w_k = nn.Linear(config.d_model, inner, bias=False)
+        self.w_v = nn.Linear(config.d_model, inner, bias=False)
+
+    def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        out = local_attention(self.project(self.w_q, x, heads), self.project(self.w_k, x, heads),
+                              self.project(self.w_v, x, heads),
+                              chunk_length=cfg.local_chunk_length,
+                              n_chunks_before=cfg.n_chunks_before,
+                              n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
+                              attention_mask=attention_mask, dropout=self.attention_dropout())
+        return self.merge(out, heads)

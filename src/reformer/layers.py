@@ -1,0 +1,98 @@
+"""Position-wise layers: the feed-forward network, positional embeddings, row chunking.
+
+The feed-forward layer (Reformer section 4, "Chunking") is independent across positions, so it
+is computed over blocks of ``ff_chunk_size`` positions: no (L, d_ff) activation ever exists at
+once. Axial positional embeddings (section 5, ImageNet/enwik8 setups) factor a table for
+L = L1 * L2 (* L3 ...) positions into small per-axis tables (L_k, d_k) with sum(d_k) = D.
+
+Shapes: B batch, L length, D d_model, F d_ff, N = B*L rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reformer.config import ReformerConfig
+
+
+def row_chunks(n_rows: int, chunk: int) -> list[slice]:
+    """Slices that cover ``range(n_rows)`` in blocks of at most ``chunk``."""
+    return [slice(s, min(s + chunk, n_rows)) for s in range(0, n_rows, chunk)]
+
+
+def dropout_keep(like: torch.Tensor, p: float) -> torch.Tensor | None:
+    """A dropout multiplier (0 or 1/(1-p)) shaped like ``like``, or None when p == 0.
+
+    Drawn explicitly, rather than by F.dropout, where one mask must be applied piecewise (to
+    the head slices of an attention output) and redrawn identically in the backward.
+    """
+    if p <= 0:
+        return None
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+class FeedForward(nn.Module):
+    """Linear(D -> F) -> activation -> dropout -> Linear(F -> D) -> dropout."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(config.d_model, config.d_ff)
+        self.w_out = nn.Linear(config.d_ff, config.d_model)
+        self.activation = F.gelu if config.ff_activation == "gelu" else F.relu
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.activation(self.w_in(x)), self.dropout, self.training)  # (N, F)
+        return F.dropout(self.w_out(h), self.dropout, self.training)  # (N, D)
+
+
+class AxialPositionalEmbedding(nn.Module):
+    """Axial positions: position p has coordinates (p // (L2*L3..), ..., p % L_last).
+
+    Its embedding is the concatenation of one row per axis, ``concat_k W_k[coord_k]``, which
+    costs sum(L_k * d_k) parameters instead of L * D.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dims: tuple[int, ...], init_std: float) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(n, d) * init_std) for n, d in zip(shape, dims, strict=True))
+
+    def forward(self, length: int) -> torch.Tensor:
+        """Embeddings of positions 0..length-1, (L, D)."""
+        if length > math.prod(self.shape):
+            raise ValueError(f"sequence length {length} exceeds the {math.prod(self.shape)} "
+                             f"positions of axial_pos_shape={self.shape}; use a larger "
+                             "axial_pos_shape (and max_seq_len) or a shorter sequence")
+        pos = torch.arange(length, device=self.weights[0].device)
+        parts, stride = [], math.prod(self.shape)
+        for n, w in zip(self.shape, self.weights, strict=True):
+            stride //= n
+            parts.append(w[(pos // stride) % n])  # (L, d_k)
+        return torch.cat(parts, dim=-1)  # (L, D)
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """One learned vector per absolute position."""
+
+    def __init__(self, max_seq_len: int, d_model: int, init_std: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(max_seq_len, d_model) * init_std)
+
+    def forward(self, length: int) -> torch.Tensor:
+        return self.weight[:length]  # (L, D)
+
+
+def positional_embedding(config: ReformerConfig) -> nn.Module | None:
+    """The positional embedding module that ``config.pos_embedding`` names (None for "none")."""
+    if config.pos_embedding == "axial":
+        return AxialPositionalEmbedding(config.axial_pos_shape, config.axial_pos_dims,
+                                        config.init_std)
+    if config.pos_embedding == "learned":
+        return LearnedPositionalEmbedding(config.max_seq_len, config.d_model, config.init_std)
+    return None

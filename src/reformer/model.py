@@ -1,0 +1,135 @@
+"""ReformerLM: tokens -> logits and next-token loss (DESIGN.md 1.1).
+
+    x = Embedding(tokens) + PositionalEmbedding          (B, L, D)
+    (y1, y2) = ReversibleStack(x, x)                      (B, L, D) each
+    logits = Linear(LayerNorm(concat(y1, y2)))            (B, L, V)
+
+Shapes: B batch, L length, D d_model, V vocab_size, N rows of the loss.
+
+Decisions:
+- ``labels`` are aligned with ``input_ids``; the model shifts them (position t predicts
+  labels[t + 1]) and ignores -100. The loss is the mean cross-entropy in nats.
+- With ``return_logits=False`` the output projection and the loss are computed over blocks of
+  ``loss_chunk_size`` positions, each recomputed in the backward (activation checkpointing), so
+  that no (L, V) logits tensor exists: at a million tokens and V = 256 it would be 1 GiB.
+- Lengths that are not a multiple of a chunk length need no padding here: each attention
+  layer pads internally and masks the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from reformer.config import ReformerConfig
+from reformer.layers import positional_embedding, row_chunks
+from reformer.reversible import CallInfo, ReversibleStack
+
+
+@dataclass
+class ReformerOutput:
+    """What :meth:`ReformerLM.forward` returns."""
+
+    logits: torch.Tensor | None = None  # (B, L, V)
+    loss: torch.Tensor | None = None  # () mean next-token cross-entropy, nats
+
+
+class ReformerLM(nn.Module):
+    """A Reformer language model."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos = positional_embedding(config)
+        self.stack = ReversibleStack(config)
+        self.norm = nn.LayerNorm(2 * config.d_model, eps=config.layer_norm_eps)
+        self.head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      labels: torch.Tensor | None) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int16,
+                                                            torch.uint8):
+            raise ValueError(f"input_ids must be an integer tensor (B, L); got dtype "
+                             f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if length > cfg.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len={cfg.max_seq_len}; "
+                             "truncate the input or build the model with a larger max_seq_len")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, {cfg.vocab_size}) = [0, "
+                             "vocab_size); re-encode the input or raise vocab_size")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
+                                 f"{tuple(input_ids.shape)}; they must match")
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) token + position embeddings, with dropout."""
+        x = self.embed(input_ids.long())
+        if self.pos is not None:
+            x = x + self.pos(input_ids.shape[1]).to(x.dtype)
+        return F.dropout(x, self.config.dropout, self.training)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, n_hashes: int | None = None,
+                return_logits: bool = True) -> ReformerOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, L) token ids in [0, vocab_size).
+            attention_mask: (B, L) bool, True = real token, False = padding.
+            labels: (B, L) targets aligned with input_ids (shifted inside), -100 = ignore.
+            n_hashes: LSH rounds for this call (default ``config.n_hashes``), e.g. 8 at
+                evaluation for a model trained with 2.
+            return_logits: also return (B, L, V) logits; False computes the loss in chunks.
+
+        Returns:
+            ReformerOutput(logits, loss).
+        """
+        self._check_inputs(input_ids, attention_mask, labels)
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes)
+        y1, y2 = self.stack(self.embed_tokens(input_ids), call)
+        hidden = self.norm(torch.cat([y1, y2], dim=-1))  # (B, L, 2D)
+        if return_logits or labels is None:
+            logits = self.head(hidden)  # (B, L, V)
+            loss = None if labels is None else F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).long(),
+                ignore_index=-100)
+            return ReformerOutput(logits=logits, loss=loss)
+        return ReformerOutput(loss=self.chunked_loss(hidden, labels))
+
+    def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over blocks of positions, without full logits.
+
+        Args:
+            hidden: (B, L, 2D) normalised final states; labels: (B, L).
+        """
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (N, 2D)
+        t = labels[:, 1:].reshape(-1).long()  # (N,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in row_chunks(h.shape[0], self.config.loss_chunk_size):
+            total = total + checkpoint(self._loss_sum, h[s], t[s], use_reentrant=False)
+        return total / (t != -100).sum().clamp(min=1)
+
+    def _loss_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(h).float(), t, ignore_index=-100, reduction="sum")
