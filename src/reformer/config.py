@@ -76,6 +76,7 @@ class ReformerConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_derived", set())
         # Lists from JSON become tuples so that the config stays hashable and comparable.
         for name in ("attn_layers", "axial_pos_shape", "axial_pos_dims"):
             value = getattr(self, name)
@@ -95,7 +96,7 @@ class ReformerConfig:
             if self.d_model % self.n_heads:
                 _fail("d_model", self.d_model, f"is not divisible by n_heads={self.n_heads}",
                       "pass d_head explicitly or choose n_heads that divides d_model")
-            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+            self._derive("d_head", self.d_model // self.n_heads)
         elif not isinstance(self.d_head, int) or self.d_head < 1:
             _fail("d_head", self.d_head, "must be a positive integer", "pass e.g. d_head=64")
         self._validate_choices()
@@ -145,7 +146,7 @@ class ReformerConfig:
         if shape is None:
             side = math.isqrt(self.max_seq_len - 1) + 1  # ceil(sqrt(max_seq_len))
             shape = (side, -(-self.max_seq_len // side))
-            object.__setattr__(self, "axial_pos_shape", shape)
+            self._derive("axial_pos_shape", shape)
         if any(not isinstance(s, int) or s < 1 for s in shape):
             _fail("axial_pos_shape", shape, "must hold positive integers", "pass e.g. (128, 128)")
         if math.prod(shape) < self.max_seq_len:
@@ -155,10 +156,15 @@ class ReformerConfig:
         if dims is None:
             base, rest = divmod(self.d_model, len(shape))
             dims = tuple(base + (1 if i < rest else 0) for i in range(len(shape)))
-            object.__setattr__(self, "axial_pos_dims", dims)
+            self._derive("axial_pos_dims", dims)
         if len(dims) != len(shape) or sum(dims) != self.d_model:
             _fail("axial_pos_dims", dims, f"must have one entry per axis of axial_pos_shape="
                   f"{shape} and sum to d_model={self.d_model}", "e.g. (d_model//2, d_model//2)")
+
+    def _derive(self, name: str, value: Any) -> None:
+        """Fill a field the user left as None, remembering that it was derived."""
+        object.__setattr__(self, name, value)
+        self._derived.add(name)
 
     # ----------------------------------------------------------------- derived helpers
     def layer_kind(self, index: int) -> str:
@@ -166,8 +172,12 @@ class ReformerConfig:
         return self.attn_layers[index % len(self.attn_layers)]
 
     def replace(self, **changes: Any) -> ReformerConfig:
-        """A copy with ``changes`` applied and validated."""
-        return replace(self, **changes)
+        """A copy with ``changes`` applied and validated, as if built with them afresh.
+
+        Derived fields (``d_head``, axial shape and dims left as None) are derived again.
+        """
+        reset = {name: None for name in self._derived if name not in changes}
+        return replace(self, **reset, **changes)
 
     # ------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

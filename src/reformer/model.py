@@ -112,9 +112,11 @@ class ReformerLM(nn.Module):
         hidden = self.norm(torch.cat([y1, y2], dim=-1))  # (B, L, 2D)
         if return_logits or labels is None:
             logits = self.head(hidden)  # (B, L, V)
-            loss = None if labels is None else F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).long(),
-                ignore_index=-100)
+            loss = None
+            if labels is not None:
+                targets = labels[:, 1:].reshape(-1).long()
+                loss = self._loss_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
+                loss = loss / (targets != -100).sum().clamp(min=1)
             return ReformerOutput(logits=logits, loss=loss)
         return ReformerOutput(loss=self.chunked_loss(hidden, labels))
 
@@ -126,10 +128,16 @@ class ReformerLM(nn.Module):
         """
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (N, 2D)
         t = labels[:, 1:].reshape(-1).long()  # (N,)
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = 0.0
         for s in row_chunks(h.shape[0], self.config.loss_chunk_size):
-            total = total + checkpoint(self._loss_sum, h[s], t[s], use_reentrant=False)
+            total = total + checkpoint(self._head_loss_sum, h[s], t[s], use_reentrant=False)
         return total / (t != -100).sum().clamp(min=1)
 
-    def _loss_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(h).float(), t, ignore_index=-100, reduction="sum")
+    def _head_loss_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._loss_sum(self.head(h), t)
+
+    @staticmethod
+    def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy, computed in at least float32 (bf16 logits are upcast)."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")

@@ -19,7 +19,9 @@ Shapes: B batch, L length, D d_model, N = B*L rows.
 
 Decision: parameter gradients are *returned* by the autograd Function (the parameters are its
 inputs) rather than accumulated into ``.grad`` behind autograd's back, so that
-``torch.autograd.grad``, gradient hooks and DistributedDataParallel see them as usual.
+``torch.autograd.grad``, gradient hooks and DistributedDataParallel see them as usual. The
+recomputation runs on detached stand-ins of the parameters (``functional_call``), so hooks see
+each total gradient once, not once per chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.config import ReformerConfig
@@ -71,6 +74,16 @@ def _replay_rng(state: tuple | None, device: torch.device):
         yield
 
 
+def _leaf_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached stand-ins for a module's parameters, to recompute it under functional_call.
+
+    Differentiating the recomputation with respect to these, not the real parameters, keeps
+    the partial gradients of each chunk away from the parameters' hooks: the hooks see only
+    the total, once, when the autograd Function returns it.
+    """
+    return {name: p.detach().requires_grad_(True) for name, p in module.named_parameters()}
+
+
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -> Grads:
     gs = torch.autograd.grad(out, inputs, grad, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs, strict=True)]
@@ -108,22 +121,23 @@ class AttentionHalf(nn.Module):
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor, rec: HalfRecord,
                  call: CallInfo) -> tuple[torch.Tensor, torch.Tensor, Grads]:
         """Recompute f(x) head slice by head slice; return f(x), dL/dx and parameter grads."""
-        attn_params, norm_params = list(self.attn.parameters()), list(self.norm.parameters())
+        attn_params, norm_params = _leaf_params(self.attn), _leaf_params(self.norm)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            h = self.norm(x)
+            h = functional_call(self.norm, norm_params, (x,))
             h_in = h.detach().requires_grad_(True)
             keep = dropout_keep(x, self.dropout if self.training else 0.0)
             out, grad_h, attn_grads = torch.zeros_like(x), torch.zeros_like(h), None
             for heads in self.attn.head_slices():
-                part = self.attn.heads_forward(h_in, heads, rec.attn, call.attention_mask)
+                part = functional_call(self.attn, attn_params, (h_in, call.attention_mask),
+                                       {"state": rec.attn, "heads": heads})
                 part = part if keep is None else part * keep
-                g = _grads(part, [h_in, *attn_params], grad_out)
+                g = _grads(part, [h_in, *attn_params.values()], grad_out)
                 grad_h += g[0]
                 attn_grads = _accumulate(attn_grads, g[1:])
                 out += part.detach()
                 del part, g
-            grad_x, *norm_grads = _grads(h, [x, *norm_params], grad_h)
+            grad_x, *norm_grads = _grads(h, [x, *norm_params.values()], grad_h)
         return out, grad_x, norm_grads + attn_grads  # order of self.parameters()
 
 
@@ -150,14 +164,14 @@ class FeedForwardHalf(nn.Module):
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor, rec: HalfRecord,
                  call: CallInfo) -> tuple[torch.Tensor, torch.Tensor, Grads]:
         """Recompute g(x) block by block; return g(x), dL/dx and parameter grads."""
-        params = list(self.parameters())
+        params = _leaf_params(self)
         rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, x.shape[-1])
         out, grad_x, param_grads = torch.empty_like(rows), torch.empty_like(rows), None
         with torch.enable_grad():
             for s in row_chunks(rows.shape[0], self.chunk):
                 xs = rows[s].detach().requires_grad_(True)
-                ys = self.ff(self.norm(xs))
-                g = _grads(ys, [xs, *params], grad_rows[s])
+                ys = functional_call(self, params, (xs, rec, call))  # one block: one chunk
+                g = _grads(ys, [xs, *params.values()], grad_rows[s])
                 grad_x[s], out[s] = g[0], ys.detach()
                 param_grads = _accumulate(param_grads, g[1:])
                 del ys, g

@@ -81,14 +81,14 @@ def look_around(x: torch.Tensor, offsets: list[int], dim: int, circular: bool = 
         if circular or d == 0:
             parts.append(x.roll(-d, dims=dim) if d else x)
             continue
-        shifted = x.narrow(dim, max(d, 0), n - abs(d))
         pad_shape = list(x.shape)
         pad_shape[dim] = min(abs(d), n)
         filler = x.new_full(pad_shape, fill)
-        if abs(d) >= n:
+        if abs(d) >= n:  # the whole neighbour lies beyond the ends
             parts.append(filler)
-        else:
-            parts.append(torch.cat([filler, shifted] if d < 0 else [shifted, filler], dim=dim))
+            continue
+        shifted = x.narrow(dim, max(d, 0), n - abs(d))
+        parts.append(torch.cat([filler, shifted] if d < 0 else [shifted, filler], dim=dim))
     return torch.cat(parts, dim=dim + 1)
 
 
@@ -112,26 +112,72 @@ def attend_chunks(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor,
     Returns:
         out (..., n, M, E) and the log-sum-exp of the logits (..., n, M).
     """
-    invalid_value, self_value = mask_values(c_q.dtype)
-    logits = torch.matmul(c_q, c_k.transpose(-1, -2))  # (..., n, M, K)
-    if scale is not None and scale != 1:
-        logits = logits * scale
-    if log_count is not None:
-        logits = logits - log_count
     qpos, kpos = c_qpos.unsqueeze(-1), c_kpos.unsqueeze(-2)  # (..., n, M, 1), (..., n, 1, K)
-    if self_mask:
-        logits = logits.masked_fill(qpos == kpos, self_value)
+    is_self = qpos == kpos if self_mask else None  # (..., n, M, K)
     invalid = kpos > qpos if causal else None
     if key_valid is not None:
         pad = ~key_valid.unsqueeze(-2)
         invalid = pad if invalid is None else invalid | pad
-    if invalid is not None:
-        logits = logits.masked_fill(invalid, invalid_value)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (..., n, M, 1)
-    probs = torch.exp(logits - lse)
-    if dropout > 0:
-        probs = F.dropout(probs, p=dropout, training=True)
-    return torch.matmul(probs, c_v), lse.squeeze(-1)
+    return _ChunkAttention.apply(c_q, c_k, c_v, is_self, invalid, log_count,
+                                 1.0 if scale is None else scale, dropout)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """softmax(mask(q k^T * scale - log_count)) v and its log-sum-exp, with a hand backward.
+
+    The forward uses the fused softmax kernel and recovers the log-sum-exp from it as
+    ``max_j logit - log(max_j p)`` (exact), avoiding a second exp pass; exp of the -1e9 masked
+    logits is many times slower than the fused softmax on CPU. The backward is the usual
+    ``dS = P * (dP - rowsum(P * dP) + dlse)``, with no gradient through replaced (masked)
+    logits. It saves the probabilities, one (n, M, K) tensor, where autograd would keep three.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_self, invalid, log_count, scale, dropout):
+        invalid_value, self_value = mask_values(q.dtype)
+        logits = torch.matmul(q, k.transpose(-1, -2))  # (..., n, M, K)
+        if scale != 1:
+            logits.mul_(scale)
+        if log_count is not None:
+            logits.sub_(log_count)
+        if is_self is not None:
+            logits.masked_fill_(is_self, self_value)
+        if invalid is not None:
+            logits.masked_fill_(invalid, invalid_value)
+        probs = torch.softmax(logits, dim=-1)
+        lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (..., n, M)
+        del logits
+        keep = None
+        if dropout > 0:  # the same draw as dropout_keep(probs, dropout)
+            keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
+        out = torch.matmul(probs if keep is None else probs * keep, v)  # (..., n, M, E)
+        ctx.save_for_backward(q, k, v, probs, keep, is_self)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, probs, keep, is_self = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros(probs.shape[:-1] + v.shape[-1:], dtype=v.dtype,
+                                   device=v.device)
+        kept = probs if keep is None else probs * keep
+        grad_v = torch.matmul(kept.transpose(-1, -2), grad_out)  # (..., n, K, E)
+        del kept
+        grad_p = torch.matmul(grad_out, v.transpose(-1, -2))  # (..., n, M, K)
+        if keep is not None:  # through the dropout multiplier
+            grad_p.mul_(keep)
+        row = (grad_p * probs).sum(dim=-1, keepdim=True)  # rowsum(P * dP)
+        if grad_lse is not None:
+            row = row - grad_lse.unsqueeze(-1)
+        grad_s = grad_p.sub_(row).mul_(probs)  # dS = P * (dP - rowsum(P dP) + dlse)
+        if is_self is not None:
+            grad_s.masked_fill_(is_self, 0.0)  # the self logit was replaced by a constant
+        if ctx.scale != 1:
+            grad_s.mul_(ctx.scale)
+        grad_q = torch.matmul(grad_s, k)  # (..., n, M, E)
+        grad_k = torch.matmul(grad_s.transpose(-1, -2), q)  # (..., n, K, E)
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def default_scale(d_head: int) -> float:

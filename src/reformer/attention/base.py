@@ -70,9 +70,19 @@ class HeadSlicedAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                n_hashes: int | None = None) -> torch.Tensor:
-        """Self-attention of ``x`` (B, L, D) -> (B, L, D)."""
-        state = self.prepare(x, n_hashes)
+                n_hashes: int | None = None, *, state: AttentionState | None = None,
+                heads: slice | None = None) -> torch.Tensor:
+        """Self-attention of ``x`` (B, L, D) -> (B, L, D).
+
+        Args:
+            attention_mask: (B, L) bool, True = real token.
+            n_hashes: LSH rounds for this call.
+            state: reuse a prepared state (recorded rotations and buckets).
+            heads: compute only this slice of heads' contribution.
+        """
+        state = self.prepare(x, n_hashes) if state is None else state
+        if heads is not None:
+            return self.heads_forward(x, heads, state, attention_mask)
         out = None
         for heads in self.head_slices():
             part = self.heads_forward(x, heads, state, attention_mask)

@@ -15,8 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reformer.attention._chunked import attend_chunks, default_scale, look_around, \
-    pad_to_multiple, padded_mask
+from reformer.attention._chunked import (
+    attend_chunks,
+    default_scale,
+    look_around,
+    pad_to_multiple,
+    padded_mask,
+)
 from reformer.attention.base import AttentionState, HeadSlicedAttention
 from reformer.config import ReformerConfig
 

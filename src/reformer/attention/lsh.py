@@ -29,12 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer.attention._chunked import attend_chunks, look_around, pad_to_multiple, \
-    padded_mask, window_offsets
+from reformer.attention._chunked import (
+    attend_chunks,
+    look_around,
+    pad_to_multiple,
+    padded_mask,
+    window_offsets,
+)
 from reformer.attention.base import AttentionState, HeadSlicedAttention
 from reformer.config import ReformerConfig, resolve_n_buckets
-from reformer.hashing import Rotations, hash_vectors, n_buckets_of, sample_rotations, \
-    sort_by_bucket
+from reformer.hashing import Rotations, hash_vectors, n_buckets_of, sample_rotations, sort_by_bucket
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: Rotations, *,
@@ -111,7 +115,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     log_count = None
     if dedup_rounds and R > 1:
         chunk_of = (undo // M).view(B, H, R, Lp)  # chunk of each item
-        log_count = _log_multiplicity(chunk_of, c_qpos, c_kpos, offsets, n)
+        log_count = _log_multiplicity(chunk_of, c_qpos, c_kpos, offsets, n, qk.dtype)
     c_out, lse = attend_chunks(c_q, c_k, c_v, c_qpos, c_kpos, causal=causal,
                                key_valid=key_valid, self_mask=True, log_count=log_count,
                                dropout=dropout)  # (B, H, n, M, E), (B, H, n, M)
@@ -126,7 +130,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
 
 
 def _log_multiplicity(chunk_of: torch.Tensor, c_qpos: torch.Tensor, c_kpos: torch.Tensor,
-                      offsets: list[int], n: int) -> torch.Tensor:
+                      offsets: list[int], n: int, dtype: torch.dtype) -> torch.Tensor:
     """log N_ij for every (query item, key item) pair of every window.
 
     N_ij = sum over the query's rounds r and the key's rounds r' of [the chunk of key item
@@ -137,7 +141,7 @@ def _log_multiplicity(chunk_of: torch.Tensor, c_qpos: torch.Tensor, c_kpos: torc
         c_qpos: (B, H, n, M); c_kpos: (B, H, n, K) positions.
 
     Returns:
-        (B, H, n, M, K) float log-counts.
+        (B, H, n, M, K) log-counts in ``dtype``.
     """
     B, H, R, Lp = chunk_of.shape
     in_window = torch.zeros(n, dtype=torch.bool, device=chunk_of.device)
@@ -150,7 +154,7 @@ def _log_multiplicity(chunk_of: torch.Tensor, c_qpos: torch.Tensor, c_kpos: torc
 
     q_chunks = chunks_at(c_qpos)  # (B, H, n, M, R)
     k_chunks = chunks_at(c_kpos)  # (B, H, n, K, R)
-    count = torch.zeros(c_qpos.shape + c_kpos.shape[-1:], device=chunk_of.device)
+    count = torch.zeros(c_qpos.shape + c_kpos.shape[-1:], dtype=dtype, device=chunk_of.device)
     for r in range(R):
         diff = k_chunks.unsqueeze(3) - q_chunks[..., r, None, None]  # (B, H, n, M, K, R)
         count += in_window[diff % n].sum(dim=-1)

@@ -1,0 +1,5 @@
+import sys
+
+from reformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: byte-level text (text.py)."""

@@ -1,0 +1,1 @@
+"""Training: optimisation steps, evaluation in bits per character."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny float64 ReformerLM that mixes all three attention kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reformer import ReformerConfig, ReformerLM
+
+TINY = dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=3,
+            attn_layers=("lsh", "local", "full"), n_hashes=2, n_buckets=4, chunk_length=4,
+            local_chunk_length=4, max_seq_len=64, hash_seed=0, init_std=0.1)
+
+
+@pytest.fixture
+def make_model():
+    """``make_model(seed=0, dtype=float64, **config_overrides)`` -> ReformerLM in train mode."""
+
+    def make(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> ReformerLM:
+        torch.manual_seed(seed)
+        return ReformerLM(ReformerConfig(**{**TINY, **overrides})).to(dtype).train()
+
+    return make
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = TINY["vocab_size"]):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def ids():
+    """``ids(batch, length, seed=0)`` -> random (B, L) token ids below TINY's vocab_size."""
+    return random_ids

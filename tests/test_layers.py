@@ -1,0 +1,128 @@
+"""Position-wise layers: feed-forward, positional embeddings, row chunking, dropout masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reformer import ReformerConfig
+from reformer.layers import (
+    AxialPositionalEmbedding,
+    FeedForward,
+    LearnedPositionalEmbedding,
+    dropout_keep,
+    positional_embedding,
+    row_chunks,
+)
+
+
+@pytest.mark.parametrize("n_rows, chunk", [(10, 3), (9, 3), (2, 5), (1, 1), (7, 7)])
+def test_row_chunks_cover_every_row_once_in_order(n_rows, chunk):
+    slices = row_chunks(n_rows, chunk)
+    rows = [i for s in slices for i in range(n_rows)[s]]
+    assert rows == list(range(n_rows))
+    assert all(0 < s.stop - s.start <= chunk for s in slices)
+    assert len(slices) == math.ceil(n_rows / chunk)
+
+
+def test_dropout_keep():
+    like = torch.zeros(200, 50, dtype=torch.float64)
+    assert dropout_keep(like, 0.0) is None
+    torch.manual_seed(0)
+    keep = dropout_keep(like, 0.25)
+    assert keep.shape == like.shape and keep.dtype == like.dtype
+    values = set(keep.unique().tolist())
+    assert values == {0.0, 1 / 0.75}
+    assert abs(keep.mean().item() - 1.0) < 0.05  # an unbiased multiplier
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep(like, 0.25), keep)  # drawn from the global RNG
+
+
+@pytest.mark.parametrize("activation, fn", [("relu", F.relu), ("gelu", F.gelu)])
+def test_feed_forward_is_linear_activation_linear(activation, fn):
+    config = ReformerConfig(d_model=8, n_heads=2, d_ff=12, ff_activation=activation,
+                            dropout=0.5, max_seq_len=16)
+    torch.manual_seed(0)
+    ff = FeedForward(config).double().eval()  # eval: dropout off
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = fn(x @ ff.w_in.weight.t() + ff.w_in.bias) @ ff.w_out.weight.t() + ff.w_out.bias
+    torch.testing.assert_close(ff(x), expected, rtol=0, atol=1e-12)
+
+
+def test_feed_forward_dropout_applies_in_train_mode_only():
+    config = ReformerConfig(d_model=8, n_heads=2, d_ff=12, dropout=0.5, max_seq_len=16)
+    torch.manual_seed(0)
+    ff = FeedForward(config).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.manual_seed(1)
+    a = ff.train()(x)
+    torch.manual_seed(2)
+    b = ff(x)
+    assert not torch.allclose(a, b)
+    ff.eval()
+    assert torch.equal(ff(x), ff(x))
+
+
+def test_axial_embedding_shape_and_concatenated_rows():
+    shape, dims = (3, 4, 5), (2, 3, 3)
+    emb = AxialPositionalEmbedding(shape, dims, init_std=1.0).double()
+    assert [tuple(w.shape) for w in emb.weights] == [(3, 2), (4, 3), (5, 3)]
+    table = emb(60)
+    assert table.shape == (60, 8)
+    w1, w2, w3 = emb.weights
+    for p in range(60):
+        # p = 20 * i + 5 * j + k: coordinates in the (3, 4, 5) grid, first axis slowest.
+        i, j, k = p // 20, (p // 5) % 4, p % 5
+        expected = torch.cat([w1[i], w2[j], w3[k]])
+        assert torch.equal(table[p], expected), p
+    # A shorter sequence gets the prefix of the table.
+    assert torch.equal(emb(17), table[:17])
+    # The table costs sum(L_k * d_k) parameters, not L * D.
+    assert sum(w.numel() for w in emb.parameters()) == 3 * 2 + 4 * 3 + 5 * 3
+
+
+def test_axial_embedding_positions_are_distinct():
+    emb = AxialPositionalEmbedding((4, 6), (3, 5), init_std=1.0)
+    table = emb(24)
+    assert torch.unique(table, dim=0).shape[0] == 24
+
+
+def test_axial_embedding_gradients_reach_every_row():
+    emb = AxialPositionalEmbedding((4, 6), (3, 5), init_std=1.0)
+    emb(24).sum().backward()
+    # Each row of axis 0 is used by 6 positions, each row of axis 1 by 4.
+    assert torch.equal(emb.weights[0].grad, torch.full((4, 3), 6.0))
+    assert torch.equal(emb.weights[1].grad, torch.full((6, 5), 4.0))
+
+
+def test_axial_embedding_rejects_lengths_beyond_the_grid():
+    emb = AxialPositionalEmbedding((4, 6), (3, 5), init_std=1.0)
+    with pytest.raises(ValueError, match=r"sequence length 25 exceeds the 24 positions") as info:
+        emb(25)
+    assert "axial_pos_shape=(4, 6)" in str(info.value)
+
+
+def test_learned_embedding():
+    emb = LearnedPositionalEmbedding(max_seq_len=10, d_model=4, init_std=1.0)
+    assert emb(7).shape == (7, 4)
+    assert torch.equal(emb(7), emb.weight[:7])
+
+
+def test_positional_embedding_follows_the_config():
+    base = dict(d_model=8, n_heads=2, max_seq_len=20)
+    axial = positional_embedding(ReformerConfig(**base, axial_pos_shape=(4, 5)))
+    assert isinstance(axial, AxialPositionalEmbedding) and axial.shape == (4, 5)
+    assert axial(20).shape == (20, 8)
+    learned = positional_embedding(ReformerConfig(**base, pos_embedding="learned"))
+    assert isinstance(learned, LearnedPositionalEmbedding)
+    assert learned.weight.shape == (20, 8)
+    assert positional_embedding(ReformerConfig(**base, pos_embedding="none")) is None
+
+
+def test_init_std_scales_the_tables():
+    torch.manual_seed(0)
+    small = AxialPositionalEmbedding((50, 50), (4, 4), init_std=0.01)
+    assert 0.005 < small.weights[0].std().item() < 0.02

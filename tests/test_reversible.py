@@ -1,0 +1,227 @@
+"""Reversible stack: its recomputing backward equals plain autograd through the same network.
+
+The comparisons run in float64 on a model that mixes LSH, local and full attention layers, with
+dropout and attention dropout on (so the backward must replay the forward's RNG) and with the
+feed-forward and attention halves chunked (ff_chunk_size < B*L, one head per slice), so that
+every chunked backward path is exercised. ``model.stack.reversible`` selects the path; the
+autograd graph is checked to make sure each run really took the path it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import reformer.reversible as reversible_module
+from reformer.reversible import CallInfo, ReversibleBlock
+
+ATOL = 1e-8
+REGULARISED = dict(dropout=0.1, attention_dropout=0.2, ff_chunk_size=5, attn_head_chunk_size=1)
+
+
+def graph_has(t: torch.Tensor, name: str) -> bool:
+    """Whether the autograd graph that produced ``t`` holds a node called ``name``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return True
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
+def run(model, ids, *, reversible: bool, seed: int = 1, **kwargs):
+    """Seeded forward + backward; returns logits and every parameter's gradient."""
+    model.stack.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(ids, labels=kwargs.pop("labels", ids), **kwargs)
+    assert graph_has(out.logits, "_ReversibleFunctionBackward") == reversible
+    probe = torch.randn(out.logits.shape, dtype=out.logits.dtype,
+                        generator=torch.Generator().manual_seed(123))
+    (out.loss + (out.logits * probe).sum()).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        grads[name] = p.grad.clone()
+    return out.logits.detach(), grads
+
+
+def assert_same(a, b, atol=ATOL):
+    (logits_a, grads_a), (logits_b, grads_b) = a, b
+    torch.testing.assert_close(logits_a, logits_b, rtol=0, atol=atol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def max_grad_difference(a, b) -> float:
+    return max((a[1][n] - b[1][n]).abs().max().item() for n in a[1])
+
+
+def test_reversible_matches_autograd_with_dropout_and_hash_seed(make_model, ids):
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24)
+    rev, plain = run(model, tokens, reversible=True), run(model, tokens, reversible=False)
+    assert_same(rev, plain)
+    # The embedding gradient is what flows back into the input of the stack.
+    assert rev[1]["embed.weight"].abs().sum() > 0
+    # Dropout is really on: another seed gives other logits.
+    other = run(model, tokens, reversible=False, seed=2)
+    assert not torch.allclose(other[0], plain[0])
+
+
+def test_reversible_matches_autograd_without_hash_seed(make_model, ids):
+    # Fresh rotations from the global RNG at every forward; the backward must reuse them.
+    model = make_model(hash_seed=None, **REGULARISED)
+    tokens = ids(2, 24, seed=1)
+    assert_same(run(model, tokens, reversible=True), run(model, tokens, reversible=False))
+
+
+def test_reversible_matches_autograd_with_padding_mask(make_model, ids):
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24, seed=2)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, -7:] = False  # right padding
+    mask[1, 5] = False  # and a hole
+    labels = tokens.masked_fill(~mask, -100)
+    rev = run(model, tokens, reversible=True, attention_mask=mask, labels=labels)
+    plain = run(model, tokens, reversible=False, attention_mask=mask, labels=labels)
+    assert_same(rev, plain)
+
+
+def test_reversible_matches_autograd_with_more_hashes_at_call_time(make_model, ids):
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24, seed=3)
+    rev = run(model, tokens, reversible=True, n_hashes=4)
+    assert_same(rev, run(model, tokens, reversible=False, n_hashes=4))
+    assert not torch.allclose(rev[0], run(model, tokens, reversible=True, n_hashes=2)[0])
+
+
+def test_reversible_matches_autograd_through_the_config_flag(make_model, ids):
+    # config.reversible=False builds a plain stack; same weights, same gradients.
+    rev_model = make_model(**REGULARISED)
+    plain_model = make_model(reversible=False, **REGULARISED)
+    plain_model.load_state_dict(rev_model.state_dict())
+    assert plain_model.stack.reversible is False
+    tokens = ids(2, 21, seed=4)  # not a multiple of any chunk length
+    assert_same(run(rev_model, tokens, reversible=True),
+                run(plain_model, tokens, reversible=False))
+
+
+def test_comparison_detects_a_backward_without_rng_replay(make_model, ids, monkeypatch):
+    # Guard on the tests above: if the backward drew fresh dropout masks instead of replaying
+    # the forward's, the gradients would differ far beyond ATOL.
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24)
+    plain = run(model, tokens, reversible=False)
+    monkeypatch.setattr(reversible_module, "_replay_rng",
+                        lambda state, device: contextlib.nullcontext())
+    assert max_grad_difference(run(model, tokens, reversible=True), plain) > 1e-4
+
+
+def test_reversible_forward_equals_plain_forward_and_no_grad(make_model, ids):
+    model = make_model().eval()
+    tokens = ids(2, 24, seed=5)
+    model.stack.reversible = True
+    rev = model(tokens).logits
+    model.stack.reversible = False
+    plain = model(tokens).logits
+    with torch.no_grad():
+        model.stack.reversible = True
+        no_grad = model(tokens).logits
+    torch.testing.assert_close(rev, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(no_grad, plain, rtol=0, atol=1e-12)
+
+
+def test_block_is_inverted_by_its_own_halves(make_model):
+    # x2 = y2 - g(y1), x1 = y1 - f(x2): the identity the backward relies on.
+    model = make_model().eval()
+    x1, x2 = torch.randn(2, 2, 24, 16, dtype=torch.float64)
+    call = CallInfo()
+    for block in model.stack.blocks:
+        assert isinstance(block, ReversibleBlock)
+        y1, y2, f_rec, g_rec = block(x1, x2, call)
+        assert not torch.allclose(y1, x1) and not torch.allclose(y2, x2)
+        back2 = y2 - block.g(y1, g_rec, call)
+        back1 = y1 - block.f(back2, f_rec, call)
+        torch.testing.assert_close(back2, x2, rtol=0, atol=1e-12)
+        torch.testing.assert_close(back1, x1, rtol=0, atol=1e-12)
+
+
+def saved_numel(model, tokens) -> int:
+    """Elements of all tensors autograd saves for the backward of one forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels=tokens, return_logits=False)
+    return total
+
+
+def test_saved_activations_do_not_grow_with_depth(make_model, ids):
+    tokens = ids(2, 24)
+    rev = [saved_numel(make_model(n_layers=n), tokens) for n in (2, 4)]
+    plain = [saved_numel(make_model(n_layers=n, reversible=False), tokens) for n in (2, 4)]
+    assert rev[0] == rev[1]
+    assert plain[1] > plain[0] > rev[0]  # the measure does see per-layer activations
+
+
+def test_parameter_gradients_flow_through_autograd_grad(make_model, ids):
+    # The Function returns parameter gradients (it does not write .grad behind autograd's back),
+    # so torch.autograd.grad sees them and leaves .grad alone.
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24, seed=6)
+    params = dict(model.named_parameters())
+    torch.manual_seed(1)
+    grads = torch.autograd.grad(model(tokens, labels=tokens).loss, list(params.values()))
+    assert all(p.grad is None for p in params.values())
+    model.stack.reversible = False
+    torch.manual_seed(1)
+    expected = torch.autograd.grad(model(tokens, labels=tokens).loss, list(params.values()))
+    for name, got, want in zip(params, grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("name", ["stack.blocks.0.f.attn.w_qk.weight",
+                                  "stack.blocks.1.g.ff.w_in.weight"])
+def test_gradient_hooks_see_each_parameter_gradient_once(make_model, ids, name):
+    # A tensor hook (e.g. gradient scaling or clipping) must run once on the full gradient, as
+    # in plain autograd, not on every head slice / row block the backward recomputes.
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24, seed=6)
+    param = dict(model.named_parameters())[name]
+    calls = []
+    param.register_hook(lambda g: (calls.append(1), 2 * g)[1])
+    results = []
+    for reversible in (True, False):
+        calls.clear()
+        results.append(run(model, tokens, reversible=reversible))
+        assert len(calls) == 1, f"reversible={reversible}: hook ran {len(calls)} times"
+    assert_same(*results)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_input_gradient_of_the_stack(make_model, reversible):
+    # dL/dx for x fed to the stack directly, reversible vs plain autograd.
+    model = make_model(**REGULARISED)
+    model.stack.reversible = reversible
+    x = torch.randn(2, 24, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for flag in (reversible, False):
+        x_in = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y1, y2 = model.stack(x_in, CallInfo(), reversible=flag)
+        (y1.square().sum() + (y1 * y2).sum()).backward()
+        grads.append(x_in.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=ATOL)
