@@ -25,7 +25,7 @@ from typing import Any
 ATTENTION_KINDS = ("lsh", "local", "full")
 POS_EMBEDDINGS = ("axial", "learned", "none")
 ACTIVATIONS = ("relu", "gelu")
-AUTO_FACTORISE_ABOVE = 512
+AUTO_FACTORISE_ABOVE = 64
 
 
 def _fail(name: str, value: Any, rule: str, fix: str) -> None:

@@ -26,13 +26,13 @@ each total gradient once, not once per chunk.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from reformer._rng import capture_rng, replay_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.config import ReformerConfig
 from reformer.layers import FeedForward, dropout_keep, row_chunks
@@ -54,24 +54,6 @@ class HalfRecord:
 
     rng: tuple | None = None
     attn: AttentionState = field(default_factory=AttentionState)
-
-
-def _capture_rng(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextmanager
-def _replay_rng(state: tuple | None, device: torch.device):
-    if state is None:
-        yield
-        return
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type):
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
 
 
 def _leaf_params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,7 +171,7 @@ class ReversibleBlock(nn.Module):
     def half_forward(self, half: nn.Module, x: torch.Tensor, call: CallInfo) -> tuple:
         rec = half.begin(x, call)
         if half.uses_rng():
-            rec.rng = _capture_rng(x.device)
+            rec.rng = capture_rng(x.device)
         return half(x, rec, call), rec
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
@@ -225,11 +207,11 @@ class _ReversibleFunction(torch.autograd.Function):
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             for block, (f_rec, g_rec) in zip(reversed(ctx.blocks), reversed(ctx.records),
                                              strict=True):
-                with _replay_rng(g_rec.rng, y1.device):
+                with replay_rng(g_rec.rng, y1.device):
                     g_out, grad_from_g, g_grads = block.g.backward(y1, grad_y2, g_rec, ctx.call)
                 x2 = y2 - g_out  # x2 = y2 - g(y1)
                 grad_y1 = grad_y1 + grad_from_g  # dL/dy1 through both y1 and y2
-                with _replay_rng(f_rec.rng, y1.device):
+                with replay_rng(f_rec.rng, y1.device):
                     f_out, grad_from_f, f_grads = block.f.backward(x2, grad_y1, f_rec, ctx.call)
                 x1 = y1 - f_out  # x1 = y1 - f(x2)
                 y1, y2, grad_y2 = x1, x2, grad_y2 + grad_from_f

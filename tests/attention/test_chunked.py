@@ -1,57 +1,110 @@
-"""The chunk attention kernel's hand-written backward against plain autograd."""
+"""The chunk-window kernel (blocked, hand-written backward) against plain autograd."""
 
 import pytest
 import torch
 
-from reformer.attention._chunked import MASK_VALUE, SELF_VALUE, attend_chunks, look_around
+from reformer.attention import _chunked
+from reformer.attention._chunked import MASK_VALUE, SELF_VALUE, chunk_window_attention
 
 
-def autograd_attend(q, k, v, qpos, kpos, causal, key_valid, self_mask, scale, log_count, p):
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+def windows(x, offsets, circular, fill):
+    """(G, n, M, ...) -> (G, n, W*M, ...): the chunks at ``offsets`` from each chunk."""
+    n = x.shape[1]
+    parts = []
+    for d in offsets:
+        idx = torch.arange(n) + d
+        part = x[:, idx % n]
+        if not circular:
+            part = part.clone()
+            part[:, (idx < 0) | (idx >= n)] = fill
+        parts.append(part)
+    return torch.cat(parts, dim=2)
+
+
+def autograd_attention(q, k, v, pos, valid, offsets, circular, causal, self_mask, scale,
+                       log_count, p):
+    qpos = pos.unsqueeze(-1)
+    kpos = windows(pos, offsets, circular, -1).unsqueeze(-2)
+    logits = q @ windows(k, offsets, circular, 0).transpose(-1, -2) * scale
     if log_count is not None:
         logits = logits - log_count
-    qp, kp = qpos.unsqueeze(-1), kpos.unsqueeze(-2)
     if self_mask:
-        logits = logits.masked_fill(qp == kp, SELF_VALUE)
-    invalid = (kp > qp) if causal else torch.zeros_like(qp == kp)
-    if key_valid is not None:
-        invalid = invalid | ~key_valid.unsqueeze(-2)
+        logits = logits.masked_fill(qpos == kpos, SELF_VALUE)
+    invalid = (kpos > qpos) if causal else torch.zeros_like(qpos == kpos)
+    invalid = invalid | (kpos < 0)
+    if valid is not None:
+        invalid = invalid | ~windows(valid, offsets, circular, False).unsqueeze(-2)
     logits = logits.masked_fill(invalid, MASK_VALUE)
     lse = torch.logsumexp(logits, -1)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
+    probs = torch.softmax(logits, -1)  # exact also for all-masked rows at -1e9
     if p > 0:
         probs = probs * torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)
-    return probs @ v, lse
+    return probs @ windows(v, offsets, circular, 0), lse
 
 
+@pytest.mark.parametrize("save_elements", [0, 1 << 25])  # recompute or keep probabilities
+@pytest.mark.parametrize("block_elements", [1 << 19, 40])  # one block; many blocks
+@pytest.mark.parametrize("circular,offsets", [(True, [-1, 0]), (True, [-2, 0, 1]),
+                                              (False, [-1, 0]), (False, [-2, 0, 1])])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("self_mask", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("with_count", [True, False])
-def test_kernel_matches_autograd(causal, self_mask, dropout, with_count):
+def test_kernel_matches_autograd(monkeypatch, save_elements, block_elements, circular, offsets,
+                                 causal, dropout):
+    if dropout and block_elements < 1 << 19:
+        pytest.skip("blocks draw their dropout masks separately; see the gradcheck below")
+    monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(_chunked, "SAVE_ELEMENTS", save_elements)
     g = torch.Generator().manual_seed(1)
-    n, M, E = 3, 4, 5
-    qpos = torch.randperm(n * M, generator=g).view(n, M)
-    kpos = look_around(qpos, [-1, 0], dim=0)  # (n, 2M)
-    q = torch.randn(2, n, M, E, dtype=torch.float64, generator=g, requires_grad=True)
-    k = torch.randn(2, n, 2 * M, E, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(2, n, 2 * M, E, dtype=torch.float64, generator=g, requires_grad=True)
-    key_valid = torch.rand(2, n, 2 * M, generator=g) > 0.2
-    log_count = (torch.randint(1, 3, (2, n, M, 2 * M), generator=g).double().log()
-                 if with_count else None)
-    w_out = torch.randn(2, n, M, E, dtype=torch.float64, generator=g)
-    w_lse = torch.randn(2, n, M, dtype=torch.float64, generator=g)
+    G, n, M, E = 2, 5, 3, 4
+    K = M * len(offsets)
+    pos = torch.stack([torch.randperm(n * M, generator=g) for _ in range(G)]).view(G, n, M)
+    q, k, v = (torch.randn(G, n, M, E, dtype=torch.float64, generator=g, requires_grad=True)
+               for _ in range(3))
+    valid = torch.rand(G, n, M, generator=g) > 0.2
+    log_count = torch.randint(1, 3, (G, n, M, K), generator=g).double().log()
+    w_out = torch.randn(G, n, M, E, dtype=torch.float64, generator=g)
+    w_lse = torch.randn(G, n, M, dtype=torch.float64, generator=g)
+
+    def count_fn(qpos, kpos):  # look the block's pairs up by position
+        table = torch.zeros(G, n * M, n * M, dtype=torch.float64)
+        kp = windows(pos, offsets, circular, -1)
+        table[torch.arange(G)[:, None, None, None], pos.unsqueeze(-1), kp.unsqueeze(-2)] = \
+            log_count
+        return table[torch.arange(G)[:, None, None, None], qpos.unsqueeze(-1),
+                     kpos.clamp(min=0).unsqueeze(-2)]
+
     results = []
-    for fn in (attend_chunks, None):
+    for kernel in (True, False):
         torch.manual_seed(7)
-        if fn is None:
-            out, lse = autograd_attend(q, k, v, qpos, kpos, causal, key_valid, self_mask, 0.7,
-                                       log_count, dropout)
+        if kernel:
+            out, lse = chunk_window_attention(
+                q, k, v, pos, offsets=offsets, circular=circular, causal=causal, c_valid=valid,
+                self_mask=True, scale=0.7, log_count_fn=count_fn, dropout=dropout)
         else:
-            out, lse = fn(q, k, v, qpos, kpos, causal=causal, key_valid=key_valid,
-                          self_mask=self_mask, scale=0.7, log_count=log_count, dropout=dropout)
+            out, lse = autograd_attention(q, k, v, pos, valid, offsets, circular, causal, True,
+                                          0.7, log_count, dropout)
         loss = (out * w_out).sum() + (lse * w_lse).sum()
-        grads = torch.autograd.grad(loss, [q, k, v])
-        results.append((out, lse, *grads))
+        results.append((out, lse, *torch.autograd.grad(loss, [q, k, v])))
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("save_elements", [0, 1 << 25])
+@pytest.mark.parametrize("circular", [True, False])
+def test_kernel_gradient_with_dropout_over_many_blocks(monkeypatch, save_elements, circular):
+    """The backward redraws (or keeps) each block's dropout mask of the forward."""
+    monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", 30)
+    monkeypatch.setattr(_chunked, "SAVE_ELEMENTS", save_elements)
+    g = torch.Generator().manual_seed(2)
+    G, n, M, E = 1, 4, 2, 3
+    pos = torch.randperm(n * M, generator=g).view(1, n, M)
+    q, k, v = (torch.randn(G, n, M, E, dtype=torch.float64, generator=g, requires_grad=True)
+               for _ in range(3))
+
+    def f(q, k, v):
+        torch.manual_seed(3)  # the same masks at every evaluation
+        out, lse = chunk_window_attention(q, k, v, pos, offsets=[-1, 0], circular=circular,
+                                          causal=True, self_mask=True, dropout=0.4)
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6)

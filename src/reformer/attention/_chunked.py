@@ -1,14 +1,21 @@
-"""Shared pieces of chunked attention: masks, padding, look-around and the chunk kernel.
+"""Shared pieces of chunked attention: masks, padding, and the chunk-window kernel.
 
 Both LSH attention (chunks of the bucket-sorted sequence) and local attention (chunks of the
 sequence in position order) reduce to the same computation: each chunk of M queries attends to
-a window of K keys gathered from itself and its neighbours, with masks that depend only on the
-original positions of the query and key. This module holds that computation once.
+a window of K = W*M keys, the chunks at W fixed offsets from it, with masks that depend only on
+the original positions of the query and key. This module holds that computation once.
 
-Shapes: ``...`` any leading dims (B, H), n chunks, M queries per chunk, K keys per window,
-E head size.
+Shapes: G = B*H independent sequences, n chunks, M items per chunk, W window chunks,
+K = W*M keys per window, E head size, nb chunks per block. Prefix ``c_``: chunked.
 
 Decisions:
+- The kernel (:class:`ChunkWindowAttention`) works a block of chunks at a time, in the forward
+  and again in its backward (flash-attention style): it keeps q, k, v, the output and the
+  log-sum-exp, and recomputes each block's scores, so no (n, M, K) tensor ever exists for the
+  whole sequence and the (block, M, K) temporaries stay in cache. Below ``SAVE_ELEMENTS`` it
+  keeps the blocks' probabilities instead: the reversible backward calls this forward (for
+  one head slice) immediately before its backward, so a third computation would be waste. Key windows are gathered per
+  block by chunk index; nothing W times the size of k or v is built.
 - Masks REPLACE the logit (``masked_fill``) rather than add to it, so that a masked pair has an
   exact zero gradient. Invalid keys (padding, or later positions under causality) get
   ``MASK_VALUE``; a query's own position gets ``SELF_VALUE`` (shared-QK attention only), so that
@@ -23,8 +30,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from reformer._rng import capture_rng, replay_rng
+
 MASK_VALUE = -1e9
 SELF_VALUE = -1e5
+BLOCK_ELEMENTS = 1 << 19  # scores per block: 2 MiB in float32, cache-sized
+SAVE_ELEMENTS = 1 << 25  # keep probabilities for the backward up to this size (128 MiB fp32)
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -62,124 +73,194 @@ def window_offsets(n_chunks: int, n_before: int, n_after: int) -> list[int]:
     return offsets if len(offsets) <= n_chunks else list(range(n_chunks))
 
 
-def look_around(x: torch.Tensor, offsets: list[int], dim: int, circular: bool = True,
-                fill: float | int = 0) -> torch.Tensor:
-    """Concatenate, for each chunk, the chunks at ``offsets`` from it.
+def default_scale(d_head: int) -> float:
+    """1/sqrt(E), the scale of attention with separate queries and keys."""
+    return 1.0 / math.sqrt(d_head)
 
-    Args:
-        x: chunked tensor, chunk index along ``dim`` and items along ``dim + 1``.
-        offsets: chunk offsets, e.g. [-1, 0].
-        circular: wrap around the ends; otherwise chunks beyond them are filled with ``fill``.
 
-    Returns:
-        Tensor with ``len(offsets)`` times more items along ``dim + 1``.
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[g, index[g, i]]`` for (G, L, E) ``x`` and (G, N) ``index`` -> (G, N, E).
+
+    A flat ``index_select`` on rows: much faster on CPU than ``gather`` with an index expanded
+    over E, in the forward and (as ``index_add``) in the backward.
     """
-    dim = dim % x.dim()
-    n = x.shape[dim]
-    parts = []
-    for d in offsets:
-        if circular or d == 0:
-            parts.append(x.roll(-d, dims=dim) if d else x)
-            continue
-        pad_shape = list(x.shape)
-        pad_shape[dim] = min(abs(d), n)
-        filler = x.new_full(pad_shape, fill)
-        if abs(d) >= n:  # the whole neighbour lies beyond the ends
-            parts.append(filler)
-            continue
-        shifted = x.narrow(dim, max(d, 0), n - abs(d))
-        parts.append(torch.cat([filler, shifted] if d < 0 else [shifted, filler], dim=dim))
-    return torch.cat(parts, dim=dim + 1)
+    G, L, E = x.shape
+    flat = index + torch.arange(G, device=index.device).unsqueeze(1) * L  # (G, N)
+    return x.reshape(G * L, E).index_select(0, flat.reshape(-1)).view(G, -1, E)
 
 
-def attend_chunks(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor,
-                  c_qpos: torch.Tensor, c_kpos: torch.Tensor, *, causal: bool,
-                  key_valid: torch.Tensor | None = None, self_mask: bool = False,
-                  scale: float | None = None, log_count: torch.Tensor | None = None,
-                  dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of each chunk's queries over its key window.
-
-    Args:
-        c_q: (..., n, M, E) queries; c_k, c_v: (..., n, K, E) keys and values of each window.
-        c_qpos: (..., n, M) and c_kpos: (..., n, K) original positions, for the masks.
-        causal: mask keys at later positions than the query.
-        key_valid: (..., n, K) bool, False = padding key (masked).
-        self_mask: give a query's own position ``SELF_VALUE`` (shared-QK attention).
-        scale: logit scale, default 1 (the LSH convention).
-        log_count: (..., n, M, K) log multiplicities subtracted from the logits (de-duplication).
-        dropout: attention dropout on the probabilities (the caller passes 0 in eval).
-
-    Returns:
-        out (..., n, M, E) and the log-sum-exp of the logits (..., n, M).
-    """
-    qpos, kpos = c_qpos.unsqueeze(-1), c_kpos.unsqueeze(-2)  # (..., n, M, 1), (..., n, 1, K)
-    is_self = qpos == kpos if self_mask else None  # (..., n, M, K)
-    invalid = kpos > qpos if causal else None
-    if key_valid is not None:
-        pad = ~key_valid.unsqueeze(-2)
-        invalid = pad if invalid is None else invalid | pad
-    return _ChunkAttention.apply(c_q, c_k, c_v, is_self, invalid, log_count,
-                                 1.0 if scale is None else scale, dropout)
+def window_index(start: int, stop: int, n: int, offsets: list[int],
+                 circular: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunk indices of the windows of chunks start..stop-1 -> (nb, W), and, when the window
+    does not wrap, which of them lie inside the sequence (nb, W) bool (None when circular)."""
+    idx = torch.arange(start, stop).unsqueeze(1) + torch.tensor(offsets).unsqueeze(0)
+    if circular:
+        return idx % n, None
+    inside = (idx >= 0) & (idx < n)
+    return idx.clamp(0, n - 1), inside
 
 
-class _ChunkAttention(torch.autograd.Function):
-    """softmax(mask(q k^T * scale - log_count)) v and its log-sum-exp, with a hand backward.
+class ChunkWindowAttention(torch.autograd.Function):
+    """Softmax attention of every chunk over its window of chunks, with a hand backward.
 
-    The forward uses the fused softmax kernel and recovers the log-sum-exp from it as
-    ``max_j logit - log(max_j p)`` (exact), avoiding a second exp pass; exp of the -1e9 masked
-    logits is many times slower than the fused softmax on CPU. The backward is the usual
-    ``dS = P * (dP - rowsum(P * dP) + dlse)``, with no gradient through replaced (masked)
-    logits. It saves the probabilities, one (n, M, K) tensor, where autograd would keep three.
+    ``apply(c_q, c_k, c_v, c_pos, c_valid, offsets, circular, causal, self_mask, scale,
+    log_count_fn, dropout)``; see :func:`chunk_window_attention` for the arguments.
+
+    Per block: ``S = mask(q k^T * scale - log_count)``, ``P = softmax(S)``, ``o = P v``,
+    ``lse = max S - log max P`` (exact, and two cheap reductions instead of a second exp pass:
+    exp of the -1e9 masked logits is many times slower than the fused softmax on CPU).
+    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``, zero on the replaced
+    (masked) logits; dropout masks are redrawn from the RNG state of the forward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, is_self, invalid, log_count, scale, dropout):
-        invalid_value, self_value = mask_values(q.dtype)
-        logits = torch.matmul(q, k.transpose(-1, -2))  # (..., n, M, K)
-        if scale != 1:
-            logits.mul_(scale)
-        if log_count is not None:
-            logits.sub_(log_count)
-        if is_self is not None:
-            logits.masked_fill_(is_self, self_value)
-        if invalid is not None:
-            logits.masked_fill_(invalid, invalid_value)
-        probs = torch.softmax(logits, dim=-1)
-        lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (..., n, M)
-        del logits
-        keep = None
-        if dropout > 0:  # the same draw as dropout_keep(probs, dropout)
-            keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
-        out = torch.matmul(probs if keep is None else probs * keep, v)  # (..., n, M, E)
-        ctx.save_for_backward(q, k, v, probs, keep, is_self)
-        ctx.scale = scale
+    def forward(ctx, c_q, c_k, c_v, c_pos, c_valid, offsets, circular, causal, self_mask,
+                scale, log_count_fn, dropout):
+        G, n, M, E = c_q.shape
+        out = torch.empty_like(c_q)  # (G, n, M, E)
+        lse = c_q.new_empty(G, n, M)
+        ctx.rng = capture_rng(c_q.device) if dropout > 0 else None
+        ctx.spec = (offsets, circular, causal, self_mask, scale, log_count_fn, dropout)
+        K = M * len(offsets)
+        # Small enough: keep each block's probabilities for the backward instead of
+        # recomputing them (the reversible backward runs this forward right before it).
+        keep_blocks = torch.is_grad_enabled() and G * n * M * (K + 2 * E) <= SAVE_ELEMENTS
+        ctx.blocks = [] if keep_blocks else None
+        for start, stop in _blocks(G, n, M, K):
+            blk = _Block(c_q, c_k, c_v, c_pos, c_valid, start, stop, ctx.spec)
+            out[:, start:stop] = torch.matmul(blk.kept, blk.v)  # (G, nb, M, E)
+            lse[:, start:stop] = blk.lse
+            if keep_blocks:
+                ctx.blocks.append(blk)
+        ctx.save_for_backward(c_q, c_k, c_v, c_pos, c_valid, out)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, probs, keep, is_self = ctx.saved_tensors
+        c_q, c_k, c_v, c_pos, c_valid, out = ctx.saved_tensors
+        G, n, M, E = c_q.shape
+        scale = ctx.spec[4]
         if grad_out is None:
-            grad_out = torch.zeros(probs.shape[:-1] + v.shape[-1:], dtype=v.dtype,
-                                   device=v.device)
-        kept = probs if keep is None else probs * keep
-        grad_v = torch.matmul(kept.transpose(-1, -2), grad_out)  # (..., n, K, E)
-        del kept
-        grad_p = torch.matmul(grad_out, v.transpose(-1, -2))  # (..., n, M, K)
-        if keep is not None:  # through the dropout multiplier
-            grad_p.mul_(keep)
-        row = (grad_p * probs).sum(dim=-1, keepdim=True)  # rowsum(P * dP)
+            grad_out = torch.zeros_like(out)
+        row = (grad_out * out).sum(dim=-1)  # rowsum(dO * o) = rowsum(P * dP), (G, n, M)
         if grad_lse is not None:
-            row = row - grad_lse.unsqueeze(-1)
-        grad_s = grad_p.sub_(row).mul_(probs)  # dS = P * (dP - rowsum(P dP) + dlse)
-        if is_self is not None:
-            grad_s.masked_fill_(is_self, 0.0)  # the self logit was replaced by a constant
-        if ctx.scale != 1:
-            grad_s.mul_(ctx.scale)
-        grad_q = torch.matmul(grad_s, k)  # (..., n, M, E)
-        grad_k = torch.matmul(grad_s.transpose(-1, -2), q)  # (..., n, K, E)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+            row = row - grad_lse  # dS = P * (dP - row)
+        grad_q, grad_k, grad_v = torch.empty_like(c_q), torch.zeros_like(c_k), torch.zeros_like(c_v)
+        saved, ctx.blocks = ctx.blocks, None
+        with replay_rng(None if saved else ctx.rng, c_q.device):
+            for i, (start, stop) in enumerate(_blocks(G, n, M, M * len(ctx.spec[0]))):
+                blk = saved[i] if saved else _Block(c_q, c_k, c_v, c_pos, c_valid, start, stop,
+                                                    ctx.spec)
+                d_out = grad_out[:, start:stop]  # (G, nb, M, E)
+                grad_p = torch.matmul(d_out, blk.v.transpose(-1, -2))  # (G, nb, M, K)
+                if blk.keep is not None:
+                    grad_p.mul_(blk.keep)
+                grad_s = grad_p.sub_(row[:, start:stop].unsqueeze(-1)).mul_(blk.probs)
+                if blk.replaced is not None:  # logits replaced by constants get no gradient
+                    grad_s.masked_fill_(blk.replaced, 0.0)
+                if scale != 1:
+                    grad_s.mul_(scale)
+                grad_q[:, start:stop] = torch.matmul(grad_s, blk.k)
+                blk.scatter(grad_k, torch.matmul(grad_s.transpose(-1, -2), blk.q))
+                blk.scatter(grad_v, torch.matmul(blk.kept.transpose(-1, -2), d_out))
+                if saved:
+                    saved[i] = None  # free as we go
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None
 
 
-def default_scale(d_head: int) -> float:
-    """1/sqrt(E), the scale of attention with separate queries and keys."""
-    return 1.0 / math.sqrt(d_head)
+class _Block:
+    """The forward quantities of one block of chunks (recomputed in the backward)."""
+
+    def __init__(self, c_q, c_k, c_v, c_pos, c_valid, start, stop, spec) -> None:
+        offsets, circular, causal, self_mask, scale, log_count_fn, dropout = spec
+        G, n, M, E = c_q.shape
+        nb, W = stop - start, len(offsets)
+        idx, inside = window_index(start, stop, n, offsets, circular)  # (nb, W)
+        self.idx = idx.to(c_q.device)
+        self.q = c_q[:, start:stop]  # (G, nb, M, E)
+        self.k = c_k[:, self.idx]  # (G, nb, W, M, E)
+        self.v = c_v[:, self.idx]
+        self.outside = None
+        if inside is not None and not bool(inside.all()):
+            # Chunks beyond the ends hold zero keys and values (and are masked below).
+            self.outside = ~inside.to(c_q.device).view(1, nb, W, 1, 1)
+            self.k = self.k.masked_fill(self.outside, 0.0)
+            self.v = self.v.masked_fill(self.outside, 0.0)
+        self.k = self.k.view(G, nb, W * M, E)  # (G, nb, K, E)
+        self.v = self.v.view(G, nb, W * M, E)
+        qpos = c_pos[:, start:stop].unsqueeze(-1)  # (G, nb, M, 1)
+        kpos = c_pos[:, self.idx].view(-1, nb, 1, W * M)  # (G, nb, 1, K)
+        logits = torch.matmul(self.q, self.k.transpose(-1, -2))  # (G, nb, M, K)
+        if scale != 1:
+            logits.mul_(scale)
+        if log_count_fn is not None:
+            logits.sub_(log_count_fn(qpos.squeeze(-1), kpos.squeeze(-2)))
+        invalid_value, self_value = mask_values(logits.dtype)
+        self.is_self = None
+        if self_mask:
+            self.is_self = qpos == kpos
+            logits.masked_fill_(self.is_self, self_value)
+        invalid = kpos > qpos if causal else None
+        valid = None if c_valid is None else c_valid[:, self.idx].view(-1, nb, 1, W * M)
+        if inside is not None:
+            ok = inside.to(c_q.device).repeat_interleave(M, dim=1).view(1, nb, 1, W * M)
+            valid = ok if valid is None else valid & ok
+        if valid is not None:
+            invalid = ~valid if invalid is None else invalid | ~valid
+        if invalid is not None:
+            logits.masked_fill_(invalid, invalid_value)
+        # A masked pair has P = 0 unless its whole row is masked (P uniform): either way its
+        # logit is a constant, so the backward zeroes dS on every replaced entry.
+        self.replaced = invalid if self.is_self is None else (
+            self.is_self if invalid is None else self.is_self | invalid)
+        self.probs = torch.softmax(logits, dim=-1)
+        self.lse = logits.amax(dim=-1).sub_(self.probs.amax(dim=-1).log_())  # (G, nb, M)
+        del logits
+        self.keep = None
+        if dropout > 0:
+            self.keep = torch.empty_like(self.probs).bernoulli_(1 - dropout).div_(1 - dropout)
+        self.kept = self.probs if self.keep is None else self.probs * self.keep
+
+    def scatter(self, grad: torch.Tensor, grad_window: torch.Tensor) -> None:
+        """Add a (G, nb, K, E) gradient of the window keys back onto their chunks."""
+        G, n, M, E = grad.shape
+        grad_window = grad_window.view(G, *self.idx.shape, M, E)  # (G, nb, W, M, E)
+        if self.outside is not None:
+            grad_window = grad_window.masked_fill(self.outside, 0.0)
+        grad.index_add_(1, self.idx.reshape(-1), grad_window.reshape(G, -1, M, E))
+
+
+def _blocks(G: int, n: int, M: int, K: int) -> list[tuple[int, int]]:
+    """Blocks of chunks whose (G, nb, M, K) score tensors hold about BLOCK_ELEMENTS values."""
+    nb = max(1, BLOCK_ELEMENTS // (G * M * K))
+    return [(s, min(s + nb, n)) for s in range(0, n, nb)]
+
+
+def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor,
+                           c_pos: torch.Tensor, *, offsets: list[int], circular: bool,
+                           causal: bool, c_valid: torch.Tensor | None = None,
+                           self_mask: bool = False, scale: float = 1.0,
+                           log_count_fn=None,
+                           dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every chunk of queries attends to the keys of the chunks at ``offsets`` from it.
+
+    Args:
+        c_q, c_k, c_v: (G, n, M, E) chunked queries, keys, values (keys already normalised
+            for shared-QK attention).
+        c_pos: (G, n, M) original position of each item (for the causal and self masks).
+        offsets: window chunk offsets, e.g. [-1, 0].
+        circular: the window wraps around the ends (LSH); otherwise chunks beyond the ends
+            are masked (local attention).
+        causal: mask keys at later positions than the query.
+        c_valid: (G, n, M) bool, False = padding (masked as a key), or None.
+        self_mask: a query's own position gets ``SELF_VALUE`` (shared-QK attention).
+        scale: logit scale (1 for LSH, 1/sqrt(E) for local).
+        log_count_fn: ``f(qpos (G, nb, M), kpos (G, nb, K)) -> (G, nb, M, K)`` log
+            multiplicities subtracted from the logits (LSH de-duplication), or None.
+        dropout: attention dropout on the probabilities (the caller passes 0 in eval).
+
+    Returns:
+        out (G, n, M, E) and the log-sum-exp of each query's logits (G, n, M).
+    """
+    return ChunkWindowAttention.apply(c_q, c_k, c_v, c_pos, c_valid, list(offsets), circular,
+                                      causal, self_mask, scale, log_count_fn, dropout)

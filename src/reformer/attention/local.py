@@ -6,7 +6,7 @@ attention the window does not wrap around: chunks beyond the ends of the sequenc
 Queries, keys and values have separate projections and logits are scaled by 1/sqrt(E), as in
 a standard Transformer; there is no self mask.
 
-Shapes: B batch, H heads, L length (padded to Lp), E d_head, M chunk length,
+Shapes: B batch, H heads, G = B*H, L length (padded to Lp), E d_head, M chunk length,
 n = Lp/M chunks, K = (before + 1 + after) * M window keys. Prefix ``c_``: chunked.
 """
 
@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from reformer.attention._chunked import (
-    attend_chunks,
+    chunk_window_attention,
     default_scale,
-    look_around,
     pad_to_multiple,
     padded_mask,
 )
@@ -46,19 +45,18 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
     B, H, L, E = q.shape
     M = chunk_length
     Lp = L + (-L % M)
-    n = Lp // M
+    G, n = B * H, Lp // M
     mask = padded_mask(attention_mask, B, L, Lp, q.device)
-    offsets = list(range(-n_chunks_before, n_chunks_after + 1))
-    c_q = pad_to_multiple(q, M, 2).view(B, H, n, M, E)
-    c_k = look_around(pad_to_multiple(k, M, 2).view(B, H, n, M, E), offsets, 2, circular=False)
-    c_v = look_around(pad_to_multiple(v, M, 2).view(B, H, n, M, E), offsets, 2, circular=False)
-    c_qpos = torch.arange(Lp, device=q.device).view(n, M)
-    c_kpos = look_around(c_qpos, offsets, 0, circular=False, fill=-1)  # (n, K); -1 = outside
-    key_valid = c_kpos >= 0
-    if mask is not None:
-        key_valid = key_valid & mask[:, c_kpos.clamp(min=0)][:, None]  # (B, 1, n, K)
-    out, _ = attend_chunks(c_q, c_k, c_v, c_qpos, c_kpos, causal=causal, key_valid=key_valid,
-                           scale=default_scale(E), dropout=dropout)  # (B, H, n, M, E)
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, E) -> (G, n, M, E)
+        return pad_to_multiple(x, M, 2).reshape(G, n, M, E)
+
+    c_pos = torch.arange(Lp, device=q.device).view(1, n, M)  # the same for every sequence
+    c_valid = None if mask is None else mask[:, None].expand(B, H, Lp).reshape(G, n, M)
+    out, _ = chunk_window_attention(
+        chunked(q), chunked(k), chunked(v), c_pos,
+        offsets=list(range(-n_chunks_before, n_chunks_after + 1)), circular=False,
+        causal=causal, c_valid=c_valid, scale=default_scale(E), dropout=dropout)
     return out.view(B, H, Lp, E)[:, :, :L]
 
 

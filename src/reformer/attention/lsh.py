@@ -9,8 +9,8 @@ gives an output o_r and log-sum-exp z_r per query; the rounds are combined as
 ``o = sum_r softmax_r(z) * o_r``, which is exactly softmax attention over all the keys a query
 saw in all its rounds.
 
-Shapes: B batch, H heads, L length (padded to Lp, a multiple of M), E d_head, R rounds,
-NB buckets, M chunk length, n = R*Lp/M chunks, W window chunks, K = W*M window keys.
+Shapes: B batch, H heads, G = B*H, L length (padded to Lp, a multiple of M), E d_head,
+R rounds, NB buckets, M chunk length, n = R*Lp/M chunks, W window chunks, K = W*M window keys.
 Prefixes: ``s_`` sorted order, ``c_`` chunked.
 
 Decisions:
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer.attention._chunked import (
-    attend_chunks,
-    look_around,
+    chunk_window_attention,
+    gather_rows,
     pad_to_multiple,
     padded_mask,
     window_offsets,
@@ -95,70 +95,63 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     B, H, Lp, E = qk.shape
     R, M = buckets.shape[2], chunk_length
     assert Lp % M == 0, "callers pad to a multiple of chunk_length"
-    n = R * Lp // M
+    G, n = B * H, R * Lp // M
     s_items, undo = sort_by_bucket(buckets, n_buckets)  # (B, H, R*Lp) each
-    s_pos = s_items % Lp  # (B, H, R*Lp) original position of each sorted item
-    idx = s_pos.unsqueeze(-1).expand(-1, -1, -1, E)
-    s_qk = qk.gather(2, idx)  # (B, H, R*Lp, E)
-    s_v = v.gather(2, idx)
-    s_k = F.normalize(s_qk, dim=-1)
-    offsets = window_offsets(n, n_chunks_before, n_chunks_after)
-    c_q = s_qk.view(B, H, n, M, E)
-    c_k = look_around(s_k.view(B, H, n, M, E), offsets, dim=2)  # (B, H, n, K, E)
-    c_v = look_around(s_v.view(B, H, n, M, E), offsets, dim=2)
-    c_qpos = s_pos.view(B, H, n, M)
-    c_kpos = look_around(c_qpos, offsets, dim=2)  # (B, H, n, K)
-    key_valid = None
+    s_pos = (s_items % Lp).view(G, R * Lp)  # original position of each sorted item
+    undo = undo.view(G, R * Lp)
+    s_qk = gather_rows(qk.reshape(G, Lp, E), s_pos)  # (G, R*Lp, E)
+    s_v = gather_rows(v.reshape(G, Lp, E), s_pos)
+    s_k = F.normalize(s_qk, dim=-1)  # k_j = q_j / |q_j|
+    c_valid = None
     if attention_mask is not None:
-        key_valid = attention_mask[:, None, :].expand(B, H, Lp).gather(
-            2, c_kpos.reshape(B, H, -1)).view_as(c_kpos)
-    log_count = None
+        valid = attention_mask[:, None, :].expand(B, H, Lp).reshape(G, Lp)
+        c_valid = valid.gather(1, s_pos).view(G, n, M)
+    log_count_fn = None
     if dedup_rounds and R > 1:
-        chunk_of = (undo // M).view(B, H, R, Lp)  # chunk of each item
-        log_count = _log_multiplicity(chunk_of, c_qpos, c_kpos, offsets, n, qk.dtype)
-    c_out, lse = attend_chunks(c_q, c_k, c_v, c_qpos, c_kpos, causal=causal,
-                               key_valid=key_valid, self_mask=True, log_count=log_count,
-                               dropout=dropout)  # (B, H, n, M, E), (B, H, n, M)
-    # Unsort: item r*Lp + i sits at sorted slot undo[..., r*Lp + i].
-    o = c_out.reshape(B, H, R * Lp, E).gather(2, undo.unsqueeze(-1).expand(-1, -1, -1, E))
-    z = lse.reshape(B, H, R * Lp).gather(2, undo)
+        chunk_of = (undo // M).view(G, R, Lp).transpose(1, 2)  # (G, Lp, R) chunk of each item
+        log_count_fn = _LogMultiplicity(chunk_of, window_offsets(n, n_chunks_before,
+                                                                 n_chunks_after), n, qk.dtype)
+    c_out, lse = chunk_window_attention(
+        s_qk.view(G, n, M, E), s_k.view(G, n, M, E), s_v.view(G, n, M, E), s_pos.view(G, n, M),
+        offsets=window_offsets(n, n_chunks_before, n_chunks_after), circular=True,
+        causal=causal, c_valid=c_valid, self_mask=True, log_count_fn=log_count_fn,
+        dropout=dropout)  # (G, n, M, E), (G, n, M)
+    # Unsort: item r*Lp + i sits at sorted slot undo[:, r*Lp + i].
+    o = gather_rows(c_out.view(G, R * Lp, E), undo).view(B, H, R, Lp, E)
+    z = lse.view(G, R * Lp).gather(1, undo).view(B, H, R, Lp)
     if R == 1:
         return o.view(B, H, Lp, E)
-    o, z = o.view(B, H, R, Lp, E), z.view(B, H, R, Lp)
     w = torch.softmax(z, dim=2).unsqueeze(-1)  # (B, H, R, Lp, 1): o = sum_r softmax_r(z) o_r
     return (o * w).sum(dim=2)
 
 
-def _log_multiplicity(chunk_of: torch.Tensor, c_qpos: torch.Tensor, c_kpos: torch.Tensor,
-                      offsets: list[int], n: int, dtype: torch.dtype) -> torch.Tensor:
-    """log N_ij for every (query item, key item) pair of every window.
+class _LogMultiplicity:
+    """log N_ij for the (query item, key item) pairs of a block of windows.
 
     N_ij = sum over the query's rounds r and the key's rounds r' of [the chunk of key item
     (r', j) is in the window of the chunk of query item (r, i)].
-
-    Args:
-        chunk_of: (B, H, R, Lp) chunk index of each item.
-        c_qpos: (B, H, n, M); c_kpos: (B, H, n, K) positions.
-
-    Returns:
-        (B, H, n, M, K) log-counts in ``dtype``.
     """
-    B, H, R, Lp = chunk_of.shape
-    in_window = torch.zeros(n, dtype=torch.bool, device=chunk_of.device)
-    in_window[torch.tensor(offsets, device=chunk_of.device) % n] = True
-    by_pos = chunk_of.transpose(2, 3)  # (B, H, Lp, R)
 
-    def chunks_at(pos: torch.Tensor) -> torch.Tensor:  # (B, H, n, X) -> (B, H, n, X, R)
-        flat = pos.reshape(B, H, -1, 1).expand(-1, -1, -1, R)
-        return by_pos.gather(2, flat).view(*pos.shape, R)
+    def __init__(self, chunk_of: torch.Tensor, offsets: list[int], n: int,
+                 dtype: torch.dtype) -> None:
+        self.chunk_of, self.n, self.dtype = chunk_of, n, dtype  # (G, Lp, R)
+        self.in_window = torch.zeros(n, dtype=torch.bool, device=chunk_of.device)
+        self.in_window[torch.tensor(offsets, device=chunk_of.device) % n] = True
 
-    q_chunks = chunks_at(c_qpos)  # (B, H, n, M, R)
-    k_chunks = chunks_at(c_kpos)  # (B, H, n, K, R)
-    count = torch.zeros(c_qpos.shape + c_kpos.shape[-1:], dtype=dtype, device=chunk_of.device)
-    for r in range(R):
-        diff = k_chunks.unsqueeze(3) - q_chunks[..., r, None, None]  # (B, H, n, M, K, R)
-        count += in_window[diff % n].sum(dim=-1)
-    return count.log()
+    def chunks_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """(G, nb, X) positions -> (G, nb, X, R) chunk of each of their items."""
+        G, _, R = self.chunk_of.shape
+        flat = pos.reshape(G, -1, 1).expand(-1, -1, R)
+        return self.chunk_of.gather(1, flat).view(*pos.shape, R)
+
+    def __call__(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """qpos (G, nb, M), kpos (G, nb, K) -> (G, nb, M, K) log-counts."""
+        q_chunks, k_chunks = self.chunks_at(qpos), self.chunks_at(kpos)  # (.., M|K, R)
+        count = torch.zeros(qpos.shape + kpos.shape[-1:], dtype=self.dtype, device=qpos.device)
+        for r in range(q_chunks.shape[-1]):
+            diff = k_chunks.unsqueeze(2) - q_chunks[..., r, None, None]  # (G, nb, M, K, R)
+            count += self.in_window[diff % self.n].sum(dim=-1)
+        return count.log()
 
 
 class LSHSelfAttention(HeadSlicedAttention):
