@@ -63,13 +63,14 @@ class AxialPositionalEmbedding(nn.Module):
         self.weights = nn.ParameterList(
             nn.Parameter(torch.randn(n, d) * init_std) for n, d in zip(shape, dims, strict=True))
 
-    def forward(self, length: int) -> torch.Tensor:
-        """Embeddings of positions 0..length-1, (L, D)."""
-        if length > math.prod(self.shape):
-            raise ValueError(f"sequence length {length} exceeds the {math.prod(self.shape)} "
-                             f"positions of axial_pos_shape={self.shape}; use a larger "
-                             "axial_pos_shape (and max_seq_len) or a shorter sequence")
-        pos = torch.arange(length, device=self.weights[0].device)
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        """Embeddings of positions offset..offset+length-1, (L, D)."""
+        if offset + length > math.prod(self.shape):
+            raise ValueError(f"sequence length {offset + length} exceeds the "
+                             f"{math.prod(self.shape)} positions of axial_pos_shape="
+                             f"{self.shape}; use a larger axial_pos_shape (and max_seq_len) or "
+                             "a shorter sequence")
+        pos = torch.arange(offset, offset + length, device=self.weights[0].device)
         parts, stride = [], math.prod(self.shape)
         for n, w in zip(self.shape, self.weights, strict=True):
             stride //= n
@@ -84,8 +85,8 @@ class LearnedPositionalEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(max_seq_len, d_model) * init_std)
 
-    def forward(self, length: int) -> torch.Tensor:
-        return self.weight[:length]  # (L, D)
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        return self.weight[offset:offset + length]  # (L, D)
 
 
 def positional_embedding(config: ReformerConfig) -> nn.Module | None:

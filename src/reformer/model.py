@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig
 from reformer.layers import positional_embedding, row_chunks
 from reformer.reversible import CallInfo, ReversibleStack
@@ -81,12 +82,48 @@ class ReformerLM(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
                                  f"{tuple(input_ids.shape)}; they must match")
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D) token + position embeddings, with dropout."""
+    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, L) ids at positions offset.. -> (B, L, D) token + position embeddings."""
         x = self.embed(input_ids.long())
         if self.pos is not None:
-            x = x + self.pos(input_ids.shape[1]).to(x.dtype)
+            x = x + self.pos(input_ids.shape[1], offset).to(x.dtype)
         return F.dropout(x, self.config.dropout, self.training)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self, batch: int, capacity: int) -> list[LayerCache]:
+        """Empty per-layer caches for decoding up to ``capacity`` positions."""
+        if capacity > self.config.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} exceeds max_seq_len="
+                             f"{self.config.max_seq_len}; decode fewer tokens")
+        p = next(self.parameters())
+        return [block.f.attn.new_cache(batch, capacity, p.device, p.dtype)
+                for block in self.stack.blocks]
+
+    def supports_cache(self) -> bool:
+        """Whether incremental decoding applies: causal, and no LSH de-duplication."""
+        cfg = self.config
+        return cfg.causal and not (cfg.dedup_rounds and "lsh" in cfg.attn_layers)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """Run the prompt (B, L), filling ``caches``; return the last position's logits (B, V)."""
+        self._check_inputs(input_ids, None, None)
+        call = CallInfo(caches=caches)
+        y1, y2 = self.stack(self.embed_tokens(input_ids), call, reversible=False)
+        return self.head(self.norm(torch.cat([y1[:, -1], y2[:, -1]], dim=-1)))
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """Append one token per sequence (B,) after the cached ones; return its logits (B, V).
+
+        Equals the last position of a full forward over the whole prefix when the hashing is
+        the same (a fixed ``hash_seed`` and ``n_buckets``; the cache fixes both).
+        """
+        x = self.embed_tokens(token_ids.view(-1, 1), offset=caches[0].length)  # (B, 1, D)
+        x1 = x2 = x
+        for block, cache in zip(self.stack.blocks, caches, strict=True):
+            x1, x2 = block.step(x1, x2, cache)
+        return self.head(self.norm(torch.cat([x1[:, 0], x2[:, 0]], dim=-1)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, n_hashes: int | None = None,

@@ -34,6 +34,7 @@ from torch.func import functional_call
 
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
+from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig
 from reformer.layers import FeedForward, dropout_keep, row_chunks
 
@@ -46,6 +47,7 @@ class CallInfo:
 
     attention_mask: torch.Tensor | None = None
     n_hashes: int | None = None
+    caches: list[LayerCache] | None = None  # filled with each layer's keys (prefill)
 
 
 @dataclass
@@ -88,10 +90,16 @@ class AttentionHalf(nn.Module):
         return self.training and (self.dropout > 0 or self.attn.config.attention_dropout > 0)
 
     def begin(self, x: torch.Tensor, call: CallInfo) -> HalfRecord:
+        if call.caches is not None:  # prefill: hash with the decode's fixed rotations
+            rotations = call.caches[self.attn.layer_index].rotations
+            if rotations is not None:
+                return HalfRecord(attn=self.attn.prepare(x, rotations=rotations))
         return HalfRecord(attn=self.attn.prepare(x, call.n_hashes))
 
     def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> torch.Tensor:
         h = self.norm(x)
+        if call.caches is not None:
+            self.attn.fill_cache(h, call.caches[self.attn.layer_index])
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         out = None
         for heads in self.attn.head_slices():
@@ -173,6 +181,11 @@ class ReversibleBlock(nn.Module):
         if half.uses_rng():
             rec.rng = capture_rng(x.device)
         return half(x, rec, call), rec
+
+    def step(self, x1: torch.Tensor, x2: torch.Tensor, cache: LayerCache) -> tuple:
+        """One new position (B, 1, D) per stream, attending over ``cache`` (eval mode)."""
+        y1 = x1 + self.f.attn.step(self.f.norm(x2), cache)  # y1 = x1 + f(x2)
+        return y1, x2 + self.g.ff(self.g.norm(y1))  # y2 = x2 + g(y1)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
         """Plain (non-reversible) forward; returns (y1, y2, f record, g record)."""

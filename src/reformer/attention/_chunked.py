@@ -14,8 +14,9 @@ Decisions:
   log-sum-exp, and recomputes each block's scores, so no (n, M, K) tensor ever exists for the
   whole sequence and the (block, M, K) temporaries stay in cache. Below ``SAVE_ELEMENTS`` it
   keeps the blocks' probabilities instead: the reversible backward calls this forward (for
-  one head slice) immediately before its backward, so a third computation would be waste. Key windows are gathered per
-  block by chunk index; nothing W times the size of k or v is built.
+  one head slice) immediately before its backward, so a third computation would be waste.
+  Key windows are gathered per block by chunk index; nothing W times the size of k or v is
+  built.
 - Masks REPLACE the logit (``masked_fill``) rather than add to it, so that a masked pair has an
   exact zero gradient. Invalid keys (padding, or later positions under causality) get
   ``MASK_VALUE``; a query's own position gets ``SELF_VALUE`` (shared-QK attention only), so that

@@ -10,6 +10,11 @@ Shapes: B batch, L length, D d_model, H heads, E d_head.
 A module subclass provides ``heads_forward(x, heads, state, attention_mask)`` for one slice of
 heads; ``prepare`` computes per-call state shared by all slices (LSH: the rotations and, once
 computed, the buckets, which the reversible backward then replays).
+
+Incremental decoding (DESIGN.md 1.7): ``new_cache`` / ``fill_cache`` / ``step`` keep the keys
+and values of past positions in a :class:`LayerCache`, so that one new position costs work
+proportional to the window it attends to. Subclasses provide ``cache_entries`` (what to store)
+and ``attend_cached`` (the new position's attention); causal models only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,24 @@ class AttentionState:
     n_hashes: int = 1
     rotations: object = None  # LSH: (H, E, R, NB/2) tensor or list of per-factor tensors
     buckets: dict[int, torch.Tensor] = field(default_factory=dict)  # head-slice start -> ids
+
+
+@dataclass
+class LayerCache:
+    """Past positions of one attention layer, for decoding one token at a time.
+
+    Shapes: B batch, H heads, C capacity (positions), E d_head, R rounds.
+    """
+
+    keys: torch.Tensor  # (B, H, C, E): unit keys for shared-QK layers
+    values: torch.Tensor  # (B, H, C, E)
+    length: int = 0  # positions filled
+    rotations: object = None  # LSH: fixed for the whole decode
+    sorted_keys: torch.Tensor | None = None  # LSH: (B, H, R, length) bucket * C + position
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
 
 class HeadSlicedAttention(nn.Module):
@@ -88,3 +111,47 @@ class HeadSlicedAttention(nn.Module):
             part = self.heads_forward(x, heads, state, attention_mask)
             out = part if out is None else out + part
         return out
+
+    # ------------------------------------------------------------------ incremental decoding
+    def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, L, D) -> query, key to store, value, each (B, H, L, E)."""
+        raise NotImplementedError
+
+    def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Attention of the newest position (query (B, H, 1, E)) over the cache -> (B, H, 1, E)."""
+        raise NotImplementedError
+
+    def index_cache(self, q: torch.Tensor, cache: LayerCache, start: int) -> None:
+        """Extra bookkeeping for positions start.. of the cache (LSH: their buckets)."""
+
+    def new_cache(self, batch: int, capacity: int, device: torch.device,
+                  dtype: torch.dtype) -> LayerCache:
+        if not self.config.causal:
+            raise ValueError("incremental decoding needs a causal model (causal=True): a "
+                             "bidirectional layer's past outputs change with every new token")
+        shape = (batch, self.n_heads, capacity, self.d_head)
+        return LayerCache(keys=torch.zeros(shape, device=device, dtype=dtype),
+                          values=torch.zeros(shape, device=device, dtype=dtype))
+
+    def fill_cache(self, x: torch.Tensor, cache: LayerCache) -> None:
+        """Store positions 0..L-1 from this layer's input x (B, L, D) (the prompt)."""
+        L = x.shape[1]
+        if L > cache.capacity:
+            raise ValueError(f"the prompt has {L} tokens, more than the cache's capacity "
+                             f"{cache.capacity}; allocate a larger cache")
+        q, k, v = self.cache_entries(x)
+        cache.keys[:, :, :L], cache.values[:, :, :L] = k, v
+        cache.length = L
+        self.index_cache(q, cache, 0)
+
+    def step(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Add one position x (B, 1, D) to the cache; return its attention output (B, 1, D)."""
+        t = cache.length
+        if t >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} positions); allocate a "
+                             "larger cache or restart from the most recent tokens")
+        q, k, v = self.cache_entries(x)
+        cache.keys[:, :, t:t + 1], cache.values[:, :, t:t + 1] = k, v
+        cache.length = t + 1
+        self.index_cache(q, cache, t)
+        return self.merge(self.attend_cached(q, cache), slice(0, self.n_heads))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer.attention._chunked import mask_values, padded_mask
-from reformer.attention.base import AttentionState, HeadSlicedAttention
+from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig
 
 _BIAS_ELEMENTS = 1 << 24  # largest (Q, L) bias block
@@ -76,3 +76,15 @@ class FullSelfAttention(HeadSlicedAttention):
                              causal=self.config.causal, attention_mask=attention_mask,
                              dropout=self.attention_dropout())
         return self.merge(out, heads)
+
+    def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        heads = slice(0, self.n_heads)
+        qk = self.project(self.w_qk, x, heads)
+        return qk, F.normalize(qk, dim=-1), self.project(self.w_v, x, heads)
+
+    def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        t = cache.length - 1
+        logits = torch.matmul(q, cache.keys[:, :, :t + 1].transpose(-1, -2))  # (B, H, 1, t+1)
+        if t > 0:  # the query itself only when nothing else is there
+            logits[..., t] = mask_values(q.dtype)[1]
+        return torch.matmul(torch.softmax(logits, dim=-1), cache.values[:, :, :t + 1])

@@ -21,7 +21,7 @@ from reformer.attention._chunked import (
     pad_to_multiple,
     padded_mask,
 )
-from reformer.attention.base import AttentionState, HeadSlicedAttention
+from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig
 
 
@@ -80,3 +80,15 @@ class LocalSelfAttention(HeadSlicedAttention):
                               n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
                               attention_mask=attention_mask, dropout=self.attention_dropout())
         return self.merge(out, heads)
+
+    def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        heads = slice(0, self.n_heads)
+        return (self.project(self.w_q, x, heads), self.project(self.w_k, x, heads),
+                self.project(self.w_v, x, heads))
+
+    def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        t, M = cache.length - 1, self.config.local_chunk_length
+        start = max(0, (t // M - self.config.n_chunks_before) * M)  # the window's first key
+        keys, values = cache.keys[:, :, start:t + 1], cache.values[:, :, start:t + 1]
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * default_scale(self.d_head)
+        return torch.matmul(torch.softmax(logits, dim=-1), values)  # (B, H, 1, E)

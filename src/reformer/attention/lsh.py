@@ -32,11 +32,12 @@ from torch import nn
 from reformer.attention._chunked import (
     chunk_window_attention,
     gather_rows,
+    mask_values,
     pad_to_multiple,
     padded_mask,
     window_offsets,
 )
-from reformer.attention.base import AttentionState, HeadSlicedAttention
+from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig, resolve_n_buckets
 from reformer.hashing import Rotations, hash_vectors, n_buckets_of, sample_rotations, sort_by_bucket
 
@@ -166,14 +167,21 @@ class LSHSelfAttention(HeadSlicedAttention):
     def padded_length(self, length: int) -> int:
         return length + (-length % self.config.chunk_length)
 
-    def prepare(self, x: torch.Tensor, n_hashes: int | None = None) -> AttentionState:
-        """Draw this call's rotations: seeded per layer, or fresh from the global RNG."""
+    def sample_rotations(self, length: int, n_hashes: int | None,
+                         device: torch.device) -> Rotations:
+        """Rotations for a length-``length`` call: seeded per layer, or from the global RNG."""
         cfg = self.config
-        n_hashes = n_hashes or cfg.n_hashes
-        nb = resolve_n_buckets(cfg.n_buckets, self.padded_length(x.shape[1]), cfg.chunk_length)
+        nb = resolve_n_buckets(cfg.n_buckets, self.padded_length(length), cfg.chunk_length)
         seed = None if cfg.hash_seed is None else cfg.hash_seed * 1_000_003 + self.layer_index
-        rotations = sample_rotations(self.n_heads, self.d_head, n_hashes, nb, seed=seed,
-                                     device=x.device)
+        return sample_rotations(self.n_heads, self.d_head, n_hashes or cfg.n_hashes, nb,
+                                seed=seed, device=device)
+
+    def prepare(self, x: torch.Tensor, n_hashes: int | None = None,
+                rotations: Rotations | None = None) -> AttentionState:
+        """This call's state: its rotations (given, e.g. a decoding cache's, or drawn)."""
+        if rotations is None:
+            rotations = self.sample_rotations(x.shape[1], n_hashes, x.device)
+        n_hashes = (rotations[0] if isinstance(rotations, list) else rotations).shape[2]
         return AttentionState(n_hashes=n_hashes, rotations=rotations)
 
     def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
@@ -197,3 +205,69 @@ class LSHSelfAttention(HeadSlicedAttention):
                                  dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
                                  dropout=self.attention_dropout())
         return self.merge(out[:, :, :L], heads)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self, batch: int, capacity: int, device: torch.device,
+                  dtype: torch.dtype) -> LayerCache:
+        """A cache whose rotations (and bucket count, from ``capacity``) stay fixed."""
+        if self.config.dedup_rounds:
+            raise ValueError("incremental decoding does not support dedup_rounds=True; decode "
+                             "without the cache or use a model with dedup_rounds=False")
+        cache = super().new_cache(batch, capacity, device, dtype)
+        cache.rotations = self.sample_rotations(capacity, None, device)
+        return cache
+
+    def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        heads = slice(0, self.n_heads)
+        qk = self.project(self.w_qk, x, heads)
+        return qk, F.normalize(qk, dim=-1), self.project(self.w_v, x, heads)
+
+    def index_cache(self, q: torch.Tensor, cache: LayerCache, start: int) -> None:
+        """Insert positions start.. into each round's (bucket, position) order."""
+        L, C = q.shape[2], cache.capacity
+        pos = torch.arange(start, start + L, device=q.device)
+        keys = hash_vectors(q, cache.rotations) * C + pos  # (B, H, R, L)
+        if start == 0:
+            cache.sorted_keys = keys.sort(dim=-1).values
+            return
+        old = cache.sorted_keys  # (B, H, R, t); the new position is the largest: one insert
+        rank = (old < keys).sum(dim=-1, keepdim=True)  # (B, H, R, 1)
+        slots = torch.arange(old.shape[-1], device=q.device)
+        new = old.new_empty(old.shape[:-1] + (old.shape[-1] + 1,))
+        new.scatter_(-1, slots + (slots >= rank), old)
+        cache.sorted_keys = new.scatter_(-1, rank, keys)
+
+    def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """The newest position's LSH attention, exactly as a full forward over the prefix.
+
+        Its sorted slot in round r is r*Lp + (its rank in that round's (bucket, position)
+        order); the window is the chunks at the usual offsets from the slot's chunk, wrapping
+        over the n = R*Lp/M chunks; slots past a round's real items are padding.
+        """
+        cfg, C = self.config, cache.capacity
+        B, H, _, E = q.shape
+        T = cache.length  # real items per round
+        M = cfg.chunk_length
+        Lp = self.padded_length(T)
+        S = cache.sorted_keys  # (B, H, R, T)
+        R = S.shape[2]
+        n = R * Lp // M
+        rank = (S % C == T - 1).int().argmax(dim=-1)  # (B, H, R)
+        chunk = (torch.arange(R, device=q.device) * Lp + rank) // M
+        offsets = torch.tensor(window_offsets(n, cfg.n_chunks_before, 0), device=q.device)
+        win = (chunk.unsqueeze(-1) + offsets) % n  # (B, H, R, W)
+        slots = (win.unsqueeze(-1) * M + torch.arange(M, device=q.device)).flatten(-2)
+        rounds, j = slots // Lp, slots % Lp  # (B, H, R, K)
+        real = j < T
+        items = S.reshape(B, H, R * T).gather(-1, (rounds * T + j.clamp(max=T - 1)).flatten(-2))
+        pos = (items % C).view(B, H, -1)  # (B, H, R*K) key positions
+        keys = cache.keys.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, E))
+        values = cache.values.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, E))
+        logits = torch.matmul(keys, q.transpose(-1, -2)).view(B, H, R, -1)  # (B, H, R, K)
+        invalid_value, self_value = mask_values(q.dtype)
+        logits = logits.masked_fill(pos.view_as(logits) == T - 1, self_value)
+        logits = logits.masked_fill(~real, invalid_value)
+        probs = torch.softmax(logits, dim=-1)
+        o = torch.matmul(probs.unsqueeze(-2), values.view(B, H, R, -1, E))  # (B, H, R, 1, E)
+        w = torch.softmax(torch.logsumexp(logits, dim=-1), dim=-1)  # rounds' weights (B, H, R)
+        return (o.squeeze(-2) * w.unsqueeze(-1)).sum(dim=2, keepdim=True)  # (B, H, 1, E)
