@@ -17,11 +17,13 @@ Decisions:
   one head slice) immediately before its backward, so a third computation would be waste.
   Key windows are gathered per block by chunk index; nothing W times the size of k or v is
   built.
-- Masks REPLACE the logit (``masked_fill``) rather than add to it, so that a masked pair has an
-  exact zero gradient. Invalid keys (padding, or later positions under causality) get
-  ``MASK_VALUE``; a query's own position gets ``SELF_VALUE`` (shared-QK attention only), so that
-  it attends to itself only when nothing else is valid. Both values stay finite in bf16 and are
-  reduced for fp16, whose largest value is 65504.
+- Masks are ADDED to the logits (DESIGN.md 1.2), built arithmetically from positions and
+  folded into the score matmul: invalid keys (padding, or later positions under causality)
+  get ``MASK_VALUE``; a query's own position gets ``SELF_VALUE`` (shared-QK attention only),
+  so that it attends to itself only when nothing else is valid. Since |q . k_hat| is tiny next
+  to these values, the outputs equal those of replacing the logits (to rounding), except in
+  rows with no valid key at all (padding queries), whose output is meaningless either way.
+  Both values stay finite in bf16 and are reduced for fp16, whose largest value is 65504.
 """
 
 from __future__ import annotations
@@ -110,8 +112,7 @@ class ChunkWindowAttention(torch.autograd.Function):
     Per block: ``S = mask(q k^T * scale - log_count)``, ``P = softmax(S)``, ``o = P v``,
     ``lse = max S - log max P`` (exact, and two cheap reductions instead of a second exp pass:
     exp of the -1e9 masked logits is many times slower than the fused softmax on CPU).
-    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``, zero on the replaced
-    (masked) logits; dropout masks are redrawn from the RNG state of the forward.
+    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``; dropout masks are redrawn from the RNG state of the forward.
     """
 
     @staticmethod
@@ -157,8 +158,6 @@ class ChunkWindowAttention(torch.autograd.Function):
                 if blk.keep is not None:
                     grad_p.mul_(blk.keep)
                 grad_s = grad_p.sub_(row[:, start:stop].unsqueeze(-1)).mul_(blk.probs)
-                if blk.replaced is not None:  # logits replaced by constants get no gradient
-                    grad_s.masked_fill_(blk.replaced, 0.0)
                 if scale != 1:
                     grad_s.mul_(scale)
                 grad_q[:, start:stop] = torch.matmul(grad_s, blk.k)
@@ -177,43 +176,43 @@ class _Block:
         G, n, M, E = c_q.shape
         nb, W = stop - start, len(offsets)
         idx, inside = window_index(start, stop, n, offsets, circular)  # (nb, W)
-        self.idx = idx.to(c_q.device)
+        self.idx = idx.to(c_q.device).reshape(-1)  # (nb*W,)
         self.q = c_q[:, start:stop]  # (G, nb, M, E)
-        self.k = c_k[:, self.idx]  # (G, nb, W, M, E)
-        self.v = c_v[:, self.idx]
-        self.outside = None
+        self.k = c_k.index_select(1, self.idx)  # (G, nb*W, M, E)
+        self.v = c_v.index_select(1, self.idx)
+        self.inside = None
         if inside is not None and not bool(inside.all()):
             # Chunks beyond the ends hold zero keys and values (and are masked below).
-            self.outside = ~inside.to(c_q.device).view(1, nb, W, 1, 1)
-            self.k = self.k.masked_fill(self.outside, 0.0)
-            self.v = self.v.masked_fill(self.outside, 0.0)
+            self.inside = inside.to(c_q.device, c_q.dtype).view(1, nb * W, 1, 1)
+            self.k, self.v = self.k * self.inside, self.v * self.inside
         self.k = self.k.view(G, nb, W * M, E)  # (G, nb, K, E)
         self.v = self.v.view(G, nb, W * M, E)
-        qpos = c_pos[:, start:stop].unsqueeze(-1)  # (G, nb, M, 1)
-        kpos = c_pos[:, self.idx].view(-1, nb, 1, W * M)  # (G, nb, 1, K)
-        logits = torch.matmul(self.q, self.k.transpose(-1, -2))  # (G, nb, M, K)
-        if scale != 1:
-            logits.mul_(scale)
-        if log_count_fn is not None:
-            logits.sub_(log_count_fn(qpos.squeeze(-1), kpos.squeeze(-2)))
-        invalid_value, self_value = mask_values(logits.dtype)
-        self.is_self = None
-        if self_mask:
-            self.is_self = qpos == kpos
-            logits.masked_fill_(self.is_self, self_value)
-        invalid = kpos > qpos if causal else None
-        valid = None if c_valid is None else c_valid[:, self.idx].view(-1, nb, 1, W * M)
+        qpos = c_pos[:, start:stop].unsqueeze(-1)  # (G, nb, M, 1) float positions
+        kpos = c_pos.index_select(1, self.idx).view(-1, nb, 1, W * M)  # (G, nb, 1, K)
+        bias = _pair_bias(qpos, kpos, causal, self_mask, c_q.dtype)  # (G, nb, M, K) or None
+        invalid_value = mask_values(c_q.dtype)[0]
+        valid = None if c_valid is None else c_valid.index_select(1, self.idx).view(-1, nb, 1,
+                                                                                  W * M)
         if inside is not None:
             ok = inside.to(c_q.device).repeat_interleave(M, dim=1).view(1, nb, 1, W * M)
             valid = ok if valid is None else valid & ok
         if valid is not None:
-            invalid = ~valid if invalid is None else invalid | ~valid
-        if invalid is not None:
-            logits.masked_fill_(invalid, invalid_value)
-        # A masked pair has P = 0 unless its whole row is masked (P uniform): either way its
-        # logit is a constant, so the backward zeroes dS on every replaced entry.
-        self.replaced = invalid if self.is_self is None else (
-            self.is_self if invalid is None else self.is_self | invalid)
+            work = torch.promote_types(c_q.dtype, torch.float32)
+            key_bias = (~valid).to(work) * invalid_value  # (G, nb, 1, K)
+            bias = key_bias if bias is None else bias + key_bias  # G may broadcast
+        if log_count_fn is not None:
+            count = log_count_fn(qpos.squeeze(-1), kpos.squeeze(-2))
+            bias = -count if bias is None else bias.sub_(count)
+        # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
+        q3, k3 = self.q.reshape(G * nb, M, E), self.k.reshape(G * nb, W * M, E)
+        if bias is None:
+            logits = torch.bmm(q3, k3.transpose(1, 2))
+            if scale != 1:
+                logits.mul_(scale)
+        else:
+            bias = bias.to(c_q.dtype).expand(G, nb, M, W * M).reshape(G * nb, M, W * M)
+            logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+        logits = logits.view(G, nb, M, W * M)
         self.probs = torch.softmax(logits, dim=-1)
         self.lse = logits.amax(dim=-1).sub_(self.probs.amax(dim=-1).log_())  # (G, nb, M)
         del logits
@@ -225,10 +224,30 @@ class _Block:
     def scatter(self, grad: torch.Tensor, grad_window: torch.Tensor) -> None:
         """Add a (G, nb, K, E) gradient of the window keys back onto their chunks."""
         G, n, M, E = grad.shape
-        grad_window = grad_window.view(G, *self.idx.shape, M, E)  # (G, nb, W, M, E)
-        if self.outside is not None:
-            grad_window = grad_window.masked_fill(self.outside, 0.0)
-        grad.index_add_(1, self.idx.reshape(-1), grad_window.reshape(G, -1, M, E))
+        grad_window = grad_window.reshape(G, -1, M, E)  # (G, nb*W, M, E)
+        if self.inside is not None:
+            grad_window = grad_window * self.inside
+        grad.index_add_(1, self.idx, grad_window)
+
+
+def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: bool,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of every (query, key) pair from their positions (at least float32).
+
+    With c = clamp(kpos - qpos, -1, 1) (earlier, same position, later) the bias is f(c), the
+    quadratic through f(-1) = 0, f(0) = self value, f(1) = causal mask value: four cheap
+    arithmetic passes instead of comparisons and masked fills (several times slower on CPU).
+    The coefficients make f(-1) exactly 0 in float32.
+    """
+    if not (causal or self_mask):
+        return None
+    invalid_value, self_value = mask_values(dtype)
+    f0 = self_value if self_mask else 0.0
+    f1 = invalid_value if causal else 0.0
+    a, b = (f1 - 2 * f0) / 2, f1 / 2  # f(c) = (a c + b) c + f0
+    work = torch.promote_types(dtype, torch.float32)
+    c = (kpos - qpos).clamp_(-1.0, 1.0).to(work)  # (G, nb, M, K)
+    return c.mul(a).add_(b).mul_(c).add_(f0)
 
 
 def _blocks(G: int, n: int, M: int, K: int) -> list[tuple[int, int]]:
@@ -248,7 +267,8 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
     Args:
         c_q, c_k, c_v: (G, n, M, E) chunked queries, keys, values (keys already normalised
             for shared-QK attention).
-        c_pos: (G, n, M) original position of each item (for the causal and self masks).
+        c_pos: (G, n, M) original position of each item (for the causal and self masks);
+            G may be 1 when every sequence shares them.
         offsets: window chunk offsets, e.g. [-1, 0].
         circular: the window wraps around the ends (LSH); otherwise chunks beyond the ends
             are masked (local attention).
@@ -263,5 +283,9 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
     Returns:
         out (G, n, M, E) and the log-sum-exp of each query's logits (G, n, M).
     """
+    if c_pos.numel() and int(c_pos.max()) >= 1 << 24:
+        raise ValueError(f"position {int(c_pos.max())} exceeds 2**24, the largest that the "
+                         "float32 mask arithmetic represents exactly; use shorter sequences")
+    c_pos = c_pos.to(torch.float32)  # exact below 2**24; used for the mask arithmetic
     return ChunkWindowAttention.apply(c_q, c_k, c_v, c_pos, c_valid, list(offsets), circular,
                                       causal, self_mask, scale, log_count_fn, dropout)

@@ -19,8 +19,8 @@ Decisions:
   items of all R windows of query i. The result is then exact softmax attention over the
   *set* of positions the query saw (the paper's correction; it counts a key twice inside one
   round's window too, which happens when a round boundary falls inside a window).
-- Masks replace logits (see _chunked.py): -1e9 for padding/causal, -1e5 for the query's own
-  position in any round.
+- Masks are added to the logits (see _chunked.py): -1e9 for padding/causal, -1e5 for the
+  query's own position in any round.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class _LogMultiplicity:
     def chunks_at(self, pos: torch.Tensor) -> torch.Tensor:
         """(G, nb, X) positions -> (G, nb, X, R) chunk of each of their items."""
         G, _, R = self.chunk_of.shape
-        flat = pos.reshape(G, -1, 1).expand(-1, -1, R)
+        flat = pos.long().reshape(G, -1, 1).expand(-1, -1, R)
         return self.chunk_of.gather(1, flat).view(*pos.shape, R)
 
     def __call__(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
