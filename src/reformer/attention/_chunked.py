@@ -109,10 +109,11 @@ class ChunkWindowAttention(torch.autograd.Function):
     ``apply(c_q, c_k, c_v, c_pos, c_valid, offsets, circular, causal, self_mask, scale,
     log_count_fn, dropout)``; see :func:`chunk_window_attention` for the arguments.
 
-    Per block: ``S = mask(q k^T * scale - log_count)``, ``P = softmax(S)``, ``o = P v``,
+    Per block: ``S = bias + scale * q k^T - log_count``, ``P = softmax(S)``, ``o = P v``,
     ``lse = max S - log max P`` (exact, and two cheap reductions instead of a second exp pass:
     exp of the -1e9 masked logits is many times slower than the fused softmax on CPU).
-    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``; dropout masks are redrawn from the RNG state of the forward.
+    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``; dropout masks are redrawn
+    from the RNG state of the forward.
     """
 
     @staticmethod
