@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/reformer demo
+	$(BIN)/reformer demo --max-minutes 3
 
 test: setup
 	$(BIN)/python -m pytest

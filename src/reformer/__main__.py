@@ -1,5 +1,8 @@
+"""``python -m reformer``: the same command line as ``reformer``."""
+
 import sys
 
 from reformer.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

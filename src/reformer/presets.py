@@ -1,0 +1,100 @@
+"""Named model presets, each with the training settings it was sized for.
+
+A preset pairs a :class:`ReformerConfig` (the architecture) with defaults for the training run
+(context length, batch, learning rate, steps), so that ``reformer train --preset NAME`` is a
+sensible run on the hardware the preset names. The training defaults are plain field names of
+:class:`reformer.training.TrainConfig`; this module imports nothing from training so that the
+model side of the package stays independent of it.
+
+Presets:
+- ``tiny``: a 2-layer, 1K-context model that trains in a couple of minutes on a laptop CPU.
+- ``shakespeare`` (the default): 4 layers alternating local and LSH attention, 16K-context
+  windows of Shakespeare; ``make demo`` trains it for a few minutes on the CPU.
+- ``enwik8``: the paper's byte-level model (Kitaev et al. 2020, section 5): 12 layers,
+  d_model 1024, d_ff 4096, 8 heads of 128, 64K context, LSH attention in every fourth layer and
+  chunked local attention elsewhere (after the layout of trax's enwik8 configuration). It
+  needs a GPU.
+
+Decision: the model's ``max_seq_len`` always equals the training ``seq_len``; the trainer
+rebuilds the config when ``--seq-len`` changes it (see :func:`with_seq_len`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from reformer.config import ReformerConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model architecture and the training defaults it was sized for."""
+
+    name: str
+    description: str
+    model: ReformerConfig
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny",
+            description="2 layers, d_model 64, 1K context: minutes on a laptop CPU",
+            model=ReformerConfig(
+                vocab_size=256, d_model=64, n_heads=2, d_ff=256, n_layers=2,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=32,
+                local_chunk_length=32, max_seq_len=1024, attn_head_chunk_size=2),
+            training=dict(seq_len=1024, batch_size=4, steps=300, lr=3e-3, warmup_steps=20,
+                          eval_every=50, eval_windows=4, checkpoint_every=100),
+        ),
+        Preset(
+            name="shakespeare",
+            description="4 layers local/LSH, d_model 128, 16K context (the default, CPU)",
+            model=ReformerConfig(
+                vocab_size=256, d_model=128, n_heads=4, d_ff=512, n_layers=4,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=64, max_seq_len=16384, attn_head_chunk_size=4),
+            training=dict(seq_len=16384, batch_size=1, steps=2000, lr=3e-3, warmup_steps=10,
+                          eval_every=50, eval_windows=2, checkpoint_every=50),
+        ),
+        Preset(
+            name="enwik8",
+            description="the paper's 12-layer, 64K-context byte model (needs a GPU)",
+            model=ReformerConfig(
+                vocab_size=256, d_model=1024, n_heads=8, d_head=128, d_ff=4096,
+                n_layers=12, attn_layers=("local", "local", "lsh", "local"), n_hashes=2,
+                chunk_length=256, local_chunk_length=128, max_seq_len=65536,
+                axial_pos_shape=(128, 512), axial_pos_dims=(256, 768), dropout=0.1,
+                attn_head_chunk_size=8),
+            training=dict(seq_len=65536, batch_size=1, grad_accum=8, steps=100_000, lr=3e-4,
+                          warmup_steps=2000, eval_every=1000, eval_windows=4,
+                          checkpoint_every=500, precision="bf16"),
+        ),
+    )
+}
+
+DEFAULT_PRESET = "shakespeare"
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ValueError lists the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_seq_len(config: ReformerConfig, seq_len: int) -> ReformerConfig:
+    """``config`` resized to ``max_seq_len=seq_len``.
+
+    The axial shape and dims are derived afresh for the new length (an explicit shape for
+    another length would either not cover ``seq_len`` or waste parameters).
+    """
+    if config.max_seq_len == seq_len:
+        return config
+    changes: dict[str, Any] = {"max_seq_len": seq_len}
+    if config.pos_embedding == "axial":
+        changes.update(axial_pos_shape=None, axial_pos_dims=None)
+    return config.replace(**changes)

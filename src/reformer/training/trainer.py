@@ -1,0 +1,321 @@
+"""The training loop: AdamW steps on random windows, periodic evaluation, checkpoints, resume.
+
+One step draws ``grad_accum`` micro-batches of ``batch_size`` random windows of ``seq_len``
+bytes from the training text, accumulates the gradients of their mean losses (under bf16
+autocast if asked), clips the global gradient norm and takes one AdamW step at the scheduled
+learning rate (reformer.training.optim).
+
+Decisions:
+- Exact resume: the checkpoint holds the weights, the optimizer moments, the step and elapsed
+  time (all the schedule depends on), the global torch RNG state (fresh LSH rotations and
+  dropout masks are drawn from it) and the data sampler's generator. Evaluation runs under a
+  forked, fixed-seed RNG so it does not move the training stream. So a run stopped after k
+  steps and resumed reproduces the uninterrupted run's losses exactly (on the same machine).
+- A trainer seeds the global torch RNG with ``seed`` before building the model, so the
+  initial weights and the stream of rotations are a function of the seed.
+- Ctrl-C and SIGTERM (with ``handle_signals=True``) ask the loop to stop after the current
+  step and save a checkpoint; a second Ctrl-C stops at once without saving.
+- The library never prints: progress goes to a :class:`Callback` (the CLI draws a tqdm bar).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reformer.config import ReformerConfig
+from reformer.data import text
+from reformer.model import ReformerLM
+from reformer.training import checkpoint as ckpt
+from reformer.training.config import RESUMABLE_FIELDS, RunConfig
+from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_bpc, plot_metrics
+from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
+
+
+@dataclass
+class StepReport:
+    step: int  # steps completed
+    steps: int
+    loss: float  # nats, mean over the step's windows
+    bpc: float
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+    progress: float  # fraction of the run done, by steps or by time (see optim.progress)
+
+
+@dataclass
+class EvalReport:
+    step: int
+    val_bpc: float  # with the model's own n_hashes
+    by_n_hashes: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    stop_reason: str  # "steps", "time", or the signal / reason given to request_stop
+    evals: list[EvalReport]
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason not in ("steps", "time")
+
+
+class Callback:
+    """Hooks the loop calls; override what you need."""
+
+    def on_step(self, trainer: Trainer, report: StepReport) -> None: ...
+    def on_eval(self, trainer: Trainer, report: EvalReport) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, reason: str) -> None: ...
+    def on_stop_requested(self, trainer: Trainer, reason: str) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; pass --device cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """A training run bound to its run directory. Build with :meth:`create` or :meth:`resume`."""
+
+    def __init__(self, run_dir: str | Path, run: RunConfig, *, resume: bool = False) -> None:
+        self.run_dir, self.run, cfg = Path(run_dir), run, run.training
+        if run.model.vocab_size < 256:
+            raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold byte-level text "
+                             "(256 symbols); use vocab_size=256")
+        if cfg.seq_len > run.model.max_seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
+                             f"{run.model.max_seq_len}; lower --seq-len")
+        self.device = resolve_device(cfg.device)
+        self.train_text, self.val_text, self.n_files = text.load_splits(
+            cfg.data, cfg.val_data, cfg.val_fraction, cfg.seq_len)
+        self.sampler = text.WindowSampler(self.train_text, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.val_windows = self.val_text.windows(cfg.seq_len, cfg.eval_windows)
+        torch.manual_seed(cfg.seed)
+        self.model = ReformerLM(run.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
+        self.step, self.elapsed_s, self.evals = 0, 0.0, []
+        self._stop_reason: str | None = None
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, run_dir: str | Path, run: RunConfig) -> Trainer:
+        """A new run in ``run_dir``; refuses a directory that already holds a checkpoint."""
+        run_dir = Path(run_dir)
+        if ckpt.has_checkpoint(run_dir):
+            raise ValueError(f"{run_dir} already holds a trained run; pass --resume to continue "
+                             "it, or choose another --out")
+        trainer = cls(run_dir, run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ckpt.METRICS_FILE).unlink(missing_ok=True)
+        ckpt.write_config(run_dir, run)
+        return trainer
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, model: ReformerConfig | None = None,
+               changes: dict[str, Any] | None = None) -> Trainer:
+        """Continue the run saved in ``run_dir``.
+
+        Args:
+            model: the model config asked for now (None: the saved one); it must match.
+            changes: training fields set explicitly now. Those in RESUMABLE_FIELDS (steps,
+                max_minutes, ...) replace the saved values; the others must match them.
+        """
+        run_dir = Path(run_dir)
+        saved = ckpt.read_config(run_dir)
+        if not ckpt.has_checkpoint(run_dir):
+            raise ValueError(f"{run_dir} holds no checkpoint yet, so there is nothing to "
+                             "resume; start it again without --resume")
+        run = _merge_for_resume(run_dir, saved, model, changes or {})
+        trainer = cls(run_dir, run, resume=True)
+        ckpt.write_config(run_dir, run)
+        return trainer
+
+    # --------------------------------------------------------------------- the loop
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step (and save a checkpoint)."""
+        self._stop_reason = reason
+
+    def run_loop(self, callback: Callback | None = None, handle_signals: bool = False
+                 ) -> RunResult:
+        """Train until ``steps``, ``max_minutes`` or a stop request; returns how it ended."""
+        cb, cfg = callback or Callback(), self.run.training
+        previous = self._install_signal_handlers(cb) if handle_signals else {}
+        try:
+            start = time.monotonic() - self.elapsed_s
+            if self.step == 0 and not self.evals:
+                self._evaluate(cb)
+                self.elapsed_s = time.monotonic() - start
+            reason, step_time = None, 0.0
+            while reason is None:
+                reason = self._stop_check(step_time)
+                if reason is not None:
+                    break
+                loss, dt = self._train_step()
+                self.elapsed_s = time.monotonic() - start
+                step_time = dt if not step_time else 0.9 * step_time + 0.1 * dt
+                self._report_step(cb, loss, dt, step_time)
+                if self.step % cfg.eval_every == 0:
+                    self._evaluate(cb)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(cb, "periodic")
+                self.elapsed_s = time.monotonic() - start
+            if reason in ("steps", "time") and (not self.evals or self.evals[-1].step != self.step):
+                self._evaluate(cb)
+            self.save_checkpoint(cb, reason)
+            return RunResult(self.run_dir, self.step, reason, self.evals)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_check(self, step_time: float) -> str | None:
+        """Why to stop now, if so; a time budget stops when the next step would overrun it."""
+        cfg = self.run.training
+        if self._stop_reason is not None:
+            return self._stop_reason
+        if self.step >= cfg.steps:
+            return "steps"
+        if cfg.max_minutes is not None and self.elapsed_s + step_time > 60.0 * cfg.max_minutes:
+            return "time"
+        return None
+
+    def _train_step(self) -> tuple[float, float]:
+        """One optimiser step; returns (mean loss in nats, seconds)."""
+        cfg = self.run.training
+        t0 = time.perf_counter()
+        self.model.train()
+        set_lr(self.optimizer, lr_at(cfg, self.step, self.elapsed_s))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self.sampler.next_batch().to(self.device)  # (B, L)
+            with autocast(self.device, cfg.precision):
+                loss = self.model(batch, labels=batch, return_logits=False).loss
+            (loss / cfg.grad_accum).backward()
+            total += loss.item()
+        loss_value = total / cfg.grad_accum
+        if not math.isfinite(loss_value):
+            raise ValueError(f"the loss became {loss_value} at step {self.step + 1}; lower --lr "
+                             f"(now {cfg.lr}) or train in fp32; the last checkpoint is intact")
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss_value, time.perf_counter() - t0
+
+    def _report_step(self, cb: Callback, loss: float, dt: float, step_time: float) -> None:
+        cfg = self.run.training
+        eta = (cfg.steps - self.step) * step_time
+        if cfg.max_minutes is not None:
+            eta = min(eta, max(0.0, 60.0 * cfg.max_minutes - self.elapsed_s))
+        report = StepReport(step=self.step, steps=cfg.steps, loss=loss, bpc=loss / LN2,
+                            lr=self.optimizer.param_groups[0]["lr"],
+                            tokens_per_s=cfg.tokens_per_step / dt, elapsed_s=self.elapsed_s,
+                            eta_s=eta, progress=progress(cfg, self.step, self.elapsed_s))
+        self.metrics.append({"kind": "train", "step": report.step, "loss": loss,
+                             "bpc": report.bpc, "lr": report.lr,
+                             "tokens": self.step * cfg.tokens_per_step,
+                             "tokens_per_s": report.tokens_per_s,
+                             "elapsed_s": round(self.elapsed_s, 3)})
+        cb.on_step(self, report)
+
+    # ------------------------------------------------------------ evaluation, saving
+    def evaluate(self) -> EvalReport:
+        """Held-out bits per character, with the model's rounds and each of eval_n_hashes."""
+        cfg = self.run.training
+        bpc = evaluate_bpc(self.model, self.val_windows, seed=cfg.seed, precision=cfg.precision)
+        extra = {r: evaluate_bpc(self.model, self.val_windows, n_hashes=r, seed=cfg.seed,
+                                 precision=cfg.precision) for r in cfg.eval_n_hashes}
+        return EvalReport(step=self.step, val_bpc=bpc, by_n_hashes=extra)
+
+    def _evaluate(self, cb: Callback) -> None:
+        report = self.evaluate()
+        self.evals.append(report)
+        self.metrics.append({"kind": "eval", "step": report.step, "val_bpc": report.val_bpc,
+                             "val_bpc_n_hashes": {str(k): v
+                                                  for k, v in report.by_n_hashes.items()}})
+        self.refresh_plot()
+        cb.on_eval(self, report)
+
+    def refresh_plot(self) -> None:
+        title = f"{self.run_dir.name}: {self.run.preset or 'custom'} preset, " \
+                f"context {self.run.training.seq_len:,}"
+        plot_metrics(self.metrics.read(), self.run_dir / ckpt.PLOT_FILE, title)
+
+    def save_checkpoint(self, cb: Callback | None = None, reason: str = "") -> None:
+        """Write the weights and the trainer state of the current step (atomically)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ckpt.save_weights(self.run_dir, self.model, self.step)
+        ckpt.save_state(self.run_dir, {
+            "step": self.step, "elapsed_s": self.elapsed_s,
+            "optimizer": self.optimizer.state_dict(), "rng": rng,
+            "data": {"sampler": self.sampler.state_dict(), "train_bytes": len(self.train_text),
+                     "val_bytes": len(self.val_text)},
+            "evals": [[e.step, e.val_bpc, list(e.by_n_hashes.items())] for e in self.evals]})
+        if cb is not None:
+            cb.on_checkpoint(self, reason)
+
+    def _load_checkpoint(self) -> None:
+        step = ckpt.load_weights(self.run_dir, self.model)
+        state = ckpt.load_state(self.run_dir, step)
+        data = state["data"]
+        if (data["train_bytes"], data["val_bytes"]) != (len(self.train_text), len(self.val_text)):
+            raise ValueError(f"the data changed since {self.run_dir} was saved (training text "
+                             f"{data['train_bytes']:,} -> {len(self.train_text):,} bytes); "
+                             "resume with the same data or start a new run")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(data["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step, self.elapsed_s = state["step"], state["elapsed_s"]
+        self.evals = [EvalReport(s, v, dict(extra)) for s, v, extra in state["evals"]]
+        self.metrics.truncate_after(self.step)
+
+    def _install_signal_handlers(self, cb: Callback) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_reason is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            self.request_stop(signal.Signals(signum).name)
+            cb.on_stop_requested(self, self._stop_reason)
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _merge_for_resume(run_dir: Path, saved: RunConfig, model: ReformerConfig | None,
+                      changes: dict[str, Any]) -> RunConfig:
+    """The saved config with the resumable changes applied; other differences are errors."""
+    diff = [] if model is None else ckpt.config_differences(saved.model, model)
+    if diff:
+        raise ValueError(f"{run_dir} was trained with another model config ({'; '.join(diff)}); "
+                         "resume without --preset/--config, or choose a new --out")
+    current = saved.training.to_dict()
+    requested = saved.training.replace(**changes).to_dict()  # validates the new values
+    fixed = [f"{k}: {current[k]!r} -> {requested[k]!r}" for k in sorted(changes)
+             if k not in RESUMABLE_FIELDS and requested[k] != current[k]]
+    if fixed:
+        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(fixed)}); "
+                         f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume")
+    keep = {k: v for k, v in changes.items() if k in RESUMABLE_FIELDS}
+    return RunConfig(saved.model, saved.training.replace(**keep), saved.preset)

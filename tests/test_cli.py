@@ -1,0 +1,139 @@
+"""The command line: train -> generate -> eval on a tiny model, demo, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reformer import ReformerConfig
+from reformer.cli import main
+
+TINY = ReformerConfig(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_layers=2,
+                      attn_layers=("local", "lsh"), n_hashes=2, chunk_length=16,
+                      local_chunk_length=16, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "model.json").write_text(TINY.to_json())
+    (tmp_path / "text.txt").write_text("Now is the winter of our discontent. " * 40)
+    return tmp_path
+
+
+def train_args(d: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(d / "model.json"), "--data", str(d / "text.txt"),
+            "--steps", "3", "--eval-every", "2", "--eval-windows", "1", "--batch-size", "2",
+            "--out", str(d / "run"), "--device", "cpu", *extra]
+
+
+def test_train_generate_eval(setup, capsys):
+    assert main(train_args(setup, "--eval-n-hashes", "4")) == 0
+    out = capsys.readouterr().out
+    assert "validation bpc" in out and "finished 3 steps" in out
+    assert "validation bits/char" in out and "4 rounds" in out
+    config = json.loads((setup / "run" / "config.json").read_text())
+    assert config["model"]["d_model"] == 16 and config["training"]["steps"] == 3
+    assert (setup / "run" / "plot.png").exists()
+
+    assert main(["generate", "--checkpoint", str(setup / "run"), "--prompt", "Now is",
+                 "--max-new-tokens", "12", "--top-k", "5", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Now is") and len(first.encode()) >= len("Now is")
+    main(["generate", "--checkpoint", str(setup / "run"), "--prompt", "Now is",
+          "--max-new-tokens", "12", "--top-k", "5", "--seed", "1"])
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+
+    assert main(["eval", "--checkpoint", str(setup / "run"), "--n-hashes", "1", "2",
+                 "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["hash", "rounds", "bits/char"] and len(table) == 3
+
+
+def test_resume_continues_and_rejects_another_config(setup, capsys):
+    assert main(train_args(setup)) == 0
+    assert main(train_args(setup)) == 2  # the run exists: --resume or another --out
+    assert "already holds a trained run" in capsys.readouterr().err
+    assert main(["train", "--out", str(setup / "run"), "--resume", "--steps", "4"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().out
+    assert main(["train", "--out", str(setup / "run"), "--resume", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "another model config" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/no/such/file.txt"], "no such file or folder"),
+    (["generate", "--checkpoint", "/no/such/run"], "not a run directory"),
+    (["train", "--resume"], "--resume needs --out"),
+])
+def test_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reformer ") and message in err and err.count("\n") == 1
+
+
+def test_empty_data_is_an_error(setup, capsys):
+    (setup / "empty.txt").write_bytes(b"")
+    assert main(["train", "--config", str(setup / "model.json"), "--data",
+                 str(setup / "empty.txt"), "--out", str(setup / "r")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_bad_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--precision", "fp8"])
+    assert exit_info.value.code == 2
+
+
+def test_demo_trains_evaluates_and_samples(setup, capsys):
+    code = main(["demo", "--data", str(setup / "text.txt"), "--seq-len", "64",
+                 "--max-minutes", "0.002", "--out", str(setup / "demo"), "--device", "cpu",
+                 "--prompt-chars", "40", "--sample-chars", "10", "--eval-windows", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "before ->" in out and "--- sample" in out and "reformer generate" in out
+    assert (setup / "demo" / "plot.png").exists()
+
+
+def python_m_reformer(*args: str, **kwargs) -> subprocess.Popen:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "reformer", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_python_dash_m():
+    out, _ = python_m_reformer("--help").communicate(timeout=60)
+    assert "train" in out and "generate" in out
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(setup):
+    """A real SIGINT to a real process: it finishes the step, saves, and exits with 130."""
+    proc = python_m_reformer(*train_args(setup, "--steps", "100000", "--eval-every", "100000"))
+    metrics = setup / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT" in out and "--resume" in out
+    state = torch.load(setup / "run" / "trainer_state.pt", weights_only=True)
+    assert state["step"] >= 2

@@ -1,0 +1,148 @@
+"""The training loop: exact resume, run directory contents, signals, budgets, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from reformer import ReformerConfig
+from reformer.training import checkpoint as ckpt
+from reformer.training.config import RunConfig, TrainConfig
+from reformer.training.evaluate import evaluate_run
+from reformer.training.trainer import Callback, Trainer
+
+# LSH rotations from the global RNG (no hash_seed) and dropout: resuming must replay both.
+MODEL = ReformerConfig(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_layers=2,
+                       attn_layers=("local", "lsh"), n_hashes=2, chunk_length=16,
+                       local_chunk_length=16, max_seq_len=64, dropout=0.1)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"To be, or not to be, that is the question. " * 40)
+    return path
+
+
+def make_run(corpus, **changes) -> RunConfig:
+    train = dict(data=(str(corpus),), seq_len=64, batch_size=1, grad_accum=2, steps=6,
+                 warmup_steps=2, eval_every=3, eval_windows=2, checkpoint_every=100, seed=3,
+                 device="cpu")
+    return RunConfig(MODEL, TrainConfig(**{**train, **changes}), preset=None)
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, report):
+        if report.step == self.step:
+            trainer.request_stop("test")
+
+
+def train_losses(run_dir) -> list[float]:
+    records = ckpt.Path(run_dir, ckpt.METRICS_FILE).read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, records) if r["kind"] == "train"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
+    straight = Trainer.create(tmp_path / "a", make_run(corpus)).run_loop()
+    assert straight.stop_reason == "steps" and straight.step == 6
+
+    first = Trainer.create(tmp_path / "b", make_run(corpus)).run_loop(StopAt(3))
+    assert first.stop_reason == "test" and first.step == 3 and first.interrupted
+    resumed = Trainer.resume(tmp_path / "b")
+    assert resumed.step == 3
+    second = resumed.run_loop()
+    assert second.step == 6
+
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert len(train_losses(tmp_path / "b")) == 6
+    assert [e.val_bpc for e in straight.evals] == [e.val_bpc for e in second.evals]
+    a = ckpt.load_model(tmp_path / "a")[0].state_dict()
+    b = ckpt.load_model(tmp_path / "b")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_directory_contents(tmp_path, corpus):
+    run = make_run(corpus, steps=2)
+    Trainer.create(tmp_path / "r", run).run_loop()
+    d = tmp_path / "r"
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, ckpt.METRICS_FILE, ckpt.PLOT_FILE])
+    assert ckpt.read_config(d) == run
+    assert (d / ckpt.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds = [json.loads(line)["kind"] for line in (d / ckpt.METRICS_FILE).open()]
+    assert kinds == ["eval", "train", "train", "eval"]
+    state = torch.load(d / ckpt.STATE_FILE, weights_only=True)
+    assert set(state) >= {"step", "elapsed_s", "optimizer", "rng", "data"}
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, corpus):
+    class Term(Callback):
+        def on_step(self, trainer, report):
+            if report.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    result = Trainer.create(tmp_path / "r", make_run(corpus)).run_loop(Term(), handle_signals=True)
+    assert result.stop_reason == "SIGTERM" and result.step == 2
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert Trainer.resume(tmp_path / "r").step == 2
+
+
+def test_time_budget_stops_the_run(tmp_path, corpus):
+    run = make_run(corpus, steps=10_000, max_minutes=0.02)
+    trainer = Trainer.create(tmp_path / "r", run)
+    result = trainer.run_loop()
+    assert result.stop_reason == "time" and result.step < 10_000
+    assert trainer.elapsed_s <= 0.02 * 60 + 0.5  # the last step was expected to fit
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    result = Trainer.create(tmp_path / "r", make_run(corpus, steps=2, precision="bf16")).run_loop()
+    assert all(0 < loss < 6 for loss in train_losses(tmp_path / "r"))
+    assert all(0 < e.val_bpc < 9 for e in result.evals)
+
+
+def test_resume_may_extend_steps_but_not_change_the_model_or_data(tmp_path, corpus):
+    Trainer.create(tmp_path / "r", make_run(corpus, steps=2)).run_loop()
+    with pytest.raises(ValueError, match="already holds a trained run"):
+        Trainer.create(tmp_path / "r", make_run(corpus))
+    with pytest.raises(ValueError, match="another model config.*d_model: 16 -> 32"):
+        Trainer.resume(tmp_path / "r", MODEL.replace(d_model=32))
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 -> 0.1\)"):
+        Trainer.resume(tmp_path / "r", changes={"lr": 0.1})
+    assert Trainer.resume(tmp_path / "r", changes={"steps": 4}).run_loop().step == 4
+    corpus.write_bytes(corpus.read_bytes() * 2)
+    with pytest.raises(ValueError, match="the data changed"):
+        Trainer.resume(tmp_path / "r")
+
+
+def test_weights_from_another_config_are_refused(tmp_path, corpus):
+    Trainer.create(tmp_path / "r", make_run(corpus, steps=1)).run_loop()
+    other = RunConfig(MODEL.replace(d_ff=48), make_run(corpus).training)
+    ckpt.write_config(tmp_path / "r", other)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        ckpt.load_model(tmp_path / "r")
+
+
+def test_missing_data_and_no_run(tmp_path, corpus):
+    with pytest.raises(ValueError, match="no such file"):
+        Trainer.create(tmp_path / "r", make_run(tmp_path / "absent.txt"))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="not a run directory"):
+        Trainer.resume(tmp_path / "r")
+
+
+def test_evaluate_run_with_several_hash_rounds(tmp_path, corpus):
+    Trainer.create(tmp_path / "r", make_run(corpus, steps=1)).run_loop()
+    table = evaluate_run(tmp_path / "r", n_hashes=(1, 2, 4), device="cpu")
+    assert list(table) == [1, 2, 4] and all(0 < v < 9 for v in table.values())
+    assert evaluate_run(tmp_path / "r", device="cpu")[2] == pytest.approx(table[2])
+    other = evaluate_run(tmp_path / "r", data=[corpus], n_windows=1, seq_len=32, device="cpu")
+    assert list(other) == [2]
