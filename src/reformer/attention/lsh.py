@@ -261,8 +261,9 @@ class LSHSelfAttention(HeadSlicedAttention):
         real = j < T
         items = S.reshape(B, H, R * T).gather(-1, (rounds * T + j.clamp(max=T - 1)).flatten(-2))
         pos = (items % C).view(B, H, -1)  # (B, H, R*K) key positions
-        keys = cache.keys.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, E))
-        values = cache.values.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, E))
+        flat = pos.view(B * H, -1)
+        keys = gather_rows(cache.keys.view(B * H, C, E), flat).view(B, H, -1, E)
+        values = gather_rows(cache.values.view(B * H, C, E), flat).view(B, H, -1, E)
         logits = torch.matmul(keys, q.transpose(-1, -2)).view(B, H, R, -1)  # (B, H, R, K)
         invalid_value, self_value = mask_values(q.dtype)
         logits = logits.masked_fill(pos.view_as(logits) == T - 1, self_value)
