@@ -22,6 +22,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Benchmarks (issue 3): the anchors (HF transformers, reformer-pytorch) live in their own venv.
+ANCHORS := benchmarks/.venv-anchors
+BENCH_NAME ?= full
+$(ANCHORS)/.installed: benchmarks/requirements-anchors.txt benchmarks/setup_anchors.sh pyproject.toml
+	bash benchmarks/setup_anchors.sh
+
+bench: $(ANCHORS)/.installed
+	$(ANCHORS)/bin/python benchmarks/run_all.py --name $(BENCH_NAME) $(BENCH_ARGS)
+	$(ANCHORS)/bin/python benchmarks/report.py benchmarks/results/$(BENCH_NAME).jsonl
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 

@@ -1,0 +1,202 @@
+"""Time one training step of one system at one length, in this (fresh) process.
+
+    python benchmarks/train_step.py --system ours --length 4096 [--layers 6 --hashes 4]
+    python benchmarks/train_step.py --mode matmul
+
+A step is forward + backward + AdamW step at batch 1 on random bytes (seed 0, so every
+system sees the same tokens). One warm-up step, then ``--steps`` timed steps (fewer when they
+would not fit in ``--budget-seconds``); the median is the result. Peak memory is this process's
+peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux), so each point
+must run in a fresh process: run_all.py starts one per point.
+
+Prints JSON lines on stdout: ``{"event": "step", ...}`` as each step ends (the driver's
+watchdog), then one ``{"event": "result", ...}``. ``--mode matmul`` measures the machine's
+fp32 and bf16 torch.mm rate instead.
+
+Decisions:
+- A step slower than ``--max-seconds`` ends the point with status ``too_slow`` (the issue's
+  stopping rule); the driver also kills a step that runs past it.
+- bf16 is ``torch.autocast("cpu", torch.bfloat16)`` around the forward; weights, gradients and
+  AdamW state stay fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from systems import SYSTEMS, Shape, build, split_system
+
+KIB_PER_GIB = 2**20
+# CPU flags that give fast bf16 matmuls; without them bf16 is emulated (slower than fp32).
+BF16_FEATURES = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_GIB
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def library_version(system: str) -> str:
+    """The version of the package that implements ``system`` (base name)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"ours": "reformer", "hf": "transformers", "lucidrains": "reformer-pytorch"}
+    try:
+        return version(package.get(system, "torch"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_steps(args: argparse.Namespace) -> dict:
+    """Build the system, run warm-up and timed steps, return the result record."""
+    base, bf16 = split_system(args.system)
+    shape = Shape(seq_len=args.length, n_layers=args.layers, n_hashes=args.hashes)
+    torch.manual_seed(args.seed)
+    model, loss_fn = build(base, shape)
+    model.train()
+    optimizer = None if args.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len))
+    rss_built = peak_rss_gib()
+
+    def step() -> tuple[float, float, float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn(ids)
+        t1 = time.perf_counter()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        # The share of its threads' CPUs the process got: low when the machine was busy.
+        share = (time.process_time() - c0) / ((t2 - t0) * torch.get_num_threads())
+        return t1 - t0, t2 - t1, float(loss.detach()), share
+
+    record = {
+        "event": "result", "mode": "step", "system": args.system, "base": base, "bf16": bf16,
+        "length": shape.seq_len, "n_layers": shape.n_layers, "n_hashes": shape.n_hashes,
+        "shape": shape.__dict__, "optimizer": optimizer is not None,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "version": library_version(base), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "rss_built_gib": rss_built,
+    }
+    fwd, bwd, total, losses, shares = [], [], [], [], []
+    n_timed = args.steps
+    for i in range(args.warmup + args.steps):
+        if i >= args.warmup + n_timed:
+            break
+        f, b, loss, share = step()
+        losses.append(loss)
+        emit({"event": "step", "index": i, "seconds": f + b, "loss": loss})
+        if f + b > args.max_seconds:
+            record.update(status="too_slow", step_seconds=f + b, losses=losses,
+                          peak_rss_gib=peak_rss_gib())
+            return record
+        if i < args.warmup:
+            record["warmup_seconds"] = f + b
+            # Fewer timed steps when they would not fit in the budget (at least one).
+            n_timed = max(1, min(args.steps, int(args.budget_seconds // max(f + b, 1e-9)) - 1))
+            continue
+        fwd.append(f)
+        bwd.append(b)
+        shares.append(share)
+        total.append(f + b)
+    record.update(
+        status="ok", steps=total, step_seconds=statistics.median(total),
+        fwd_seconds=statistics.median(fwd), bwd_seconds=statistics.median(bwd),
+        cpu_share=statistics.median(shares), load_avg=os.getloadavg(),
+        losses=losses, final_loss=losses[-1], peak_rss_gib=peak_rss_gib())
+    return record
+
+
+def matmul_rate(size: int, dtype: torch.dtype, repeats: int) -> float:
+    """Median GFLOP/s of a (size x size) @ (size x size) torch.mm in ``dtype``."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def machine() -> dict:
+    """CPU model, logical CPUs, RAM and the CPU's bf16 matmul features (Linux)."""
+    info = {"cpu": platform.processor() or "unknown", "cpus": os.cpu_count(), "ram_gib": 0.0,
+            "bf16_features": []}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["cpu"] = value.strip()
+            elif key.strip() == "flags":
+                info["bf16_features"] = sorted(set(value.split()) & BF16_FEATURES)
+                break
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        kib = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:")), 0)
+        info["ram_gib"] = kib / KIB_PER_GIB
+    return info
+
+
+def run_matmul(args: argparse.Namespace) -> dict:
+    return {
+        "machine": machine(),
+        "event": "result", "mode": "matmul", "status": "ok", "size": args.matmul_size,
+        "fp32_gflops": matmul_rate(args.matmul_size, torch.float32, args.matmul_repeats),
+        "bf16_gflops": matmul_rate(args.matmul_size, torch.bfloat16, args.matmul_repeats),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "peak_rss_gib": peak_rss_gib(), "python": platform.python_version(),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("step", "matmul"), default="step")
+    p.add_argument("--system", default="ours",
+                   help=f"one of {SYSTEMS}, optionally with a -bf16 suffix")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hashes", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="a step slower than this ends the point as too_slow")
+    p.add_argument("--budget-seconds", type=float, default=900.0,
+                   help="time the timed steps may take; fewer steps (>= 1) when exceeded")
+    p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matmul-size", type=int, default=4096)
+    p.add_argument("--matmul-repeats", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.mode == "step":
+            split_system(args.system)
+        record = run_matmul(args) if args.mode == "matmul" else run_steps(args)
+    except ValueError as err:
+        print(f"train_step: {err}", file=sys.stderr)
+        return 2
+    emit(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
