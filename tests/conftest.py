@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny float64 ReformerLM that mixes all three attention kinds."""
+"""Shared fixtures: a tiny float64 ReformerLM that mixes all three attention kinds, and one
+intra-op thread for every test: the models here are tiny, and on a busy 2-core machine two
+threads waiting for each other make every small op several times slower than one alone."""
 
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ from reformer import ReformerConfig, ReformerLM
 TINY = dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=3,
             attn_layers=("lsh", "local", "full"), n_hashes=2, n_buckets=4, chunk_length=4,
             local_chunk_length=4, max_seq_len=64, hash_seed=0, init_std=0.1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

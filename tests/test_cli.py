@@ -21,14 +21,6 @@ TINY = ReformerConfig(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_layers=2
                       local_chunk_length=16, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def setup(tmp_path):
     (tmp_path / "model.json").write_text(TINY.to_json())
