@@ -15,6 +15,9 @@ Prefixes: ``s_`` sorted order, ``c_`` chunked.
 
 Decisions:
 - Any L is accepted: positions are padded to a multiple of M and treated as masked.
+- L <= M needs no separate exact-attention path (DESIGN.md 1.2): every round is then one
+  chunk, and every window holds every position equally often, so the softmax over the window
+  is exact attention (tested against full attention).
 - ``dedup_rounds`` subtracts log N_ij, N_ij = how often key position j occurs among all key
   items of all R windows of query i. The result is then exact softmax attention over the
   *set* of positions the query saw (the paper's correction; it counts a key twice inside one
