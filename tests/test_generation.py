@@ -44,6 +44,17 @@ def test_cached_logits_equal_full_forward(kinds, n_layers):
                                    atol=1e-10)
 
 
+def test_decoding_from_an_empty_cache_equals_full_forward():
+    torch.manual_seed(0)
+    model = ReformerLM(tiny_config(("lsh",), 1)).double().eval()
+    ids = torch.randint(0, 17, (1, 12))
+    caches = model.new_cache(1, 16)
+    for t in range(12):
+        step = model.step(ids[:, t], caches)
+        torch.testing.assert_close(step, model(ids[:, :t + 1]).logits[:, -1], rtol=0,
+                                   atol=1e-10)
+
+
 def test_one_layer_lsh_model_generates_the_same_tokens_with_and_without_cache():
     torch.manual_seed(0)
     model = ReformerLM(tiny_config(("lsh",), 1))

@@ -48,6 +48,7 @@ class LayerCache:
     length: int = 0  # positions filled
     rotations: object = None  # LSH: fixed for the whole decode
     sorted_keys: torch.Tensor | None = None  # LSH: (B, H, R, length) bucket * C + position
+    newest_rank: torch.Tensor | None = None  # LSH: (B, H, R) the newest position's place in it
 
     @property
     def capacity(self) -> int:

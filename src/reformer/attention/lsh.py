@@ -232,6 +232,7 @@ class LSHSelfAttention(HeadSlicedAttention):
         keys = hash_vectors(q, cache.rotations) * C + pos  # (B, H, R, L)
         if start == 0:
             cache.sorted_keys = keys.sort(dim=-1).values
+            cache.newest_rank = (cache.sorted_keys % C == L - 1).int().argmax(dim=-1)
             return
         old = cache.sorted_keys  # (B, H, R, t); the new position is the largest: one insert
         rank = (old < keys).sum(dim=-1, keepdim=True)  # (B, H, R, 1)
@@ -239,6 +240,7 @@ class LSHSelfAttention(HeadSlicedAttention):
         new = old.new_empty(old.shape[:-1] + (old.shape[-1] + 1,))
         new.scatter_(-1, slots + (slots >= rank), old)
         cache.sorted_keys = new.scatter_(-1, rank, keys)
+        cache.newest_rank = rank.squeeze(-1)
 
     def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """The newest position's LSH attention, exactly as a full forward over the prefix.
@@ -255,8 +257,7 @@ class LSHSelfAttention(HeadSlicedAttention):
         S = cache.sorted_keys  # (B, H, R, T)
         R = S.shape[2]
         n = R * Lp // M
-        rank = (S % C == T - 1).int().argmax(dim=-1)  # (B, H, R)
-        chunk = (torch.arange(R, device=q.device) * Lp + rank) // M
+        chunk = (torch.arange(R, device=q.device) * Lp + cache.newest_rank) // M  # (B, H, R)
         offsets = torch.tensor(window_offsets(n, cfg.n_chunks_before, 0), device=q.device)
         win = (chunk.unsqueeze(-1) + offsets) % n  # (B, H, R, W)
         slots = (win.unsqueeze(-1) * M + torch.arange(M, device=q.device)).flatten(-2)
