@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reformer.config import ReformerConfig
@@ -77,14 +78,14 @@ class HeadSlicedAttention(nn.Module):
         E = self.d_head
         w = linear.weight[heads.start * E:heads.stop * E]  # (h*E, D)
         B, L, _ = x.shape
-        return torch.matmul(x, w.t()).view(B, L, -1, E).transpose(1, 2)  # (B, h, L, E)
+        return F.linear(x, w).view(B, L, -1, E).transpose(1, 2)  # (B, h, L, E)
 
     def merge(self, out: torch.Tensor, heads: slice) -> torch.Tensor:
         """(B, h, L, E) -> this slice's contribution (B, L, D) through W_o."""
         E = self.d_head
         B, h, L, _ = out.shape
         w = self.w_o.weight[:, heads.start * E:heads.stop * E]  # (D, h*E)
-        return torch.matmul(out.transpose(1, 2).reshape(B, L, h * E), w.t())  # (B, L, D)
+        return F.linear(out.transpose(1, 2).reshape(B, L, h * E), w)  # (B, L, D)
 
     def attention_dropout(self) -> float:
         return self.config.attention_dropout if self.training else 0.0
