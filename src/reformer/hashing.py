@@ -110,7 +110,8 @@ def hash_vectors(qk: torch.Tensor, rotations: Rotations,
         x = qk[:, :, start:start + _HASH_SLICE].to(work)  # (B, H, l, E)
         scale = 1
         for rot in rots:
-            proj = torch.einsum("bhle,hern->bhrln", x, rot.to(work))  # (B, H, R, l, f/2)
+            rot_hren = rot.to(work).permute(0, 2, 1, 3)  # (H, R, E, f/2)
+            proj = torch.matmul(x.unsqueeze(2), rot_hren)  # (B, H, R, l, f/2)
             hi_val, hi_idx = proj.max(dim=-1)
             lo_val, lo_idx = proj.min(dim=-1)
             # argmax over [proj, -proj]: the first half wins ties, as torch.argmax would.

@@ -274,5 +274,6 @@ class LSHSelfAttention(HeadSlicedAttention):
         logits = logits.masked_fill(~real, invalid_value)
         probs = torch.softmax(logits, dim=-1)
         o = torch.matmul(probs.unsqueeze(-2), values.view(B, H, R, -1, E))  # (B, H, R, 1, E)
-        w = torch.softmax(torch.logsumexp(logits, dim=-1), dim=-1)  # rounds' weights (B, H, R)
+        lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()  # as in the chunk kernel
+        w = torch.softmax(lse, dim=-1)  # rounds' weights (B, H, R)
         return (o.squeeze(-2) * w.unsqueeze(-1)).sum(dim=2, keepdim=True)  # (B, H, 1, E)
