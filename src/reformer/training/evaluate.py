@@ -1,4 +1,4 @@
-"""Evaluation of a saved run: held-out bits per character for several numbers of hash rounds.
+"""Evaluation of a saved run: held-out bits per token for several numbers of hash rounds.
 
 The paper (section 5) trains LSH models with few rounds and evaluates them with more: "at 8
 rounds it almost matches full attention". The weights do not depend on ``n_hashes``, so one
@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reformer.data import text
+from reformer.data.task import build_task
 from reformer.training.checkpoint import load_model
-from reformer.training.metrics import evaluate_bpc
+from reformer.training.metrics import evaluate_sequences
 from reformer.training.trainer import resolve_device
 
 
@@ -20,11 +21,12 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
                  n_hashes: Sequence[int | None] = (None,), n_windows: int | None = None,
                  seq_len: int | None = None, device: str = "auto",
                  precision: str | None = None) -> dict[int, float]:
-    """Bits per character of a run's model on held-out text, per number of hash rounds.
+    """Bits per token of a run's model on its held-out data, per number of hash rounds.
 
     Args:
         run_dir: a ``reformer train`` output directory.
-        data: text to evaluate on, all of it held out; empty means the run's own held-out split.
+        data: text to evaluate on, all of it held out; empty means the run's own held-out set
+            (the only choice for image and synthetic runs).
         n_hashes: hash rounds to evaluate with; None means the model's own.
         n_windows, seq_len, precision: default to the run's training settings.
 
@@ -37,16 +39,22 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
     if seq_len > run.model.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len="
                          f"{run.model.max_seq_len}; pass a smaller --seq-len")
-    if data:
+    if cfg.task != "text":
+        if data or seq_len != cfg.seq_len:
+            raise ValueError(f"--data and --seq-len apply to text runs; {run_dir} is a "
+                             f"{cfg.task} run, evaluated on its own held-out set")
+        inputs, labels = build_task(cfg.replace(eval_windows=n_windows or cfg.eval_windows)
+                                    ).eval_set()
+    elif data:
         held_out = text.ByteCorpus(text.resolve_paths(data)).span()
+        inputs = labels = held_out.windows(seq_len, n_windows or cfg.eval_windows)  # (N, L)
     else:
         held_out = text.load_splits(cfg.data, cfg.val_data, cfg.val_fraction, seq_len)[1]
-    windows = held_out.windows(seq_len, n_windows or cfg.eval_windows)  # (N, L)
+        inputs = labels = held_out.windows(seq_len, n_windows or cfg.eval_windows)  # (N, L)
     results = {}
     for r in n_hashes:
         rounds = r or run.model.n_hashes
-        results[rounds] = evaluate_bpc(model, windows, n_hashes=rounds, seed=cfg.seed,
-                                       precision=precision or cfg.precision)
+        results[rounds] = evaluate_sequences(model, inputs, labels, n_hashes=rounds,
+                                             seed=cfg.seed,
+                                             precision=precision or cfg.precision)[0]
     return results
-
-

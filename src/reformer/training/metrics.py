@@ -1,6 +1,7 @@
-"""Evaluation in bits per character, the metrics log, and the plot of a run's curves.
+"""Evaluation in bits per token, the metrics log, and the plot of a run's curves.
 
-Metric: bits per character (byte) = mean next-token cross-entropy in nats / ln 2.
+Metric: bits per token = mean next-token cross-entropy in nats / ln 2 over the labelled
+positions: bits per character for byte-level text, bits per dimension for images.
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "loss", "bpc",
 "lr", "tokens", "tokens_per_s", "elapsed_s"}`` after every optimiser step and ``{"kind": "eval",
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from reformer.model import ReformerLM
 from reformer.training.checkpoint import atomic_write_bytes
 
 LN2 = math.log(2.0)
+MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -44,25 +46,43 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,
-                 seed: int = 0, precision: str = "fp32") -> float:
-    """Bits per character over (N, L) windows, one window at a time.
+def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                       n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
+                       extra: MetricsFn | None = None) -> tuple[float, dict[str, float]]:
+    """Bits per token over (N, L) held-out sequences, one sequence at a time.
 
     Args:
-        windows: (N, L) token ids; every window has the same length, so the mean of the
-            per-window losses is the mean over tokens.
+        inputs: (N, L) token ids.
+        labels: (N, L) targets (-100 = no loss); default: the inputs (language modelling).
         n_hashes: LSH rounds (default: the model's ``n_hashes``).
+        extra: per-sequence metrics from ((1, L, V) logits, (1, L) labels), averaged over the
+            sequences (e.g. the synthetic task's accuracy); asks the model for full logits.
+
+    Returns:
+        (bits per labelled token, {name: mean of ``extra``'s values}).
     """
+    labels = inputs if labels is None else labels
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = 0.0
+    nats, count, sums = 0.0, 0, {}
     with fixed_rng(seed, device), autocast(device, precision):
-        for w in windows:
-            w = w[None].to(device)  # (1, L)
-            total += model(w, labels=w, n_hashes=n_hashes, return_logits=False).loss.item()
+        for x, y in zip(inputs, labels, strict=True):
+            x, y = x[None].to(device), y[None].to(device)  # (1, L)
+            out = model(x, labels=y, n_hashes=n_hashes, return_logits=extra is not None)
+            n = int((y[:, 1:] != -100).sum())
+            nats, count = nats + out.loss.item() * n, count + n
+            for k, v in (extra(out.logits, y) if extra is not None else {}).items():
+                sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
-    return total / len(windows) / LN2
+    return nats / max(count, 1) / LN2, {k: v / len(inputs) for k, v in sums.items()}
+
+
+def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,
+                 seed: int = 0, precision: str = "fp32") -> float:
+    """Bits per character of a language model over (N, L) windows (every position counts)."""
+    return evaluate_sequences(model, windows, n_hashes=n_hashes, seed=seed,
+                              precision=precision)[0]
 
 
 class MetricsLog:
@@ -101,8 +121,13 @@ def _smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Draw train and validation bits per character against the step into a PNG at ``path``."""
+def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "",
+                 unit: str = "char") -> None:
+    """Draw train and validation bits per ``unit`` against the step into a PNG at ``path``.
+
+    Held-out metrics other than bits (``val_accuracy`` of the synthetic task) go on a second
+    axis, in percent.
+    """
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -111,7 +136,7 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig = Figure(figsize=(8, 4.5), dpi=100)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.11, top=0.92)
+    fig.subplots_adjust(left=0.09, right=0.9, bottom=0.11, top=0.92)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if train:
@@ -130,11 +155,27 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
             ax.plot(*zip(*pts, strict=True), "s--", color=color,
                     label=f"validation, {k} hash rounds")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per character")
+    ax.set_ylabel(f"bits per {unit}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or evals:
-        ax.legend()
+        ax.legend(loc="upper center")
+    _plot_extra_metrics(ax, evals)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _plot_extra_metrics(ax: Any, evals: list[dict[str, Any]]) -> None:
+    names = sorted({k for r in evals for k in r if k.startswith("val_") and k != "val_bpc"
+                    and k != "val_bpc_n_hashes"})
+    if not names:
+        return
+    right = ax.twinx()
+    for name, color in zip(names, ("black", "tab:gray"), strict=False):
+        pts = [(r["step"], 100.0 * r[name]) for r in evals if name in r]
+        right.plot(*zip(*pts, strict=True), "^-", color=color,
+                   label=name.removeprefix("val_").replace("_", " ") + " (%)")
+    right.set_ylabel("%")
+    right.set_ylim(0, 100)
+    right.legend(loc="upper right")

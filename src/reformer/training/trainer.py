@@ -1,9 +1,10 @@
-"""The training loop: AdamW steps on random windows, periodic evaluation, checkpoints, resume.
+"""The training loop: AdamW steps on a task's batches, periodic evaluation, checkpoints, resume.
 
-One step draws ``grad_accum`` micro-batches of ``batch_size`` random windows of ``seq_len``
-bytes from the training text, accumulates the gradients of their mean losses (under bf16
-autocast if asked), clips the global gradient norm and takes one AdamW step at the scheduled
-learning rate (reformer.training.optim).
+One step draws ``grad_accum`` micro-batches of ``batch_size`` sequences of ``seq_len`` tokens
+from the task (reformer.data.task: text windows, images or the synthetic duplication task),
+accumulates the gradients of their mean losses (under bf16 autocast if asked), clips the
+global gradient norm and takes one AdamW step at the scheduled learning rate
+(reformer.training.optim).
 
 Decisions:
 - Exact resume: the checkpoint holds the weights, the optimizer moments, the step and elapsed
@@ -31,11 +32,11 @@ from typing import Any
 import torch
 
 from reformer.config import ReformerConfig
-from reformer.data import text
+from reformer.data.task import Task, build_task
 from reformer.model import ReformerLM
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import RESUMABLE_FIELDS, RunConfig
-from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_bpc, plot_metrics
+from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_sequences, plot_metrics
 from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
 
 
@@ -57,6 +58,7 @@ class EvalReport:
     step: int
     val_bpc: float  # with the model's own n_hashes
     by_n_hashes: dict[int, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's, e.g. accuracy
 
 
 @dataclass
@@ -93,17 +95,15 @@ class Trainer:
 
     def __init__(self, run_dir: str | Path, run: RunConfig, *, resume: bool = False) -> None:
         self.run_dir, self.run, cfg = Path(run_dir), run, run.training
-        if run.model.vocab_size < 256:
-            raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold byte-level text "
-                             "(256 symbols); use vocab_size=256")
         if cfg.seq_len > run.model.max_seq_len:
             raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                              f"{run.model.max_seq_len}; lower --seq-len")
         self.device = resolve_device(cfg.device)
-        self.train_text, self.val_text, self.n_files = text.load_splits(
-            cfg.data, cfg.val_data, cfg.val_fraction, cfg.seq_len)
-        self.sampler = text.WindowSampler(self.train_text, cfg.seq_len, cfg.batch_size, cfg.seed)
-        self.val_windows = self.val_text.windows(cfg.seq_len, cfg.eval_windows)
+        self.task: Task = build_task(cfg)
+        if run.model.vocab_size < self.task.vocab_size:
+            raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold the {cfg.task} "
+                             f"task's {self.task.vocab_size} symbols; use vocab_size="
+                             f"{self.task.vocab_size}")
         torch.manual_seed(cfg.seed)
         self.model = ReformerLM(run.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -204,9 +204,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            batch = self.sampler.next_batch().to(self.device)  # (B, L)
+            batch, labels = (t.to(self.device) for t in self.task.next_batch())  # (B, L) each
             with autocast(self.device, cfg.precision):
-                loss = self.model(batch, labels=batch, return_logits=False).loss
+                loss = self.model(batch, labels=labels, return_logits=False).loss
             (loss / cfg.grad_accum).backward()
             total += loss.item()
         loss_value = total / cfg.grad_accum
@@ -237,26 +237,30 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation, saving
     def evaluate(self) -> EvalReport:
-        """Held-out bits per character, with the model's rounds and each of eval_n_hashes."""
+        """Held-out bits per token, with the model's rounds and each of eval_n_hashes."""
         cfg = self.run.training
-        bpc = evaluate_bpc(self.model, self.val_windows, seed=cfg.seed, precision=cfg.precision)
-        extra = {r: evaluate_bpc(self.model, self.val_windows, n_hashes=r, seed=cfg.seed,
-                                 precision=cfg.precision) for r in cfg.eval_n_hashes}
-        return EvalReport(step=self.step, val_bpc=bpc, by_n_hashes=extra)
+        inputs, labels = self.task.eval_set()
+        bpc, metrics = evaluate_sequences(self.model, inputs, labels, seed=cfg.seed,
+                                          precision=cfg.precision, extra=self.task.extra_metrics)
+        extra = {r: evaluate_sequences(self.model, inputs, labels, n_hashes=r, seed=cfg.seed,
+                                       precision=cfg.precision)[0] for r in cfg.eval_n_hashes}
+        return EvalReport(step=self.step, val_bpc=bpc, by_n_hashes=extra, metrics=metrics)
 
     def _evaluate(self, cb: Callback) -> None:
         report = self.evaluate()
         self.evals.append(report)
         self.metrics.append({"kind": "eval", "step": report.step, "val_bpc": report.val_bpc,
                              "val_bpc_n_hashes": {str(k): v
-                                                  for k, v in report.by_n_hashes.items()}})
+                                                  for k, v in report.by_n_hashes.items()},
+                             **{f"val_{k}": v for k, v in report.metrics.items()}})
         self.refresh_plot()
         cb.on_eval(self, report)
 
     def refresh_plot(self) -> None:
         title = f"{self.run_dir.name}: {self.run.preset or 'custom'} preset, " \
                 f"context {self.run.training.seq_len:,}"
-        plot_metrics(self.metrics.read(), self.run_dir / ckpt.PLOT_FILE, title)
+        plot_metrics(self.metrics.read(), self.run_dir / ckpt.PLOT_FILE, title,
+                     unit=self.task.unit)
 
     def save_checkpoint(self, cb: Callback | None = None, reason: str = "") -> None:
         """Write the weights and the trainer state of the current step (atomically)."""
@@ -267,27 +271,29 @@ class Trainer:
         ckpt.save_state(self.run_dir, {
             "step": self.step, "elapsed_s": self.elapsed_s,
             "optimizer": self.optimizer.state_dict(), "rng": rng,
-            "data": {"sampler": self.sampler.state_dict(), "train_bytes": len(self.train_text),
-                     "val_bytes": len(self.val_text)},
-            "evals": [[e.step, e.val_bpc, list(e.by_n_hashes.items())] for e in self.evals]})
+            "data": {"sampler": self.task.state_dict(), "fingerprint": self.task.fingerprint()},
+            "evals": [[e.step, e.val_bpc, list(e.by_n_hashes.items()), e.metrics]
+                      for e in self.evals]})
         if cb is not None:
             cb.on_checkpoint(self, reason)
 
     def _load_checkpoint(self) -> None:
         step = ckpt.load_weights(self.run_dir, self.model)
         state = ckpt.load_state(self.run_dir, step)
-        data = state["data"]
-        if (data["train_bytes"], data["val_bytes"]) != (len(self.train_text), len(self.val_text)):
-            raise ValueError(f"the data changed since {self.run_dir} was saved (training text "
-                             f"{data['train_bytes']:,} -> {len(self.train_text):,} bytes); "
+        data, now = state["data"], self.task.fingerprint()
+        if data["fingerprint"] != now:
+            diff = ", ".join(f"{k} {data['fingerprint'].get(k)} -> {v}" for k, v in now.items()
+                             if data["fingerprint"].get(k) != v)
+            raise ValueError(f"the data changed since {self.run_dir} was saved ({diff}); "
                              "resume with the same data or start a new run")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(data["sampler"])
+        self.task.load_state_dict(data["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        self.evals = [EvalReport(s, v, dict(extra)) for s, v, extra in state["evals"]]
+        self.evals = [EvalReport(s, v, dict(extra), metrics)
+                      for s, v, extra, metrics in state["evals"]]
         self.metrics.truncate_after(self.step)
 
     def _install_signal_handlers(self, cb: Callback) -> dict:
