@@ -8,6 +8,7 @@ Subcommands:
     train     train a byte-level model on text files (default: Shakespeare), with checkpoints
     generate  stream text sampled from a trained run
     eval      held-out bits per token, optionally for several numbers of hash rounds
+    synthetic the paper's duplication task: ``synthetic train`` and ``synthetic eval``
     demo      train the default preset for a few minutes, evaluate, and print a sample
 """
 
@@ -24,14 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from reformer.config import ReformerConfig
 from reformer.data import text
 from reformer.data.task import UNITS
 from reformer.generation import sample
 from reformer.model import ReformerLM
 from reformer.presets import DEFAULT_PRESET, PRESETS
 from reformer.training import checkpoint as ckpt
-from reformer.training.config import resolve_run_config
-from reformer.training.evaluate import evaluate_run
+from reformer.training.checkpoint import with_attention
+from reformer.training.config import RunConfig, resolve_run_config
+from reformer.training.evaluate import evaluate_attentions, evaluate_run
 from reformer.training.trainer import (
     Callback,
     EvalReport,
@@ -153,13 +156,63 @@ def run_training(trainer: Trainer) -> RunResult:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    trainer = build_trainer(args)
+    return train_and_report(build_trainer(args))
+
+
+def train_and_report(trainer: Trainer) -> int:
+    """Run the loop with a progress bar, print the held-out change; the exit code."""
     result = run_training(trainer)
     if len(result.evals) >= 2:
         print(f"validation bits/{trainer.task.unit}: {result.evals[0].val_bpc:.3f} at step "
               f"{result.evals[0].step} -> {result.evals[-1].val_bpc:.3f} at step "
               f"{result.evals[-1].step}")
     return EXIT_CODES.get(result.stop_reason, 0)
+
+
+# ------------------------------------------------------------------------- synthetic
+TABLE2_ATTENTIONS = ("full", "lsh-8", "lsh-4", "lsh-2", "lsh-1")
+
+
+def cmd_synthetic_train(args: argparse.Namespace) -> int:
+    """The duplication task (preset ``synthetic``) with the attention --attention names."""
+    changes = _train_changes(args)
+    if args.word_length is not None:
+        changes["seq_len"] = 2 * (args.word_length + 1)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR, the run directory to continue")
+        return train_and_report(Trainer.resume(args.out, None, changes))
+    run = resolve_run_config("synthetic", **changes)
+    model = with_attention(run.model, args.attention)
+    arch = {k: getattr(args, k) for k in ("chunk_length", "n_buckets", "dedup_rounds")
+            if getattr(args, k) is not None}
+    run = RunConfig(model.replace(**arch), run.training, run.preset)
+    out = args.out or Path("runs") / f"synthetic-{args.attention}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return train_and_report(Trainer.create(out, run))
+
+
+def attention_name(config: ReformerConfig) -> str:
+    """The short name of a one-attention model: full, local or lsh-R."""
+    kinds = set(config.attn_layers)
+    if kinds == {"lsh"}:
+        return f"lsh-{config.n_hashes}"
+    return "/".join(config.attn_layers)
+
+
+def cmd_synthetic_eval(args: argparse.Namespace) -> int:
+    """Accuracy on held-out 0w0w sequences with each attention: one row of Table 2."""
+    run = ckpt.read_config(args.checkpoint)
+    if run.training.task != "synthetic":
+        raise ValueError(f"{args.checkpoint} is a {run.training.task} run; synthetic eval needs "
+                         "a run of `reformer synthetic train`")
+    results = evaluate_attentions(args.checkpoint, args.attentions, args.device, args.sequences,
+                                  args.dedup_rounds)
+    names = list(results)
+    print("train \\ eval".ljust(14) + "".join(f"{n:>9}" for n in names))
+    print(f"{attention_name(run.model):<14}"
+          + "".join(f"{100 * results[n][1]['accuracy']:8.1f}%" for n in names))
+    print(f"{'bits/symbol':<14}" + "".join(f"{results[n][0]:9.3f}" for n in names))
+    return 0
 
 
 # -------------------------------------------------------------------------- generate
@@ -248,15 +301,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="text files, folders or globs, read as bytes (default: Shakespeare)")
-    p.add_argument("--val-data", nargs="+", metavar="PATH",
-                   help="held-out text (default: the last --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, metavar="X",
-                   help="held-out share of the data (0.05)")
-    p.add_argument("--seq-len", type=int, metavar="N",
-                   help="context length in bytes (the preset's)")
+def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
+                     synthetic: bool = False) -> None:
+    if not synthetic:
+        p.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files, folders or globs, read as bytes (default: Shakespeare)")
+        p.add_argument("--val-data", nargs="+", metavar="PATH",
+                       help="held-out text (default: the last --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, metavar="X",
+                       help="held-out share of the data (0.05)")
+        p.add_argument("--seq-len", type=int, metavar="N",
+                       help="context length in bytes (the preset's)")
     p.add_argument("--steps", type=int, metavar="N", help="optimiser steps")
     p.add_argument("--max-minutes", type=float, metavar="X",
                    help="wall-clock budget for the whole run")
@@ -276,6 +331,9 @@ def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="run directory (default: runs/NAME-TIME)")
+    if synthetic:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        return
     if demo:
         p.add_argument("--prompt-chars", type=int, metavar="N", default=1024)
         p.add_argument("--sample-chars", type=int, metavar="N", default=300)
@@ -287,6 +345,33 @@ def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--config", type=Path, metavar="FILE.json",
                    help="model config JSON (a ReformerConfig or a run's config.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
+def _add_synthetic_parser(sub: argparse._SubParsersAction) -> None:
+    syn = sub.add_parser("synthetic", help="the paper's duplication task 0w0w (Table 2)")
+    syn_sub = syn.add_subparsers(dest="synthetic_command", required=True)
+    train = syn_sub.add_parser("train", help="train the 1-layer model with one attention")
+    train.add_argument("--attention", default="lsh-4", metavar="KIND",
+                       help="full, or lsh-R with R hash rounds: lsh-1, lsh-2, lsh-4 (default)")
+    train.add_argument("--word-length", type=int, metavar="N",
+                       help="|w|, symbols per copy (127; the paper's is 511)")
+    train.add_argument("--chunk-length", type=int, metavar="M", help="LSH chunk length (32)")
+    train.add_argument("--n-buckets", type=int, metavar="NB",
+                       help="LSH buckets (default 2 * length / chunk length)")
+    train.add_argument("--dedup-rounds", action=argparse.BooleanOptionalAction,
+                       help="discount pairs that several rounds find (the paper's correction)")
+    _add_train_flags(train, synthetic=True)
+    train.set_defaults(func=cmd_synthetic_train)
+    ev = syn_sub.add_parser("eval", help="accuracy with full attention and LSH-8/4/2/1")
+    ev.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    ev.add_argument("--attentions", nargs="+", default=list(TABLE2_ATTENTIONS), metavar="KIND",
+                    help="columns (default: full lsh-8 lsh-4 lsh-2 lsh-1)")
+    ev.add_argument("--sequences", type=int, metavar="N",
+                    help="held-out sequences (the run's eval_windows)")
+    ev.add_argument("--dedup-rounds", action=argparse.BooleanOptionalAction,
+                    help="evaluate LSH with or without de-duplication (default: as trained)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_synthetic_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, help="window length (the run's seq_len)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
+
+    _add_synthetic_parser(sub)
 
     demo = sub.add_parser("demo", help=f"train the {DEFAULT_PRESET} preset for minutes, "
                           "evaluate, sample")

@@ -10,6 +10,9 @@ Presets:
 - ``tiny``: a 2-layer, 1K-context model that trains in a couple of minutes on a laptop CPU.
 - ``shakespeare`` (the default): 4 layers alternating local and LSH attention, 16K-context
   windows of Shakespeare; ``make demo`` trains it for a few minutes on the CPU.
+- ``synthetic``: the paper's one-layer model for the duplication task 0w0w (section 2.1,
+  d_model = d_ff = 256, 4 heads), here with |w| = 127 (length 256) and chunks of 32 so that a
+  CPU trains it in minutes; ``reformer synthetic train`` picks its attention.
 - ``enwik8``: the paper's byte-level model (Kitaev et al. 2020, section 5): 12 layers,
   d_model 1024, d_ff 4096, 8 heads of 128, 64K context, LSH attention in every fourth layer and
   chunked local attention elsewhere (after the layout of trax's enwik8 configuration). It
@@ -59,6 +62,17 @@ PRESETS: dict[str, Preset] = {
                 local_chunk_length=64, max_seq_len=16384, attn_head_chunk_size=4),
             training=dict(seq_len=16384, batch_size=1, steps=2000, lr=3e-3, warmup_steps=10,
                           eval_every=50, eval_windows=2, checkpoint_every=50),
+        ),
+        Preset(
+            name="synthetic",
+            description="the paper's 1-layer model for the 0w0w duplication task, |w| = 127",
+            model=ReformerConfig(
+                vocab_size=128, d_model=256, n_heads=4, d_ff=256, n_layers=1,
+                attn_layers=("lsh",), n_hashes=4, chunk_length=32, max_seq_len=256,
+                attn_head_chunk_size=4),
+            training=dict(task="synthetic", seq_len=256, batch_size=16, steps=2000, lr=1e-3,
+                          warmup_steps=100, eval_every=100, eval_windows=64,
+                          checkpoint_every=500),
         ),
         Preset(
             name="enwik8",

@@ -120,18 +120,45 @@ def load_state(run_dir: Path, weights_step: int) -> dict[str, Any]:
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
-               n_hashes: int | None = None) -> tuple[ReformerLM, RunConfig]:
+               n_hashes: int | None = None, attention: str | None = None,
+               dedup_rounds: bool | None = None) -> tuple[ReformerLM, RunConfig]:
     """The trained model of a run directory, in eval mode, and its configuration.
 
     Args:
         n_hashes: rebuild the model with this many LSH rounds (the weights do not depend on
             it), e.g. 8 for a model trained with 2.
+        attention: rebuild every layer with this attention (see :func:`with_attention`), e.g.
+            "full" to evaluate an LSH-trained model exactly; the weights are shared.
+        dedup_rounds: turn the LSH de-duplication of pairs found by several rounds on or off
+            (it has no parameters).
     """
     run = read_config(run_dir)
     config = run.model if n_hashes is None else run.model.replace(n_hashes=n_hashes)
+    if attention is not None:
+        config = with_attention(config, attention)
+    if dedup_rounds is not None:
+        config = config.replace(dedup_rounds=dedup_rounds)
     model = ReformerLM(config)
     load_weights(run_dir, model)
     return model.to(device).eval(), run
+
+
+def with_attention(config: ReformerConfig, attention: str) -> ReformerConfig:
+    """``config`` with every layer's attention set by a short name.
+
+    ``full``, ``lsh`` (the config's rounds) or ``lsh-R`` (R rounds). Full and LSH layers share
+    one query/key projection and so the same parameters: weights load into either. (Local
+    attention has separate query and key projections, so it is not offered.)
+    """
+    kind, _, rounds = attention.partition("-")
+    if kind not in ("full", "lsh") or (rounds and (kind != "lsh" or not rounds.isdigit()
+                                                   or int(rounds) < 1)):
+        raise ValueError(f"attention {attention!r} is unknown; use full, lsh or lsh-R with R "
+                         "hash rounds, e.g. lsh-4")
+    changes: dict = {"attn_layers": (kind,)}
+    if rounds:
+        changes["n_hashes"] = int(rounds)
+    return config.replace(**changes)
 
 
 def config_differences(saved: ReformerConfig, requested: ReformerConfig) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from reformer.data import text
 from reformer.data.task import build_task
-from reformer.training.checkpoint import load_model
+from reformer.training.checkpoint import load_model, read_config
 from reformer.training.metrics import evaluate_sequences
 from reformer.training.trainer import resolve_device
 
@@ -57,4 +57,35 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
         results[rounds] = evaluate_sequences(model, inputs, labels, n_hashes=rounds,
                                              seed=cfg.seed,
                                              precision=precision or cfg.precision)[0]
+    return results
+
+
+def evaluate_attentions(run_dir: str | Path, attentions: Sequence[str], device: str = "auto",
+                        n_sequences: int | None = None, dedup_rounds: bool | None = None
+                        ) -> dict[str, tuple[float, dict[str, float]]]:
+    """A run's held-out bits per token and task metrics with each of several attentions.
+
+    The paper's Table 2 evaluates models trained with one attention (full, or LSH with R
+    rounds) with each of the others; the weights are the same, only the layers are rebuilt
+    (see :func:`reformer.training.checkpoint.with_attention`).
+
+    Args:
+        attentions: e.g. ("full", "lsh-8", "lsh-4", "lsh-2", "lsh-1").
+        n_sequences: held-out sequences (default: the run's eval_windows).
+        dedup_rounds: evaluate LSH with de-duplication on or off (default: as trained).
+
+    Returns:
+        {attention: (bits per token, {metric: value})}, e.g. the synthetic task's accuracy.
+    """
+    run = read_config(run_dir)
+    cfg = run.training
+    task = build_task(cfg.replace(eval_windows=n_sequences or cfg.eval_windows))
+    inputs, labels = task.eval_set()
+    results = {}
+    for attention in attentions:
+        model, _ = load_model(run_dir, resolve_device(device), attention=attention,
+                              dedup_rounds=dedup_rounds)
+        results[attention] = evaluate_sequences(model, inputs, labels, seed=cfg.seed,
+                                                precision=cfg.precision,
+                                                extra=task.extra_metrics)
     return results
