@@ -129,3 +129,52 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(setup):
     assert "stopped by SIGINT" in out and "--resume" in out
     state = torch.load(setup / "run" / "trainer_state.pt", weights_only=True)
     assert state["step"] >= 2
+
+
+def test_images_train_complete_eval(tmp_path, capsys):
+    """The default pictures (scikit-image crops) through train -> complete -> eval."""
+    run = tmp_path / "img"
+    assert main(["train", "--task", "images", "--image-size", "4", "--steps", "2",
+                 "--eval-every", "1", "--eval-windows", "2", "--batch-size", "2", "--out",
+                 str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "images-cpu model" in out and "4x4x3 images" in out and "bits/dim" in out
+    assert json.loads((run / "config.json").read_text())["model"]["axial_pos_shape"] == [4, 4, 3]
+    grid = tmp_path / "grid.png"
+    assert main(["complete", "--checkpoint", str(run), "--n", "2", "--samples", "3",
+                 "--keep-rows", "1", "--out", str(grid), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "s per completed image" in out
+    from PIL import Image
+    with Image.open(grid) as picture:  # 2 pictures x (original, fragment, 3 completions)
+        assert picture.size == (5 * (16 + 2) + 2, 2 * (16 + 2) + 2)
+    assert main(["eval", "--checkpoint", str(run), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split()[:3] == ["hash", "rounds", "bits/dim"]
+
+
+def test_complete_needs_an_image_run(setup, capsys):
+    assert main(train_args(setup)) == 0
+    capsys.readouterr()
+    assert main(["complete", "--checkpoint", str(setup / "run"), "--device", "cpu"]) == 2
+    assert "complete needs a run trained with --task images" in capsys.readouterr().err
+
+
+def test_synthetic_train_and_table_row(tmp_path, capsys):
+    run = tmp_path / "syn"
+    assert main(["synthetic", "train", "--attention", "lsh-2", "--word-length", "31",
+                 "--chunk-length", "8", "--steps", "2", "--eval-every", "1",
+                 "--eval-windows", "2", "--batch-size", "2", "--out", str(run),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "bits/symbol" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["attn_layers"] == ["lsh"] and config["model"]["n_hashes"] == 2
+    assert config["training"]["seq_len"] == 64 and config["training"]["task"] == "synthetic"
+    assert main(["synthetic", "eval", "--checkpoint", str(run), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["train", "\\", "eval", "full", "lsh-8", "lsh-4", "lsh-2",
+                                "lsh-1"]
+    assert lines[1].split()[0] == "lsh-2" and len(lines[1].split()) == 6
+    assert main(["synthetic", "train", "--attention", "lsh-x", "--out", str(tmp_path / "x"),
+                 "--device", "cpu"]) == 2
+    assert "attention 'lsh-x' is unknown" in capsys.readouterr().err

@@ -7,6 +7,7 @@ the library, a missing file) becomes one line on stderr and exit code 2, never a
 Subcommands:
     train     train a byte-level model on text files (default: Shakespeare), with checkpoints
     generate  stream text sampled from a trained run
+    complete  complete held-out pictures from their top rows (image runs)
     eval      held-out bits per token, optionally for several numbers of hash rounds
     synthetic the paper's duplication task: ``synthetic train`` and ``synthetic eval``
     demo      train the default preset for a few minutes, evaluate, and print a sample
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from reformer.config import ReformerConfig
 from reformer.data import text
-from reformer.data.task import UNITS
+from reformer.data.task import TASKS, UNITS
 from reformer.generation import sample
 from reformer.model import ReformerLM
 from reformer.presets import DEFAULT_PRESET, PRESETS
@@ -35,6 +36,7 @@ from reformer.training import checkpoint as ckpt
 from reformer.training.checkpoint import with_attention
 from reformer.training.config import RunConfig, resolve_run_config
 from reformer.training.evaluate import evaluate_attentions, evaluate_run
+from reformer.training.metrics import evaluate_sequences
 from reformer.training.trainer import (
     Callback,
     EvalReport,
@@ -45,11 +47,13 @@ from reformer.training.trainer import (
 )
 
 # Flags whose argparse dest is the TrainConfig field of the same name.
-TRAIN_FIELDS = ("data", "val_data", "val_fraction", "seq_len", "steps", "max_minutes",
+TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_size",
+                "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
                 "seed", "device")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic"}
 
 
 # ----------------------------------------------------------------------------- train
@@ -102,6 +106,10 @@ def _clock(seconds: float) -> str:
 def _train_changes(args: argparse.Namespace) -> dict:
     """The TrainConfig fields given on the command line (paths made absolute)."""
     changes = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "images", None) is not None:
+        if "data" in changes:
+            raise ValueError("pass either --images or --data, not both")
+        changes["data"] = args.images
     for k in ("data", "val_data"):
         if k in changes:
             changes[k] = tuple(str(Path(p).absolute()) for p in changes[k])
@@ -119,7 +127,10 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         if args.preset is not None or args.config is not None:
             model = resolve_run_config(args.preset, args.config, **changes).model
         return Trainer.resume(args.out, model, changes)
-    run = resolve_run_config(args.preset, args.config, **changes)
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = TASK_PRESETS[changes.get("task", "text")]
+    run = resolve_run_config(preset, args.config, **changes)
     out = args.out or Path("runs") / f"{run.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Trainer.create(out, run)
 
@@ -262,6 +273,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- complete
+def cmd_complete(args: argparse.Namespace) -> int:
+    """Keep the top rows of held-out pictures, sample the rest, write the grid, time it."""
+    from PIL import Image
+
+    from reformer.completion import complete_image, completion_grid
+    from reformer.data import images
+
+    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    cfg = run.training
+    if cfg.task != "images":
+        raise ValueError(f"{args.checkpoint} is a {cfg.task} run; complete needs a run trained "
+                         "with --task images")
+    if args.images:
+        source = images.ImageFiles(images.image_paths(args.images), cfg.image_size,
+                                   cfg.image_channels)
+    else:
+        source = images.load_image_splits(cfg.replace(eval_windows=max(args.n,
+                                                                       cfg.eval_windows)))[1]
+    pictures = [source[i] for i in range(min(args.n, len(source)))]
+    keep = args.keep_rows if args.keep_rows is not None else cfg.image_size // 2
+    tokens = torch.stack([images.image_to_tokens(p) for p in pictures])  # (N, L)
+    bits = [evaluate_sequences(model, t[None], seed=cfg.seed)[0] for t in tokens]
+    print(f"{len(pictures)} held-out {cfg.image_size}x{cfg.image_size}x{cfg.image_channels} "
+          f"images: {sum(bits) / len(bits):.3f} bits/dim; keeping the top {keep} rows, "
+          f"sampling {tokens.shape[1] - keep * cfg.image_size * cfg.image_channels} tokens "
+          f"for each of {args.samples} completion(s)", flush=True)
+    torch.manual_seed(args.seed)  # LSH rotations of a model without hash_seed
+    generator = torch.Generator().manual_seed(args.seed)
+    completions, times = [], []
+    for i, picture in enumerate(pictures):
+        t0 = time.perf_counter()
+        completions.append([complete_image(model, picture, keep, temperature=args.temperature,
+                                           top_k=args.top_k, generator=generator)
+                            for _ in range(args.samples)])
+        times.append((time.perf_counter() - t0) / args.samples)
+        print(f"image {i + 1}: {bits[i]:.3f} bits/dim, {times[-1]:.1f} s per completion",
+              flush=True)
+    out = args.out or Path(args.checkpoint) / "completions.png"
+    Image.fromarray(completion_grid(pictures, keep, completions)).save(out)
+    print(f"median {sorted(times)[len(times) // 2]:.1f} s per completed image; grid "
+          f"(original | fragment | completions) in {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(args.checkpoint, args.data or (), args.n_hashes or (None,),
@@ -312,6 +368,16 @@ def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="held-out share of the data (0.05)")
         p.add_argument("--seq-len", type=int, metavar="N",
                        help="context length in bytes (the preset's)")
+    if not synthetic and not demo:
+        p.add_argument("--task", choices=TASKS,
+                       help="text (default), images, or the synthetic duplication task")
+        p.add_argument("--images", nargs="+", metavar="PATH",
+                       help="folders, files or globs of PNG/JPEG pictures (default: crops of "
+                       "scikit-image's photographs)")
+        p.add_argument("--image-size", type=int, metavar="S",
+                       help="pictures are centre-cropped and resized to S x S (the preset's)")
+        p.add_argument("--image-channels", type=int, choices=(1, 3),
+                       help="3 = RGB (default), 1 = grayscale")
     p.add_argument("--steps", type=int, metavar="N", help="optimiser steps")
     p.add_argument("--max-minutes", type=float, metavar="X",
                    help="wall-clock budget for the whole run")
@@ -341,7 +407,8 @@ def _add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="stop sampling after this long")
         return
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help=f"model and training defaults (default: {DEFAULT_PRESET})")
+                   help=f"model and training defaults (default: {DEFAULT_PRESET} for text, "
+                   "images-cpu for images)")
     p.add_argument("--config", type=Path, metavar="FILE.json",
                    help="model config JSON (a ReformerConfig or a run's config.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -396,6 +463,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
+
+    comp = sub.add_parser("complete", help="complete held-out pictures from their top rows")
+    comp.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    comp.add_argument("--images", nargs="+", metavar="PATH",
+                      help="pictures to complete (default: the run's held-out images)")
+    comp.add_argument("--keep-rows", type=int, metavar="K", help="rows kept (half the image)")
+    comp.add_argument("--n", type=int, default=4, metavar="N", help="pictures (4)")
+    comp.add_argument("--samples", type=int, default=2, metavar="M",
+                      help="completions per picture (2)")
+    comp.add_argument("--temperature", type=float, default=1.0)
+    comp.add_argument("--top-k", type=int)
+    comp.add_argument("--n-hashes", type=int, help="LSH rounds (default: the model's)")
+    comp.add_argument("--out", type=Path, metavar="FILE.png",
+                      help="the grid (default: DIR/completions.png)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--device", default="auto")
+    comp.set_defaults(func=cmd_complete)
 
     ev = sub.add_parser("eval", help="held-out bits per token (character, image dimension)")
     ev.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")

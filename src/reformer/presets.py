@@ -13,6 +13,11 @@ Presets:
 - ``synthetic``: the paper's one-layer model for the duplication task 0w0w (section 2.1,
   d_model = d_ff = 256, 4 heads), here with |w| = 127 (length 256) and chunks of 32 so that a
   CPU trains it in minutes; ``reformer synthetic train`` picks its attention.
+- ``images-cpu``: pictures pixel by pixel at 32x32x3 = 3,072 tokens (local attention within
+  about two rows of sub-pixels, LSH across the picture), sized to learn visibly in 20 minutes
+  on a 2-core CPU; axial positions shaped (row, column, channel).
+- ``imagenet64``: the paper's image setting, 64x64x3 = 12,288 tokens, 12 layers of d_model
+  1024 (a GPU model; the layer layout is ours).
 - ``enwik8``: the paper's byte-level model (Kitaev et al. 2020, section 5): 12 layers,
   d_model 1024, d_ff 4096, 8 heads of 128, 64K context, LSH attention in every fourth layer and
   chunked local attention elsewhere (after the layout of trax's enwik8 configuration). It
@@ -73,6 +78,32 @@ PRESETS: dict[str, Preset] = {
             training=dict(task="synthetic", seq_len=256, batch_size=16, steps=2000, lr=1e-3,
                           warmup_steps=100, eval_every=100, eval_windows=64,
                           checkpoint_every=500),
+        ),
+        Preset(
+            name="images-cpu",
+            description="4 layers local/LSH, d_model 128, 32x32 RGB pictures (CPU, ~20 min)",
+            model=ReformerConfig(
+                vocab_size=256, d_model=128, n_heads=4, d_ff=512, n_layers=4,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=128, max_seq_len=3072, axial_pos_shape=(32, 32, 3),
+                attn_head_chunk_size=4),
+            training=dict(task="images", image_size=32, image_channels=3, seq_len=3072,
+                          batch_size=4, steps=3000, max_minutes=20.0, lr=2e-3,
+                          warmup_steps=50, eval_every=100, eval_windows=8,
+                          checkpoint_every=100),
+        ),
+        Preset(
+            name="imagenet64",
+            description="the paper's 64x64x3 = 12,288-token image model, 12 layers (GPU)",
+            model=ReformerConfig(
+                vocab_size=256, d_model=1024, n_heads=8, d_head=128, d_ff=4096,
+                n_layers=12, attn_layers=("local", "lsh"), n_hashes=2, chunk_length=128,
+                local_chunk_length=128, max_seq_len=12288, axial_pos_shape=(64, 64, 3),
+                axial_pos_dims=(384, 384, 256), dropout=0.0, attn_head_chunk_size=8),
+            training=dict(task="images", image_size=64, image_channels=3, seq_len=12288,
+                          batch_size=1, grad_accum=8, steps=100_000, lr=3e-4,
+                          warmup_steps=2000, eval_every=1000, eval_windows=16,
+                          checkpoint_every=500, precision="bf16"),
         ),
         Preset(
             name="enwik8",
