@@ -1,0 +1,53 @@
+"""The ``reformer`` command line (also ``python -m reformer``).
+
+Each subcommand is a thin wrapper over importable functions (reformer.training,
+reformer.generation, reformer.completion); this package is the only code that prints. Its
+modules: ``train`` (train, demo), ``sample`` (generate, complete), ``evaluate`` (eval,
+synthetic). A user's mistake (a ValueError from the library, a missing file) becomes one line
+on stderr and exit code 2, never a traceback.
+
+Subcommands:
+    train     train on text (default: Shakespeare), pictures or the synthetic task, with
+              checkpoints
+    generate  stream text sampled from a trained run
+    complete  complete held-out pictures from their top rows (image runs)
+    eval      held-out bits per token, optionally for several numbers of hash rounds
+    synthetic the paper's duplication task: ``synthetic train`` and ``synthetic eval``
+    demo      train the default preset for a few minutes, evaluate, and print a sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from reformer.cli import evaluate, sample, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reformer", description="Train Reformer models on text, pictures or the paper's "
+        "synthetic task; sample from them and evaluate them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train.add_parsers(sub)
+    sample.add_parsers(sub)
+    evaluate.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # e.g. `reformer generate ... | head`
+        sys.stdout = open(os.devnull, "w")  # silence the flush at exit
+        return 0
+    except (ValueError, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"reformer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nreformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+

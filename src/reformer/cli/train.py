@@ -1,0 +1,255 @@
+"""``reformer train`` and ``reformer demo``: the training run with a progress bar.
+
+The flags map one to one onto :class:`reformer.training.TrainConfig` fields (TRAIN_FIELDS);
+a run without ``--preset`` or ``--config`` takes its task's preset (TASK_PRESETS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from reformer.cli.sample import stream_sample
+from reformer.data import text
+from reformer.data.task import TASKS
+from reformer.presets import DEFAULT_PRESET, PRESETS
+from reformer.training import checkpoint as ckpt
+from reformer.training.config import resolve_run_config
+from reformer.training.trainer import (
+    Callback,
+    EvalReport,
+    RunResult,
+    StepReport,
+    Trainer,
+)
+
+# Flags whose argparse dest is the TrainConfig field of the same name.
+TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_size",
+                "image_channels", "steps", "max_minutes",
+                "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
+                "seed", "device")
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic"}
+
+
+# ----------------------------------------------------------------------------- train
+class ProgressBar(Callback):
+    """A tqdm bar with loss, bits per character, tokens/s and ETA; eval lines above it.
+
+    The bar shows the run's progress (by steps, or by time under --max-minutes, whichever is
+    further along), so a time-bounded run fills it too.
+    """
+
+    RESOLUTION = 1000
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.steps = trainer.run.training.steps
+        self.bits = bits_label(trainer.task.unit)
+        self.bar = tqdm(total=self.RESOLUTION, desc="train", dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+        self.bar.set_postfix_str(f"step {trainer.step}/{self.steps}")
+
+    def on_step(self, trainer: Trainer, report: StepReport) -> None:
+        self.bar.n = int(report.progress * self.RESOLUTION)
+        self.bar.set_postfix_str(f"step {report.step}/{self.steps}, loss {report.loss:.3f}, "
+                                 f"{self.bits} {report.bpc:.3f}, "
+                                 f"{report.tokens_per_s:,.0f} tok/s, "
+                                 f"ETA {_clock(report.eta_s)}", refresh=True)
+
+    def on_eval(self, trainer: Trainer, report: EvalReport) -> None:
+        extra = "".join(f", {r} rounds {bpc:.3f}" for r, bpc in report.by_n_hashes.items())
+        extra += "".join(f", {k} {100 * v:.1f}%" for k, v in report.metrics.items())
+        self.bar.write(f"step {report.step}: validation {self.bits} {report.val_bpc:.3f}{extra}")
+
+    def on_stop_requested(self, trainer: Trainer, reason: str) -> None:
+        self.bar.write(f"{reason}: stopping after this step and saving a checkpoint "
+                       "(Ctrl-C again quits at once, unsaved)")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def bits_label(unit: str) -> str:
+    """How the bar and summaries name the metric: bpc for text, bits/dim for images, ..."""
+    return "bpc" if unit == "char" else f"bits/{unit}"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+def train_changes(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (paths made absolute)."""
+    changes = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k, None) is not None}
+    if getattr(args, "images", None) is not None:
+        if "data" in changes:
+            raise ValueError("pass either --images or --data, not both")
+        changes["data"] = args.images
+    for k in ("data", "val_data"):
+        if k in changes:
+            changes[k] = tuple(str(Path(p).absolute()) for p in changes[k])
+    if "eval_n_hashes" in changes:
+        changes["eval_n_hashes"] = tuple(changes["eval_n_hashes"])
+    return changes
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    changes = train_changes(args)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR, the run directory to continue")
+        model = None
+        if args.preset is not None or args.config is not None:
+            model = resolve_run_config(args.preset, args.config, **changes).model
+        return Trainer.resume(args.out, model, changes)
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = TASK_PRESETS[changes.get("task", "text")]
+    run = resolve_run_config(preset, args.config, **changes)
+    out = args.out or Path("runs") / f"{run.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Trainer.create(out, run)
+
+
+def describe(trainer: Trainer) -> str:
+    cfg, model = trainer.run.training, trainer.run.model
+    return (f"run {trainer.run_dir}: {trainer.run.preset or 'custom'} model, "
+            f"{trainer.model.num_parameters():,} parameters, {model.n_layers} layers "
+            f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} tokens, "
+            f"{cfg.tokens_per_step:,} tokens/step, {cfg.precision} on {trainer.device}\n"
+            f"data: {trainer.task.describe()}"
+            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+
+
+def run_training(trainer: Trainer) -> RunResult:
+    """Train with a progress bar; prints where things are."""
+    print(describe(trainer), flush=True)
+    bar = ProgressBar(trainer)
+    try:
+        result = trainer.run_loop(bar, handle_signals=True)
+    finally:
+        bar.close()
+    cfg, d = trainer.run.training, trainer.run_dir
+    if result.stop_reason == "steps":
+        how = f"finished {cfg.steps} steps"
+    elif result.stop_reason == "time":
+        how = f"used the {cfg.max_minutes:g}-minute budget"
+    else:
+        how = f"stopped by {result.stop_reason}"
+    print(f"{how} at step {result.step}; checkpoint, metrics and plot in {d}/")
+    if result.interrupted:
+        print(f"continue with: reformer train --out {d} --resume")
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return train_and_report(build_trainer(args))
+
+
+def train_and_report(trainer: Trainer) -> int:
+    """Run the loop with a progress bar, print the held-out change; the exit code."""
+    result = run_training(trainer)
+    if len(result.evals) >= 2:
+        print(f"validation bits/{trainer.task.unit}: {result.evals[0].val_bpc:.3f} at step "
+              f"{result.evals[0].step} -> {result.evals[-1].val_bpc:.3f} at step "
+              f"{result.evals[-1].step}")
+    return EXIT_CODES.get(result.stop_reason, 0)
+
+
+
+# ------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """train (default preset, time-bounded) -> evaluate -> sample after a held-out prompt."""
+    changes = train_changes(args)
+    run = resolve_run_config(DEFAULT_PRESET, **changes)
+    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = Trainer.create(out, run)
+    result = run_training(trainer)
+    if result.interrupted:
+        return EXIT_CODES.get(result.stop_reason, 130)
+    first, last = result.evals[0], result.evals[-1]
+    print(f"validation bits/char: {first.val_bpc:.3f} before -> {last.val_bpc:.3f} after "
+          f"{result.step} steps; plot: {trainer.run_dir / ckpt.PLOT_FILE}")
+    val_text = trainer.task.val_text
+    prompt = val_text.read(0, min(args.prompt_chars, len(val_text)))
+    prompt_ids = text.encode(text.decode(prompt.tolist()))  # whole characters
+    print(f"\n--- sample: {args.sample_chars} bytes after a {len(prompt_ids)}-byte held-out "
+          "prompt (its end shown) ---")
+    print(text.decode(prompt_ids[-200:]), end="", flush=True)
+    stream_sample(trainer.model.eval(), prompt_ids, args.sample_chars, temperature=0.8,
+                  top_k=40, top_p=None, seed=run.training.seed,
+                  context=len(prompt_ids) + args.sample_chars, highlight=True,
+                  max_seconds=args.sample_seconds)
+    print(f"\nmore: reformer generate --checkpoint {trainer.run_dir} --prompt 'ROMEO:'")
+    return 0
+
+
+def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
+                     synthetic: bool = False) -> None:
+    if not synthetic:
+        p.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files, folders or globs, read as bytes (default: Shakespeare)")
+        p.add_argument("--val-data", nargs="+", metavar="PATH",
+                       help="held-out text (default: the last --val-fraction of --data)")
+        p.add_argument("--val-fraction", type=float, metavar="X",
+                       help="held-out share of the data (0.05)")
+        p.add_argument("--seq-len", type=int, metavar="N",
+                       help="context length in bytes (the preset's)")
+    if not synthetic and not demo:
+        p.add_argument("--task", choices=TASKS,
+                       help="text (default), images, or the synthetic duplication task")
+        p.add_argument("--images", nargs="+", metavar="PATH",
+                       help="folders, files or globs of PNG/JPEG pictures (default: crops of "
+                       "scikit-image's photographs)")
+        p.add_argument("--image-size", type=int, metavar="S",
+                       help="pictures are centre-cropped and resized to S x S (the preset's)")
+        p.add_argument("--image-channels", type=int, choices=(1, 3),
+                       help="3 = RGB (default), 1 = grayscale")
+    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps")
+    p.add_argument("--max-minutes", type=float, metavar="X",
+                   help="wall-clock budget for the whole run")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step")
+    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, metavar="N")
+    p.add_argument("--weight-decay", type=float, metavar="X")
+    p.add_argument("--grad-clip", type=float, metavar="X", help="max global gradient norm")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps")
+    p.add_argument("--eval-windows", type=int, metavar="N", help="held-out windows per evaluation")
+    p.add_argument("--eval-n-hashes", type=int, nargs="+", metavar="R",
+                   help="also evaluate with R hash rounds, e.g. 8")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save every N steps")
+    p.add_argument("--seed", type=int, metavar="N")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="run directory (default: runs/NAME-TIME)")
+    if synthetic:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        return
+    if demo:
+        p.add_argument("--prompt-chars", type=int, metavar="N", default=1024)
+        p.add_argument("--sample-chars", type=int, metavar="N", default=300)
+        p.add_argument("--sample-seconds", type=float, metavar="X", default=45.0,
+                       help="stop sampling after this long")
+        return
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"model and training defaults (default: {DEFAULT_PRESET} for text, "
+                   "images-cpu for images)")
+    p.add_argument("--config", type=Path, metavar="FILE.json",
+                   help="model config JSON (a ReformerConfig or a run's config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train on text files, pictures or the synthetic task")
+    add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help=f"train the {DEFAULT_PRESET} preset for minutes, "
+                          "evaluate, sample")
+    add_train_flags(demo, demo=True)
+    demo.set_defaults(func=cmd_demo, max_minutes=3.0)
