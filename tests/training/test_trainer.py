@@ -146,3 +146,38 @@ def test_evaluate_run_with_several_hash_rounds(tmp_path, corpus):
     assert evaluate_run(tmp_path / "r", device="cpu")[2] == pytest.approx(table[2])
     other = evaluate_run(tmp_path / "r", data=[corpus], n_windows=1, seq_len=32, device="cpu")
     assert list(other) == [2]
+
+
+@pytest.mark.parametrize("task", ["images", "synthetic"])
+def test_other_tasks_resume_exactly_and_log_their_metrics(tmp_path, task):
+    """The same loop, checkpoints and resume serve pictures and the duplication task."""
+    if task == "images":
+        from PIL import Image
+        folder = tmp_path / "pics"
+        folder.mkdir()
+        for i in range(6):
+            Image.new("RGB", (9, 7), (30 * i, 90, 200 - 20 * i)).save(folder / f"{i}.png")
+        train = dict(task="images", data=(str(folder),), image_size=4, seq_len=48,
+                     val_fraction=0.34)
+        model = MODEL.replace(max_seq_len=48, axial_pos_shape=(4, 4, 3), axial_pos_dims=None)
+    else:
+        train = dict(task="synthetic", seq_len=64)
+        model = MODEL.replace(vocab_size=128)
+    train.update(batch_size=2, steps=4, warmup_steps=1, eval_every=2, eval_windows=2,
+                 checkpoint_every=100, seed=1, device="cpu")
+    run = RunConfig(model, TrainConfig(**train))
+    Trainer.create(tmp_path / "a", run).run_loop()
+    Trainer.create(tmp_path / "b", run).run_loop(StopAt(2))
+    Trainer.resume(tmp_path / "b").run_loop()
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    evals = [json.loads(x) for x in (tmp_path / "a" / ckpt.METRICS_FILE).open()
+             if json.loads(x)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert ("val_accuracy" in evals[-1]) == (task == "synthetic")
+
+
+def test_the_vocabulary_must_hold_the_tasks_symbols(tmp_path):
+    run = RunConfig(MODEL.replace(vocab_size=100), TrainConfig(task="synthetic", seq_len=64,
+                                                               device="cpu"))
+    with pytest.raises(ValueError, match="cannot hold the synthetic task's 128 symbols"):
+        Trainer.create(tmp_path / "r", run)
