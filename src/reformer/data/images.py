@@ -203,8 +203,8 @@ class ImageTask(Task):
     name, unit, vocab_size = "images", "dim", 256
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.size, self.channels, self.batch_size = cfg.image_size, cfg.image_channels, \
-            cfg.batch_size
+        self.size, self.channels = cfg.image_size, cfg.image_channels
+        self.batch_size = cfg.batch_size
         self.train, self.val, self.description = load_image_splits(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         n_eval = min(cfg.eval_windows, len(self.val))
