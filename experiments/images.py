@@ -31,6 +31,8 @@ from reformer.completion import complete_image
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import resolve_run_config
 
+COOL = 0.8  # the second grid's temperature
+
 
 def run(cmd: list[str], log: Path) -> str:
     """Run a reformer command, append its output to ``log``, return it."""
@@ -80,9 +82,13 @@ def write_doc(args: argparse.Namespace, complete_out: str, t64: tuple[float, int
         "![training curve](images-curve.png)", "",
         "## Completions", "",
         "Each row: the original held-out crop, the fragment the model saw (top 16 of 32 rows; "
-        "the unknown part grey), and two completions sampled at temperature 1.", "",
-        "![completions](images-completions.png)", "",
+        "the unknown part grey), and two completions. Sampled at temperature 1 (the model's "
+        "own distribution):", "",
+        "![completions at temperature 1](images-completions.png)", "",
         "Output of `reformer complete`:", "", "```", complete_out.strip(), "```", "",
+        f"The same pictures at temperature {COOL}, which trades the speckle of independently "
+        "sampled sub-pixels for smoother, less varied fills:", "",
+        "![completions at a lower temperature](images-completions-cool.png)", "",
         "## Completion time (incremental cache, one token per step)", "",
         "| picture | tokens sampled | seconds |", "|---|---|---|",
         f"| 32x32x3, trained model | 1,536 | {_median_seconds(complete_out)} (median per "
@@ -114,6 +120,9 @@ def main() -> None:
                         "--out", str(args.docs / "images-completions.png"), "--device", "cpu"],
                        log)
     print(complete_out)
+    run(["complete", "--checkpoint", str(args.out), "--n", str(args.n), "--samples", "2",
+         "--keep-rows", "16", "--seed", str(args.seed), "--temperature", str(COOL),
+         "--out", str(args.docs / "images-completions-cool.png"), "--device", "cpu"], log)
     t64 = time_64(args.seed)
     print(f"64x64x3: {t64[0]:.1f} s for {t64[1]} tokens")
     write_doc(args, complete_out, t64)
