@@ -66,8 +66,8 @@ def train(attention: str, chunk: int, args: argparse.Namespace) -> float:
 
 def _finished(run_dir: Path) -> bool:
     run = ckpt.read_config(run_dir)
-    records = _records(run_dir)
-    last = records[-1] if records else {}
+    train = [r for r in _records(run_dir) if r["kind"] == "train"]
+    last = train[-1] if train else {}
     return last.get("step", 0) >= run.training.steps or \
         last.get("elapsed_s", 0) >= 60 * (run.training.max_minutes or float("inf")) - 60
 
