@@ -33,6 +33,8 @@ from reformer.training import checkpoint as ckpt
 from reformer.training.evaluate import evaluate_attentions
 
 TRAINED = ("full", "lsh-4", "lsh-2", "lsh-1")
+DEDUP_SUFFIX = "-dedup"
+DEDUP_RUN = "lsh-4" + DEDUP_SUFFIX  # LSH-4 trained with dedup_rounds on (one setting)
 EVALUATED = ("full", "lsh-8", "lsh-4", "lsh-2", "lsh-1")
 NOTES = """(notes are written after the runs)"""
 PAPER = {  # Kitaev et al. 2020, Table 2 (|w| = 511)
@@ -43,10 +45,15 @@ PAPER = {  # Kitaev et al. 2020, Table 2 (|w| = 511)
 }
 
 
-def train(attention: str, chunk: int, args: argparse.Namespace) -> float:
-    """Train (or resume, or reuse) one model; returns the wall time of this call."""
-    out = args.out / f"chunk{chunk}" / attention
-    flags = ["--attention", attention, "--word-length", str(args.word_length),
+def train(name: str, chunk: int, args: argparse.Namespace) -> float:
+    """Train (or resume, or reuse) one model; returns the wall time of this call.
+
+    ``name`` is an attention (full, lsh-R), with ``-dedup`` to train with dedup_rounds on.
+    """
+    out = args.out / f"chunk{chunk}" / name
+    dedup = ["--dedup-rounds"] if name.endswith(DEDUP_SUFFIX) else []
+    flags = ["--attention", name.removesuffix(DEDUP_SUFFIX), *dedup,
+             "--word-length", str(args.word_length),
              "--chunk-length", str(chunk),
              "--steps", str(args.steps), "--max-minutes", str(args.max_minutes),
              "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -58,7 +65,7 @@ def train(attention: str, chunk: int, args: argparse.Namespace) -> float:
         flags = ["--out", str(out), "--resume", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    with open(out.parent / f"{attention}.log", "a") as log:
+    with open(out.parent / f"{name}.log", "a") as log:
         subprocess.run([sys.executable, "-m", "reformer", "synthetic", "train", *flags],
                        env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     return time.monotonic() - t0
@@ -82,7 +89,7 @@ def evaluate(run_root: Path, args: argparse.Namespace) -> dict:
     table = {}
     for dedup in (False, True):
         table[dedup] = {}
-        for trained in TRAINED:
+        for trained in _trained(run_root):
             results = evaluate_attentions(run_root / trained, EVALUATED, "cpu",
                                           args.eval_sequences, dedup_rounds=dedup)
             table[dedup][trained] = {e: (100 * m["accuracy"], bits)
@@ -95,7 +102,13 @@ def _row(name: str, cells: list[str]) -> str:
 
 
 def _name(attention: str) -> str:
-    return attention.replace("lsh-", "LSH-").replace("full", "Full")
+    name = attention.replace("lsh-", "LSH-").replace("full", "Full")
+    return name.replace(DEDUP_SUFFIX, ", trained with dedup")
+
+
+def _trained(run_root: Path) -> list[str]:
+    """The runs under ``run_root``: the four of Table 2, and the dedup-trained one if any."""
+    return [t for t in (*TRAINED, DEDUP_RUN) if (run_root / t).is_dir()]
 
 
 HEAD = _row("Train \\ Eval", [_name(e) for e in EVALUATED])
@@ -113,14 +126,14 @@ def setting_section(run_root: Path, chunk: int, table: dict, args: argparse.Name
     for dedup in (False, True):
         lines += [f"Accuracy (%), evaluated with `dedup_rounds={dedup}`:", "", HEAD, RULE]
         lines += [_row(_name(t), [f"{table[dedup][t][e][0]:.1f}" for e in EVALUATED])
-                  for t in TRAINED]
+                  for t in _trained(run_root)]
         lines += ["", f"Held-out bits per symbol, `dedup_rounds={dedup}`:", "", HEAD, RULE]
         lines += [_row(_name(t), [f"{table[dedup][t][e][1]:.4f}" for e in EVALUATED])
-                  for t in TRAINED]
+                  for t in _trained(run_root)]
         lines.append("")
     lines += ["| trained with | steps | wall time | final train loss | curve |",
               "|---|---|---|---|---|"]
-    for t in TRAINED:
+    for t in _trained(run_root):
         train = [r for r in _records(run_root / t) if r["kind"] == "train"]
         plot = docs / f"synthetic-chunk{chunk}-{t}.png"
         shutil.copyfile(run_root / t / ckpt.PLOT_FILE, plot)
@@ -153,6 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--word-length", type=int, default=127)
     p.add_argument("--chunk-lengths", type=int, nargs="+", default=[32, 16])
+    p.add_argument("--dedup-chunk-lengths", type=int, nargs="*", default=[16],
+                   help="settings that also train LSH-4 with dedup_rounds on")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--max-minutes", type=float, default=14.0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -165,6 +180,7 @@ def main() -> None:
     p.add_argument("--docs", type=Path, default=Path("docs"))
     args = p.parse_args()
     jobs = [(a, c) for c in args.chunk_lengths for a in TRAINED]
+    jobs += [(DEDUP_RUN, c) for c in args.dedup_chunk_lengths]
     for chunk in args.chunk_lengths:
         (args.out / f"chunk{chunk}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
