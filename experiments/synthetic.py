@@ -36,7 +36,43 @@ TRAINED = ("full", "lsh-4", "lsh-2", "lsh-1")
 DEDUP_SUFFIX = "-dedup"
 DEDUP_RUN = "lsh-4" + DEDUP_SUFFIX  # LSH-4 trained with dedup_rounds on (one setting)
 EVALUATED = ("full", "lsh-8", "lsh-4", "lsh-2", "lsh-1")
-NOTES = """(notes are written after the runs)"""
+NOTES = """\
+**Setting.** The paper's one-layer model (d_model = d_ff = 256, 4 heads of 64, shared-QK
+attention, causal) on `0 w 0 w` with |w| = 127 (length 256) instead of 511 (length 1024), and
+1,500 steps of batch 16 (each run capped at 14 minutes on one core) instead of 150K: AdamW, lr
+1e-3, 100 warm-up steps, cosine decay. Every run starts from the same weights (seed 0).
+Accuracy counts the 127 symbols of the second copy of w on 64 held-out sequences (the second
+separator is not counted: its position is fixed); LSH evaluation uses fixed rotations.
+Positions are learned per position (the `synthetic` preset): with the library's default axial
+positions (16 x 16) full attention stalled at 82% accuracy, because for some columns the shared
+query/key dot product cannot single out the position 127 back; with learned positions it
+reaches 100% by step 200. Two hashing settings: chunks of 32 (16 buckets, a query sees 25% of
+the sequence per round) and chunks of 16 (32 buckets and 12.5%, the paper's bucket count and
+share at length 1024 with chunks of 64).
+
+**Targets.** Full -> Full 100% (>= 99%), LSH-4 -> LSH-8 100% (>= 99%), LSH-1 -> LSH-8 100%
+(>= 95%), in both settings.
+
+**Where the table departs from the paper.**
+- Full-trained models lose far less when evaluated with LSH: 100 / 100 / 99.9 / 96.1% with
+  8 / 4 / 2 / 1 rounds at chunks of 16, against the paper's 94.8 / 92.5 / 76.9 / 52.5%. The
+  trained model makes each query nearly parallel to the key it needs (held-out loss ~0 bits),
+  so even one round of 32 buckets rarely separates them; at 4x the length and 100x the steps
+  the paper's model may have spread its attention differently.
+- LSH-trained models evaluated with full attention reach 100%, where the paper reports 0.8%
+  (and the published reproduction 46-76%). Here full attention puts its weight on the same
+  key that the buckets found, so the LSH-trained weights transfer unchanged.
+- The rest follows the paper's pattern: fewer evaluation rounds cost accuracy, most with one
+  round (93.7-98.0% at chunks of 16, against 77.9-91.9% in the paper), and 8 rounds recover it
+  all; halving the chunk (and window) makes one round cost more.
+- `dedup_rounds` (the paper's correction for a key found by several rounds): switching it on
+  or off at evaluation changes no accuracy cell and the bits only in the fourth decimal.
+  LSH-4 trained with it (chunks of 16; 406 steps in its 14 minutes: with the correction a
+  step took about 3.4x as long here) reaches the same 100% with full attention and 8 or 4
+  rounds, and 96.1% with one round against 93.7% without it (1,371 steps).
+  So neither matches the paper better here; at this accuracy the correction has nothing left
+  to change.
+"""
 PAPER = {  # Kitaev et al. 2020, Table 2 (|w| = 511)
     "full": (100.0, 94.8, 92.5, 76.9, 52.5),
     "lsh-4": (0.8, 100.0, 99.9, 99.4, 91.9),
