@@ -150,6 +150,8 @@ def test_images_train_complete_eval(tmp_path, capsys):
         assert picture.size == (5 * (16 + 2) + 2, 2 * (16 + 2) + 2)
     assert main(["eval", "--checkpoint", str(run), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.split()[:3] == ["hash", "rounds", "bits/dim"]
+    assert main(["generate", "--checkpoint", str(run), "--device", "cpu"]) == 2
+    assert "not a text model; use reformer complete" in capsys.readouterr().err
 
 
 def test_complete_needs_an_image_run(setup, capsys):

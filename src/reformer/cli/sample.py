@@ -53,7 +53,11 @@ def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("pass either --prompt or --prompt-file, not both")
-    model, _ = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    if run.training.task != "text":
+        hint = "reformer complete" if run.training.task == "images" else "reformer synthetic eval"
+        raise ValueError(f"{args.checkpoint} is a {run.training.task} run, not a text model; "
+                         f"use {hint}")
     if args.prompt_file is not None:
         prompt = text.to_ids(np.frombuffer(Path(args.prompt_file).read_bytes(), np.uint8))
         if len(prompt) == 0:
