@@ -107,6 +107,9 @@ def test_run_config_shapes_the_model_like_the_image():
     assert run.model.axial_pos_shape == (16, 16, 3)
     gray = resolve_run_config("images-cpu", image_size=8, image_channels=1)
     assert gray.model.axial_pos_shape == (8, 8) and gray.training.seq_len == 64
+    paper = resolve_run_config("imagenet64")  # its own axial dims are kept
+    assert paper.model.axial_pos_shape == (64, 64, 3)
+    assert paper.model.axial_pos_dims == (384, 384, 256)
     with pytest.raises(ValueError, match="must equal image_size"):
         TrainConfig(task="images", image_size=8, seq_len=100)
 

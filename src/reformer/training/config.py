@@ -189,7 +189,8 @@ def resolve_run_config(preset: str | None = None, config_file: str | Path | None
         training["seq_len"] = size ** 2 * training.get("image_channels", TrainConfig.image_channels)
     train = TrainConfig.from_dict(training)
     model = with_seq_len(model, train.seq_len)
-    if train.task == "images" and model.pos_embedding == "axial":
+    if (train.task == "images" and model.pos_embedding == "axial"
+            and model.axial_pos_shape != image_axes(train)):
         model = model.replace(axial_pos_shape=image_axes(train), axial_pos_dims=None)
     return RunConfig(model=model, training=train, preset=preset)
 
