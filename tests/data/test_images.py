@@ -85,6 +85,8 @@ def test_default_crops_come_from_disjoint_parts_of_the_photographs():
     val = images.photo_crops([photo], 20, 8, held_out=True, seed=0)
     assert train.shape == (20, 8, 8, 3) and (train == 0).all()
     assert (val == 255).all()
+    big = images.photo_crops([photo], 3, 64, held_out=True, seed=0)  # the strip is 20 rows
+    assert big.shape == (3, 64, 64, 3) and (big == 255).all()
 
 
 def test_image_task_batches_and_resume(tmp_path):

@@ -164,7 +164,7 @@ def photo_crops(photos: Sequence[np.ndarray], n: int, size: int, held_out: bool,
         cut = int(h * (1 - HELD_OUT_SHARE))
         top_lo, top_hi = (cut, h) if held_out else (0, cut)
         side = int(min(h, w) * rng.uniform(*CROP_SIDE))
-        side = max(size, min(side, top_hi - top_lo, w))
+        side = max(1, min(side, top_hi - top_lo, w))  # smaller than S: upsampled
         top = int(rng.integers(top_lo, top_hi - side + 1))
         left = int(rng.integers(0, w - side + 1))
         region = photo[top:top + side, left:left + side]  # (side, side, C)
