@@ -181,3 +181,16 @@ def test_the_vocabulary_must_hold_the_tasks_symbols(tmp_path):
                                                                device="cpu"))
     with pytest.raises(ValueError, match="cannot hold the synthetic task's 128 symbols"):
         Trainer.create(tmp_path / "r", run)
+
+
+def test_states_saved_before_tasks_existed_still_resume(tmp_path, corpus):
+    Trainer.create(tmp_path / "r", make_run(corpus)).run_loop(StopAt(3))
+    path = tmp_path / "r" / ckpt.STATE_FILE
+    state = torch.load(path, weights_only=False)
+    fingerprint = state["data"].pop("fingerprint")
+    state["data"].update(fingerprint)  # the old layout: train_bytes, val_bytes
+    state["evals"] = [e[:3] for e in state["evals"]]
+    torch.save(state, path)
+    resumed = Trainer.resume(tmp_path / "r")
+    assert resumed.step == 3 and resumed.evals[0].metrics == {}
+    assert resumed.run_loop().step == 6

@@ -281,6 +281,8 @@ class Trainer:
         step = ckpt.load_weights(self.run_dir, self.model)
         state = ckpt.load_state(self.run_dir, step)
         data, now = state["data"], self.task.fingerprint()
+        if "fingerprint" not in data:  # saved before tasks existed: text sizes only
+            data["fingerprint"] = {k: data[k] for k in ("train_bytes", "val_bytes")}
         if data["fingerprint"] != now:
             diff = ", ".join(f"{k} {data['fingerprint'].get(k)} -> {v}" for k, v in now.items()
                              if data["fingerprint"].get(k) != v)
@@ -292,8 +294,8 @@ class Trainer:
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        self.evals = [EvalReport(s, v, dict(extra), metrics)
-                      for s, v, extra, metrics in state["evals"]]
+        self.evals = [EvalReport(s, v, dict(extra), *metrics)  # older states: no metrics
+                      for s, v, extra, *metrics in state["evals"]]
         self.metrics.truncate_after(self.step)
 
     def _install_signal_handlers(self, cb: Callback) -> dict:
