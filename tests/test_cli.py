@@ -152,6 +152,8 @@ def test_images_train_complete_eval(tmp_path, capsys):
     assert capsys.readouterr().out.split()[:3] == ["hash", "rounds", "bits/dim"]
     assert main(["generate", "--checkpoint", str(run), "--device", "cpu"]) == 2
     assert "not a text model; use reformer complete" in capsys.readouterr().err
+    assert main(["complete", "--checkpoint", str(run), "--n", "0", "--device", "cpu"]) == 2
+    assert "--n 0 and --samples 2 must both be >= 1" in capsys.readouterr().err
 
 
 def test_complete_needs_an_image_run(setup, capsys):

@@ -13,9 +13,7 @@ from reformer.training import checkpoint as ckpt
 from reformer.training.checkpoint import with_attention
 from reformer.training.config import RunConfig, resolve_run_config
 from reformer.training.evaluate import evaluate_attentions, evaluate_run
-from reformer.training.trainer import (
-    Trainer,
-)
+from reformer.training.trainer import Trainer
 
 
 # ------------------------------------------------------------------------------ eval

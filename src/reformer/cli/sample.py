@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if cfg.task != "images":
         raise ValueError(f"{args.checkpoint} is a {cfg.task} run; complete needs a run trained "
                          "with --task images")
+    if args.n < 1 or args.samples < 1:
+        raise ValueError(f"--n {args.n} and --samples {args.samples} must both be >= 1")
     if args.images:
         source = images.ImageFiles(images.image_paths(args.images), cfg.image_size,
                                    cfg.image_channels)
@@ -112,7 +115,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
               flush=True)
     out = args.out or Path(args.checkpoint) / "completions.png"
     Image.fromarray(completion_grid(pictures, keep, completions)).save(out)
-    print(f"median {sorted(times)[len(times) // 2]:.1f} s per completed image; grid "
+    print(f"median {statistics.median(times):.1f} s per completed image; grid "
           f"(original | fragment | completions) in {out}")
     return 0
 

@@ -200,7 +200,7 @@ def load_image_splits(cfg: TrainConfig) -> tuple[ImageFiles | ImageArray,
 class ImageTask(Task):
     """Whole images as sequences; every sub-pixel carries a loss (bits per dimension)."""
 
-    name, unit, vocab_size = "images", "dim", 256
+    name, vocab_size = "images", 256
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.size, self.channels = cfg.image_size, cfg.image_channels

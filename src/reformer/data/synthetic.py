@@ -67,7 +67,7 @@ def masked_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 class DuplicationTask(Task):
     """0w0w sequences of ``seq_len = 2 (|w| + 1)`` tokens; loss on the second copy of w."""
 
-    name, unit, vocab_size = "synthetic", "symbol", VOCAB_SIZE
+    name, vocab_size = "synthetic", VOCAB_SIZE
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.word_length = cfg.seq_len // 2 - 1

@@ -37,9 +37,13 @@ UNITS = {"text": "char", "images": "dim", "synthetic": "symbol"}  # what one tok
 class Task(ABC):
     """The data side of a training run."""
 
-    name: str
-    unit: str  # what one token is, for "bits per <unit>"
+    name: str  # one of TASKS
     vocab_size: int  # the smallest model vocabulary that holds every token
+
+    @property
+    def unit(self) -> str:
+        """What one token is, for "bits per <unit>" (:data:`UNITS`)."""
+        return UNITS[self.name]
 
     @abstractmethod
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

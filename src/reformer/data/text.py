@@ -204,7 +204,7 @@ class WindowSampler:
 class TextTask(Task):
     """Language modelling on random windows of byte-level text (every position has a loss)."""
 
-    name, unit, vocab_size = "text", "char", 256
+    name, vocab_size = "text", 256
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.train_text, self.val_text, self.n_files = load_splits(

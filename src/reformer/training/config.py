@@ -111,7 +111,7 @@ class TrainConfig:
     @property
     def image_tokens(self) -> int:
         """Tokens of one image: image_size**2 * image_channels."""
-        return self.image_size ** 2 * self.image_channels
+        return image_token_count(self.image_size, self.image_channels)
 
     @property
     def tokens_per_step(self) -> int:
@@ -185,14 +185,20 @@ def resolve_run_config(preset: str | None = None, config_file: str | Path | None
         training.setdefault("seq_len", model.max_seq_len)
     training.update({k: v for k, v in overrides.items() if v is not None})
     if training.get("task") == "images" and overrides.get("seq_len") is None:
-        size = training.get("image_size", TrainConfig.image_size)
-        training["seq_len"] = size ** 2 * training.get("image_channels", TrainConfig.image_channels)
+        training["seq_len"] = image_token_count(
+            training.get("image_size", TrainConfig.image_size),
+            training.get("image_channels", TrainConfig.image_channels))
     train = TrainConfig.from_dict(training)
     model = with_seq_len(model, train.seq_len)
     if (train.task == "images" and model.pos_embedding == "axial"
             and model.axial_pos_shape != image_axes(train)):
         model = model.replace(axial_pos_shape=image_axes(train), axial_pos_dims=None)
     return RunConfig(model=model, training=train, preset=preset)
+
+
+def image_token_count(size: int, channels: int) -> int:
+    """Tokens of one size x size picture with ``channels`` channels (raster order)."""
+    return size * size * channels
 
 
 def image_axes(cfg: TrainConfig) -> tuple[int, ...]:

@@ -39,18 +39,16 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
     if seq_len > run.model.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len="
                          f"{run.model.max_seq_len}; pass a smaller --seq-len")
-    if cfg.task != "text":
-        if data or seq_len != cfg.seq_len:
-            raise ValueError(f"--data and --seq-len apply to text runs; {run_dir} is a "
-                             f"{cfg.task} run, evaluated on its own held-out set")
-        inputs, labels = build_task(cfg.replace(eval_windows=n_windows or cfg.eval_windows)
-                                    ).eval_set()
-    elif data:
+    if cfg.task != "text" and (data or seq_len != cfg.seq_len):
+        raise ValueError(f"--data and --seq-len apply to text runs; {run_dir} is a "
+                         f"{cfg.task} run, evaluated on its own held-out set")
+    n_windows = n_windows or cfg.eval_windows
+    if data:
         held_out = text.ByteCorpus(text.resolve_paths(data)).span()
-        inputs = labels = held_out.windows(seq_len, n_windows or cfg.eval_windows)  # (N, L)
+        inputs = labels = held_out.windows(seq_len, n_windows)  # (N, L)
     else:
-        held_out = text.load_splits(cfg.data, cfg.val_data, cfg.val_fraction, seq_len)[1]
-        inputs = labels = held_out.windows(seq_len, n_windows or cfg.eval_windows)  # (N, L)
+        task = build_task(cfg.replace(seq_len=seq_len, eval_windows=n_windows))
+        inputs, labels = task.eval_set()  # (N, L) each
     results = {}
     for r in n_hashes:
         rounds = r or run.model.n_hashes
