@@ -48,6 +48,9 @@ class CallInfo:
     attention_mask: torch.Tensor | None = None
     n_hashes: int | None = None
     caches: list[LayerCache] | None = None  # filled with each layer's keys (prefill)
+    # The gradients the stack's backward receives for (y1, y2) are fresh tensors that nothing
+    # else holds (ReformerLM's fused loss makes them), so the backward may reuse their storage.
+    owned_grads: bool = False
 
 
 @dataclass
