@@ -188,38 +188,16 @@ class _Block:
             self.k, self.v = self.k * self.inside, self.v * self.inside
         self.k = self.k.view(G, nb, W * M, E)  # (G, nb, K, E)
         self.v = self.v.view(G, nb, W * M, E)
-        qpos = c_pos[:, start:stop].unsqueeze(-1)  # (G, nb, M, 1) float positions
-        kpos = c_pos.index_select(1, self.idx).view(-1, nb, 1, W * M)  # (G, nb, 1, K)
-        bias = _pair_bias(qpos, kpos, causal, self_mask, c_q.dtype)  # (G, nb, M, K) or None
-        invalid_value = mask_values(c_q.dtype)[0]
-        valid = None if c_valid is None else c_valid.index_select(1, self.idx).view(-1, nb, 1,
+        qpos = c_pos[:, start:stop]  # (G, nb, M) float positions
+        kpos = c_pos.index_select(1, self.idx).view(-1, nb, W * M)  # (G, nb, K)
+        valid = None if c_valid is None else c_valid.index_select(1, self.idx).view(-1, nb,
                                                                                   W * M)
         if inside is not None:
-            ok = inside.to(c_q.device).repeat_interleave(M, dim=1).view(1, nb, 1, W * M)
+            ok = inside.to(c_q.device).repeat_interleave(M, dim=1).view(1, nb, W * M)
             valid = ok if valid is None else valid & ok
-        if valid is not None:
-            work = torch.promote_types(c_q.dtype, torch.float32)
-            key_bias = (~valid).to(work) * invalid_value  # (G, nb, 1, K)
-            bias = key_bias if bias is None else bias + key_bias  # G may broadcast
-        if log_count_fn is not None:
-            count = log_count_fn(qpos.squeeze(-1), kpos.squeeze(-2))
-            bias = -count if bias is None else bias.sub_(count)
-        # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
-        q3, k3 = self.q.reshape(G * nb, M, E), self.k.reshape(G * nb, W * M, E)
-        if bias is None:
-            logits = torch.bmm(q3, k3.transpose(1, 2))
-            if scale != 1:
-                logits.mul_(scale)
-        else:
-            bias = bias.to(c_q.dtype).expand(G, nb, M, W * M).reshape(G * nb, M, W * M)
-            logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
-        logits = logits.view(G, nb, M, W * M)
-        self.probs = torch.softmax(logits, dim=-1)
-        self.lse = logits.amax(dim=-1).sub_(self.probs.amax(dim=-1).log_())  # (G, nb, M)
-        del logits
-        self.keep = None
-        if dropout > 0:
-            self.keep = torch.empty_like(self.probs).bernoulli_(1 - dropout).div_(1 - dropout)
+        self.probs, self.lse, self.keep = window_probs(
+            self.q, self.k, qpos, kpos, valid, causal=causal, self_mask=self_mask, scale=scale,
+            log_count_fn=log_count_fn, dropout=dropout)
         self.kept = self.probs if self.keep is None else self.probs * self.keep
 
     def scatter(self, grad: torch.Tensor, grad_window: torch.Tensor) -> None:
@@ -229,6 +207,50 @@ class _Block:
         if self.inside is not None:
             grad_window = grad_window * self.inside
         grad.index_add_(1, self.idx, grad_window)
+
+
+def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                 valid: torch.Tensor | None, *, causal: bool, self_mask: bool, scale: float,
+                 log_count_fn=None, dropout: float = 0.0) -> tuple:
+    """Softmax attention weights of query blocks over their key windows.
+
+    Args:
+        q: (G, nb, M, E) queries; k: (G, nb, K, E) the keys of each block's window.
+        qpos: (G, nb, M), kpos: (G, nb, K) float positions (G may be 1 when shared).
+        valid: (G, nb, K) bool, False = masked key, or None.
+        causal, self_mask, scale, log_count_fn, dropout: as in :func:`chunk_window_attention`.
+
+    Returns:
+        probs (G, nb, M, K), the log-sum-exp of each query's logits (G, nb, M), and the
+        dropout multiplier (G, nb, M, K) or None.
+    """
+    G, nb, M, E = q.shape
+    K = k.shape[2]
+    bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, q.dtype)
+    if valid is not None:
+        work = torch.promote_types(q.dtype, torch.float32)
+        key_bias = (~valid).to(work).mul_(mask_values(q.dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
+        bias = key_bias if bias is None else bias + key_bias  # G may broadcast
+    if log_count_fn is not None:
+        count = log_count_fn(qpos, kpos)
+        bias = -count if bias is None else bias.sub_(count)
+    # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
+    q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
+    if bias is None:
+        logits = torch.bmm(q3, k3.transpose(1, 2))
+        if scale != 1:
+            logits.mul_(scale)
+    else:
+        bias = bias.to(q.dtype).expand(G, nb, M, K).reshape(G * nb, M, K)
+        logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+    logits = logits.view(G, nb, M, K)
+    probs = torch.softmax(logits, dim=-1)
+    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
+    del logits
+    keep = None
+    if dropout > 0:
+        keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
+    return probs, lse, keep
 
 
 def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: bool,

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer.attention._chunked import (
-    chunk_window_attention,
     gather_rows,
     mask_values,
     pad_to_multiple,
     padded_mask,
     window_offsets,
 )
+from reformer.attention._sorted import sorted_window_attention
 from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig, resolve_n_buckets
 from reformer.hashing import Rotations, hash_vectors, n_buckets_of, sample_rotations, sort_by_bucket
@@ -102,31 +102,20 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     G, n = B * H, R * Lp // M
     s_items, undo = sort_by_bucket(buckets, n_buckets)  # (B, H, R*Lp) each
     s_pos = (s_items % Lp).view(G, R * Lp)  # original position of each sorted item
-    undo = undo.view(G, R * Lp)
-    s_qk = gather_rows(qk.reshape(G, Lp, E), s_pos)  # (G, R*Lp, E)
-    s_v = gather_rows(v.reshape(G, Lp, E), s_pos)
-    s_k = F.normalize(s_qk, dim=-1)  # k_j = q_j / |q_j|
-    c_valid = None
+    valid = None
     if attention_mask is not None:
         valid = attention_mask[:, None, :].expand(B, H, Lp).reshape(G, Lp)
-        c_valid = valid.gather(1, s_pos).view(G, n, M)
+    offsets = window_offsets(n, n_chunks_before, n_chunks_after)
     log_count_fn = None
     if dedup_rounds and R > 1:
-        chunk_of = (undo // M).view(G, R, Lp).transpose(1, 2)  # (G, Lp, R) chunk of each item
-        log_count_fn = _LogMultiplicity(chunk_of, window_offsets(n, n_chunks_before,
-                                                                 n_chunks_after), n, qk.dtype)
-    c_out, lse = chunk_window_attention(
-        s_qk.view(G, n, M, E), s_k.view(G, n, M, E), s_v.view(G, n, M, E), s_pos.view(G, n, M),
-        offsets=window_offsets(n, n_chunks_before, n_chunks_after), circular=True,
-        causal=causal, c_valid=c_valid, self_mask=True, log_count_fn=log_count_fn,
-        dropout=dropout)  # (G, n, M, E), (G, n, M)
-    # Unsort: item r*Lp + i sits at sorted slot undo[:, r*Lp + i].
-    o = gather_rows(c_out.view(G, R * Lp, E), undo).view(B, H, R, Lp, E)
-    z = lse.view(G, R * Lp).gather(1, undo).view(B, H, R, Lp)
-    if R == 1:
-        return o.view(B, H, Lp, E)
-    w = torch.softmax(z, dim=2).unsqueeze(-1)  # (B, H, R, Lp, 1): o = sum_r softmax_r(z) o_r
-    return (o * w).sum(dim=2)
+        chunk_of = (undo.view(G, R, Lp) // M).transpose(1, 2)  # (G, Lp, R) chunk of each item
+        log_count_fn = _LogMultiplicity(chunk_of, offsets, n, qk.dtype)
+    k = F.normalize(qk, dim=-1)  # k_j = q_j / |q_j|
+    out, _ = sorted_window_attention(
+        qk.reshape(G, Lp, E), k.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos,
+        chunk_length=M, offsets=offsets, causal=causal, valid=valid,
+        log_count_fn=log_count_fn, dropout=dropout)
+    return out.view(B, H, Lp, E)
 
 
 class _LogMultiplicity:

@@ -1,0 +1,185 @@
+"""The LSH attention kernel: chunks of the bucket-sorted sequence, without building it.
+
+LSH attention sorts all R*Lp (round, position) items by bucket and lets every chunk of M
+sorted items attend to the chunks at fixed offsets from it (lsh.py). Building the sorted
+sequence costs R copies of q, k and v, and unsorting the per-round outputs R more; at a million
+tokens and 4 rounds each copy is 1 GiB per head. This kernel never builds them: it walks the
+sorted order a block of chunks at a time, gathers each block's query rows and window key rows
+straight from the unsorted (G, Lp, E) tensors through the sort permutation, and scatters the
+results back to positions.
+
+Rounds are combined on the fly: each round's output and log-sum-exp are written to position
+order and folded into a running softmax-weighted sum, ``o = sum_r exp(z_r - Z) o_r`` with
+``Z = logsumexp_r z_r``, so only two (G, Lp, E) buffers exist whatever R is. The result is
+softmax attention over every key item that a query saw in any of its rounds, and the backward
+uses exactly that (flash-attention style): with the final log-sum-exp Z kept from the
+forward, each block's global probabilities are ``P = softmax_block(S) * exp(z_block - Z)``
+and ``dS = P * (dP - rowsum(dO * o))``, one block at a time, in any order.
+
+Shapes: G = B*H sequences, Lp positions (a multiple of M), E head size, R rounds,
+n = R*Lp/M chunks, nr = Lp/M chunks per round, W window chunks, K = W*M keys per window,
+nb chunks per block. Blocks never straddle two rounds, so a block's queries are distinct
+positions.
+
+Decisions:
+- Below ``SAVE_ELEMENTS`` the forward keeps each block's gathered rows and probabilities for
+  the backward (the reversible backward runs this forward right before its backward); above
+  it, the backward recomputes them.
+- Masks and the score arithmetic are shared with the chunk kernel (``window_probs``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reformer._rng import capture_rng, replay_rng
+from reformer.attention import _chunked
+from reformer.attention._chunked import window_probs
+
+
+class _SortedBlock:
+    """One block of sorted chunks: its rows, positions and attention weights."""
+
+    def __init__(self, rows: tuple, s_pos: torch.Tensor, valid: torch.Tensor | None,
+                 start: int, stop: int, spec: tuple) -> None:
+        q_rows, k_rows, v_rows = rows
+        M, offsets, causal, log_count_fn, dropout = spec
+        G, Lp, E = q_rows.shape
+        n = s_pos.shape[1] // M
+        nb, W = stop - start, len(offsets)
+        device = s_pos.device
+        chunks = (torch.arange(start, stop).unsqueeze(1) + torch.tensor(offsets)) % n  # (nb, W)
+        slots = (chunks.unsqueeze(-1) * M + torch.arange(M)).reshape(-1).to(device)  # (nb*K,)
+        base = torch.arange(G, device=device).unsqueeze(1) * Lp
+        qpos = s_pos[:, start * M:stop * M]  # (G, nb*M) positions of the queries
+        kpos = s_pos.index_select(1, slots)  # (G, nb*K)
+        self.q_flat = (qpos + base).reshape(-1)  # rows of the (G*Lp, E) views
+        self.k_flat = (kpos + base).reshape(-1)
+        self.q = q_rows.reshape(G * Lp, E).index_select(0, self.q_flat).view(G, nb, M, E)
+        self.k = k_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M, E)
+        self.v = v_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M, E)
+        k_valid = None if valid is None else valid.gather(1, kpos).view(G, nb, W * M)
+        self.probs, self.lse, self.keep = window_probs(
+            self.q, self.k, qpos.view(G, nb, M).float(), kpos.view(G, nb, W * M).float(),
+            k_valid, causal=causal, self_mask=True, scale=1.0, log_count_fn=log_count_fn,
+            dropout=dropout)
+        self.kept = self.probs if self.keep is None else self.probs * self.keep
+
+
+def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, int]]:
+    """Round r's chunks in blocks of about BLOCK_ELEMENTS scores."""
+    nb = max(1, _chunked.BLOCK_ELEMENTS // (G * M * K))
+    return [(r * nr + s, r * nr + min(s + nb, nr)) for s in range(0, nr, nb)]
+
+
+class SortedWindowAttention(torch.autograd.Function):
+    """``apply(q_rows, k_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn,
+    dropout)`` -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
+
+    @staticmethod
+    def forward(ctx, q_rows, k_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn,
+                dropout):
+        G, Lp, E = q_rows.shape
+        R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
+        spec = (M, offsets, causal, log_count_fn, dropout)
+        ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
+        keep_blocks = torch.is_grad_enabled() and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
+        saved = [] if keep_blocks else None
+        out = lse = None
+        rows = (q_rows, k_rows, v_rows)
+        for r in range(R):
+            o_r = q_rows.new_empty(G * Lp, E)  # this round's output in position order
+            z_r = q_rows.new_empty(G * Lp)
+            for start, stop in _round_blocks(G, r, nr, M, K):
+                blk = _SortedBlock(rows, s_pos, valid, start, stop, spec)
+                o_r.index_copy_(0, blk.q_flat, torch.matmul(blk.kept, blk.v).view(-1, E))
+                z_r.index_copy_(0, blk.q_flat, blk.lse.reshape(-1))
+                if keep_blocks:
+                    saved.append(blk)
+            o_r, z_r = o_r.view(G, Lp, E), z_r.view(G, Lp)
+            if out is None:
+                out, lse = o_r, z_r
+                continue
+            total = torch.logaddexp(lse, z_r)  # o = sum_r exp(z_r - Z) o_r, folded round by round
+            out.mul_((lse - total).exp_().unsqueeze(-1))
+            out.add_(o_r.mul_((z_r - total).exp_().unsqueeze(-1)))
+            lse = total
+        ctx.spec, ctx.blocks = spec, saved
+        ctx.save_for_backward(q_rows, k_rows, v_rows, s_pos, valid, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q_rows, k_rows, v_rows, s_pos, valid, out, lse = ctx.saved_tensors
+        G, Lp, E = q_rows.shape
+        M, offsets = ctx.spec[0], ctx.spec[1]
+        R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        row = (grad_out * out).sum(dim=-1)  # rowsum(dO * o) = rowsum(P * dP), (G, Lp)
+        if grad_lse is not None:
+            row = row - grad_lse  # dS = P * (dP - row)
+        row, lse, d_out = row.reshape(-1), lse.reshape(-1), grad_out.reshape(G * Lp, E)
+        grads = [torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
+                 for _ in range(3)]
+        grad_q, grad_k, grad_v = grads
+        saved, ctx.blocks = ctx.blocks, None
+        rows = (q_rows, k_rows, v_rows)
+        with replay_rng(None if saved else ctx.rng, q_rows.device):
+            blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
+            for i, (start, stop) in enumerate(blocks):
+                blk = saved[i] if saved else _SortedBlock(rows, s_pos, valid, start, stop,
+                                                          ctx.spec)
+                shape = blk.lse.shape  # (G, nb, M)
+                # The block's probabilities as a share of all the query's keys in all rounds.
+                share = (blk.lse - lse[blk.q_flat].view(shape)).exp_().unsqueeze(-1)
+                d_o = d_out.index_select(0, blk.q_flat).view(*shape, E)
+                grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # (G, nb, M, K)
+                if blk.keep is not None:
+                    grad_p.mul_(blk.keep)
+                grad_s = grad_p.sub_(row[blk.q_flat].view(shape).unsqueeze(-1))
+                grad_s.mul_(blk.probs).mul_(share)
+                grad_q.index_add_(0, blk.q_flat, torch.matmul(grad_s, blk.k).view(-1, E))
+                grad_k.index_add_(0, blk.k_flat,
+                                  torch.matmul(grad_s.transpose(-1, -2), blk.q).view(-1, E))
+                kept = blk.kept * share
+                grad_v.index_add_(0, blk.k_flat,
+                                  torch.matmul(kept.transpose(-1, -2), d_o).view(-1, E))
+                if saved:
+                    saved[i] = None  # free as we go
+        shape = q_rows.shape
+        return (grad_q.view(shape), grad_k.view(shape), grad_v.view(shape),
+                None, None, None, None, None, None, None)
+
+
+def sorted_window_attention(q_rows: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                            s_pos: torch.Tensor, *, chunk_length: int, offsets: list[int],
+                            causal: bool, valid: torch.Tensor | None = None,
+                            log_count_fn=None,
+                            dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every chunk of the sorted order over its window, rounds combined.
+
+    Args:
+        q_rows, k_rows, v_rows: (G, Lp, E) queries, unit keys and values in position order.
+        s_pos: (G, R*Lp) the position at each sorted slot (round-major: slots r*Lp.. hold
+            round r, sorted by bucket).
+        chunk_length: M; Lp must be a multiple of it.
+        offsets: window chunk offsets over the n = R*Lp/M sorted chunks (circular).
+        causal: mask keys at later positions; a query's own position is always masked with
+            the self value (shared-QK attention).
+        valid: (G, Lp) bool, False = padding (never a key), or None.
+        log_count_fn: LSH de-duplication, see ``_chunked.chunk_window_attention``.
+        dropout: attention dropout on the probabilities (0 in eval).
+
+    Returns:
+        out (G, Lp, E) and each query's log-sum-exp over all its rounds (G, Lp).
+    """
+    G, Lp, _ = q_rows.shape
+    if Lp % chunk_length or s_pos.shape[1] % Lp:
+        raise ValueError(f"{Lp} positions and {s_pos.shape[1]} sorted slots must be multiples "
+                         f"of chunk_length={chunk_length} and of each other; pad the input")
+    if Lp > 1 << 24:
+        raise ValueError(f"{Lp} positions exceed 2**24, the largest that the float32 mask "
+                         "arithmetic represents exactly; use shorter sequences")
+    return SortedWindowAttention.apply(q_rows, k_rows, v_rows, s_pos, valid, chunk_length,
+                                       list(offsets), causal, log_count_fn, dropout)
