@@ -4,14 +4,18 @@
     (y1, y2) = ReversibleStack(x, x)                      (B, L, D) each
     logits = Linear(LayerNorm(concat(y1, y2)))            (B, L, V)
 
-Shapes: B batch, L length, D d_model, V vocab_size, N rows of the loss.
+Shapes: B batch, L length, D d_model, V vocab_size, n rows of one loss block.
 
 Decisions:
 - ``labels`` are aligned with ``input_ids``; the model shifts them (position t predicts
   labels[t + 1]) and ignores -100. The loss is the mean cross-entropy in nats.
-- With ``return_logits=False`` the output projection and the loss are computed over blocks of
-  ``loss_chunk_size`` positions, each recomputed in the backward (activation checkpointing), so
-  that no (L, V) logits tensor exists: at a million tokens and V = 256 it would be 1 GiB.
+- With ``return_logits=False`` the final LayerNorm, the output projection and the loss are one
+  autograd node (:class:`_ChunkedHeadLoss`) that works over blocks of ``loss_chunk_size``
+  positions of (y1, y2) and recomputes each block in the backward, so that neither the (L, 2D)
+  normalised states nor the (L, V) logits ever exist: at a million tokens, D = 256 and V = 256
+  they would be 2 GiB and 1 GiB. Its backward writes dL/dy1 and dL/dy2 into two fresh tensors
+  that nothing else holds, which lets the reversible stack reuse their storage
+  (``CallInfo.owned_grads``).
 - Lengths that are not a multiple of a chunk length need no padding here: each attention
   layer pads internally and masks the padding.
 """
@@ -23,12 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.func import functional_call
 
 from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig
 from reformer.layers import positional_embedding, row_chunks
-from reformer.reversible import CallInfo, ReversibleStack
+from reformer.reversible import CallInfo, ReversibleStack, _leaf_params
 
 
 @dataclass
@@ -136,7 +140,8 @@ class ReformerLM(nn.Module):
             labels: (B, L) targets aligned with input_ids (shifted inside), -100 = ignore.
             n_hashes: LSH rounds for this call (default ``config.n_hashes``), e.g. 8 at
                 evaluation for a model trained with 2.
-            return_logits: also return (B, L, V) logits; False computes the loss in chunks.
+            return_logits: also return (B, L, V) logits; False (with labels) computes
+                the loss block by block without them (:class:`_ChunkedHeadLoss`).
 
         Returns:
             ReformerOutput(logits, loss).
@@ -144,37 +149,82 @@ class ReformerLM(nn.Module):
         self._check_inputs(input_ids, attention_mask, labels)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-        call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes)
+        fused_loss = labels is not None and not return_logits
+        # The fused loss is then the only consumer of (y1, y2), and its gradients are its own.
+        call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes, owned_grads=fused_loss)
         y1, y2 = self.stack(self.embed_tokens(input_ids), call)
-        hidden = self.norm(torch.cat([y1, y2], dim=-1))  # (B, L, 2D)
-        if return_logits or labels is None:
-            logits = self.head(hidden)  # (B, L, V)
-            loss = None
-            if labels is not None:
-                targets = labels[:, 1:].reshape(-1).long()
-                loss = self._loss_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
-                loss = loss / (targets != -100).sum().clamp(min=1)
-            return ReformerOutput(logits=logits, loss=loss)
-        return ReformerOutput(loss=self.chunked_loss(hidden, labels))
+        if labels is None:
+            return ReformerOutput(logits=self.head(self.norm(torch.cat([y1, y2], dim=-1))))
+        # Position t predicts labels[t + 1]; the last position predicts nothing.
+        targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)  # (B, L)
+        count = (targets != -100).sum().clamp(min=1)
+        if fused_loss:
+            total = _ChunkedHeadLoss.apply(y1, y2, targets, self.norm, self.head,
+                                           self.config.loss_chunk_size,
+                                           *self.norm.parameters(), *self.head.parameters())
+            return ReformerOutput(loss=total / count)
+        logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))  # (B, L, V)
+        loss = _loss_sum(logits.flatten(0, 1), targets.flatten()) / count
+        return ReformerOutput(logits=logits, loss=loss)
 
-    def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over blocks of positions, without full logits.
 
-        Args:
-            hidden: (B, L, 2D) normalised final states; labels: (B, L).
-        """
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (N, 2D)
-        t = labels[:, 1:].reshape(-1).long()  # (N,)
-        total = 0.0
-        for s in row_chunks(h.shape[0], self.config.loss_chunk_size):
-            total = total + checkpoint(self._head_loss_sum, h[s], t[s], use_reentrant=False)
-        return total / (t != -100).sum().clamp(min=1)
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy, computed in at least float32 (bf16 logits are upcast)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
-    def _head_loss_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._loss_sum(self.head(h), t)
+
+def _block_loss(norm: nn.Module, head: nn.Module, params: dict, y1: torch.Tensor,
+                y2: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, D) rows of each stream, (n,) targets -> () summed loss of head(norm(concat))."""
+    hidden = functional_call(norm, params["norm"], (torch.cat([y1, y2], dim=-1),))  # (n, 2D)
+    return _loss_sum(functional_call(head, params["head"], (hidden,)), targets)  # (n, V) logits
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of Linear(LayerNorm(concat(y1, y2))), one block of rows at a time.
+
+    Keeps only (y1, y2) and the targets; the backward recomputes each block on detached
+    stand-ins of the parameters (as the reversible stack does), so parameter hooks see each
+    total gradient once, and returns dL/dy1, dL/dy2 as two fresh, separate tensors.
+    ``params`` (the norm's, then the head's) are inputs only so that autograd hands their
+    gradients on; the values are read from the modules.
+    """
 
     @staticmethod
-    def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy, computed in at least float32 (bf16 logits are upcast)."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    def forward(ctx, y1, y2, targets, norm, head, chunk, *params):
+        ctx.norm, ctx.head, ctx.chunk = norm, head, chunk
+        ctx.autocast = (y1.device.type, torch.is_autocast_enabled(y1.device.type),
+                        torch.get_autocast_dtype(y1.device.type))
+        ctx.save_for_backward(y1, y2, targets)
+        real = {"norm": dict(norm.named_parameters()), "head": dict(head.named_parameters())}
+        rows1, rows2 = y1.reshape(-1, y1.shape[-1]), y2.reshape(-1, y2.shape[-1])  # (B*L, D)
+        t = targets.reshape(-1)  # (B*L,)
+        total = None
+        for s in row_chunks(t.shape[0], chunk):
+            part = _block_loss(norm, head, real, rows1[s], rows2[s], t[s])
+            total = part if total is None else total + part
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        y1, y2, targets = ctx.saved_tensors
+        params = {"norm": _leaf_params(ctx.norm), "head": _leaf_params(ctx.head)}
+        leaves = [*params["norm"].values(), *params["head"].values()]
+        param_grads = [torch.zeros_like(p) for p in leaves]
+        grad_y1 = torch.empty(y1.shape, dtype=y1.dtype, device=y1.device)  # (B, L, D)
+        grad_y2 = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
+        rows1, rows2 = y1.reshape(-1, y1.shape[-1]), y2.reshape(-1, y2.shape[-1])  # (B*L, D)
+        g1, g2 = grad_y1.view(-1, y1.shape[-1]), grad_y2.view(-1, y2.shape[-1])
+        t = targets.reshape(-1)  # (B*L,); the last position's -100 makes its gradient zero
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for s in row_chunks(t.shape[0], ctx.chunk):
+                a = rows1[s].detach().requires_grad_(True)
+                b = rows2[s].detach().requires_grad_(True)
+                loss = _block_loss(ctx.norm, ctx.head, params, a, b, t[s])
+                g1[s], g2[s], *grads = torch.autograd.grad(loss, [a, b, *leaves], grad_total)
+                for total, g in zip(param_grads, grads, strict=True):
+                    total += g
+                del loss, grads
+        return (grad_y1, grad_y2, None, None, None, None, *param_grads)
