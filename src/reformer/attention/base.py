@@ -7,9 +7,13 @@ attention half of a reversible block is chunked (DESIGN.md 1.6).
 
 Shapes: B batch, L length, D d_model, H heads, E d_head.
 
-A module subclass provides ``heads_forward(x, heads, state, attention_mask)`` for one slice of
-heads; ``prepare`` computes per-call state shared by all slices (LSH: the rotations and, once
-computed, the buckets, which the reversible backward then replays).
+A module subclass names its input projections (``projections``: W_qk, W_v for shared-QK
+attention; W_q, W_k, W_v otherwise) and provides ``core(projected, heads, state,
+attention_mask)``, the attention of one slice of heads given their projected inputs; the base
+class applies the projections and W_o. The reversible stack does the same pieces by hand so
+that nothing (L, D)-sized is built per head. ``prepare`` computes per-call state shared by all
+slices (LSH: the rotations and, once computed, the buckets, which the reversible backward then
+replays).
 
 Incremental decoding (DESIGN.md 1.7): ``new_cache`` / ``fill_cache`` / ``step`` keep the keys
 and values of past positions in a :class:`LayerCache`, so that one new position costs work
@@ -90,9 +94,21 @@ class HeadSlicedAttention(nn.Module):
     def attention_dropout(self) -> float:
         return self.config.attention_dropout if self.training else 0.0
 
+    def projections(self) -> list[nn.Linear]:
+        """The input projections, in the order ``core`` takes their outputs."""
+        raise NotImplementedError
+
+    def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the heads in ``heads`` from their projected inputs, each (B, h, L, E),
+        -> (B, h, L, E), before W_o."""
+        raise NotImplementedError
+
     def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """One slice of heads' contribution (B, L, D) to the attention of ``x`` (B, L, D)."""
+        projected = [self.project(w, x, heads) for w in self.projections()]
+        return self.merge(self.core(projected, heads, state, attention_mask), heads)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 n_hashes: int | None = None, *, state: AttentionState | None = None,

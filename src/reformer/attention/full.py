@@ -70,12 +70,14 @@ class FullSelfAttention(HeadSlicedAttention):
         self.w_qk = nn.Linear(config.d_model, inner, bias=False)
         self.w_v = nn.Linear(config.d_model, inner, bias=False)
 
-    def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = full_attention(self.project(self.w_qk, x, heads), self.project(self.w_v, x, heads),
-                             causal=self.config.causal, attention_mask=attention_mask,
-                             dropout=self.attention_dropout())
-        return self.merge(out, heads)
+    def projections(self) -> list[nn.Linear]:
+        return [self.w_qk, self.w_v]
+
+    def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        qk, v = projected
+        return full_attention(qk, v, causal=self.config.causal, attention_mask=attention_mask,
+                              dropout=self.attention_dropout())
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)

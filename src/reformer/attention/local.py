@@ -70,16 +70,16 @@ class LocalSelfAttention(HeadSlicedAttention):
         self.w_k = nn.Linear(config.d_model, inner, bias=False)
         self.w_v = nn.Linear(config.d_model, inner, bias=False)
 
-    def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def projections(self) -> list[nn.Linear]:
+        return [self.w_q, self.w_k, self.w_v]
+
+    def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
-        out = local_attention(self.project(self.w_q, x, heads), self.project(self.w_k, x, heads),
-                              self.project(self.w_v, x, heads),
-                              chunk_length=cfg.local_chunk_length,
-                              n_chunks_before=cfg.n_chunks_before,
-                              n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                              attention_mask=attention_mask, dropout=self.attention_dropout())
-        return self.merge(out, heads)
+        return local_attention(*projected, chunk_length=cfg.local_chunk_length,
+                               n_chunks_before=cfg.n_chunks_before,
+                               n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
+                               attention_mask=attention_mask, dropout=self.attention_dropout())
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)

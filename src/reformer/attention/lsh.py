@@ -176,14 +176,16 @@ class LSHSelfAttention(HeadSlicedAttention):
         n_hashes = (rotations[0] if isinstance(rotations, list) else rotations).shape[2]
         return AttentionState(n_hashes=n_hashes, rotations=rotations)
 
-    def heads_forward(self, x: torch.Tensor, heads: slice, state: AttentionState,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def projections(self) -> list[nn.Linear]:
+        return [self.w_qk, self.w_v]
+
+    def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
-        B, L, _ = x.shape
+        B, _, L, _ = projected[0].shape
         Lp = self.padded_length(L)
-        qk = pad_to_multiple(self.project(self.w_qk, x, heads), cfg.chunk_length, 2)
-        v = pad_to_multiple(self.project(self.w_v, x, heads), cfg.chunk_length, 2)
-        mask = padded_mask(attention_mask, B, L, Lp, x.device)
+        qk, v = (pad_to_multiple(t, cfg.chunk_length, 2) for t in projected)
+        mask = padded_mask(attention_mask, B, L, Lp, qk.device)
         rots = state.rotations
         buckets = state.buckets.get(heads.start)
         if buckets is None:  # first pass; the reversible backward finds them recorded
@@ -196,7 +198,7 @@ class LSHSelfAttention(HeadSlicedAttention):
                                  n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
                                  dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
                                  dropout=self.attention_dropout())
-        return self.merge(out[:, :, :L], heads)
+        return out[:, :, :L]
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int, device: torch.device,
