@@ -23,8 +23,8 @@ def install_trim() -> None:
     from reformer import reversible
 
     libc = ctypes.CDLL("libc.so.6")
-    for owner, name in ((reversible.AttentionHalf, "backward"),
-                        (reversible.ReversibleBlock, "forward")):
+    for owner, name in ((reversible.AttentionHalf, "backward_"),
+                        (reversible.ReversibleBlock, "forward_")):
         original = getattr(owner, name)
 
         def trimmed(self, *args, _original=original, **kwargs):

@@ -225,3 +225,45 @@ def test_input_gradient_of_the_stack(make_model, reversible):
         (y1.square().sum() + (y1 * y2).sum()).backward()
         grads.append(x_in.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=ATOL)
+
+
+def loss_and_grads(model, tokens, *, reversible: bool):
+    """Seeded forward + backward of the fused loss (return_logits=False)."""
+    model.stack.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = model(tokens, labels=tokens, return_logits=False).loss
+    assert graph_has(loss, "_ReversibleFunctionBackward") == reversible
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_fused_loss_path_reuses_gradient_storage_and_matches_autograd(make_model, ids):
+    # With the fused loss the stack's backward overwrites its outputs and incoming gradients
+    # in place (CallInfo.owned_grads); the result must still equal plain autograd.
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24, seed=3)
+    assert_same(loss_and_grads(model, tokens, reversible=True),
+                loss_and_grads(model, tokens, reversible=False))
+
+
+def test_fused_loss_path_refuses_a_second_backward(make_model, ids):
+    # Its saved outputs were turned back into the inputs: autograd must notice, not reuse them.
+    model = make_model()
+    tokens = ids(2, 24)
+    loss = model(tokens, labels=tokens, return_logits=False).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_backward_leaves_the_callers_outputs_and_gradients_alone(make_model):
+    # Without owned_grads the outputs and the gradients it receives belong to the caller.
+    model = make_model(**REGULARISED)
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    y1, y2 = model.stack(x, CallInfo())
+    g1, g2 = torch.randn_like(y1), torch.randn_like(y2)
+    before = [t.clone() for t in (y1, y2, g1, g2)]
+    torch.autograd.backward([y1, y2], [g1, g2])
+    for t, b in zip((y1, y2, g1, g2), before, strict=True):
+        assert torch.equal(t.detach(), b)

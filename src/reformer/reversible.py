@@ -15,6 +15,12 @@ replayed by restoring the RNG state recorded before each half's forward and cons
 the same order; LSH bucket ids are recorded in the forward and reused, since recomputed inputs
 can differ in the last bit and flip a bucket.
 
+Memory: the two streams are updated in place, in the forward (each layer's outputs overwrite
+its inputs) and in the backward (the outputs are turned back into inputs and the two gradient
+buffers accumulate), so a training step holds four (B, L, D) tensors plus one head slice's or
+one row block's temporaries, whatever the depth. At a million tokens and D = 256 each stream
+is 1 GiB, so a second copy of anything (L, D)-sized would matter.
+
 Shapes: B batch, L length, D d_model, N = B*L rows.
 
 Decision: parameter gradients are *returned* by the autograd Function (the parameters are its
@@ -29,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -39,6 +46,7 @@ from reformer.config import ReformerConfig
 from reformer.layers import FeedForward, dropout_keep, row_chunks
 
 Grads = list[torch.Tensor]
+ROWS = 1 << 12  # rows per block of the position-wise work inside the attention half
 
 
 @dataclass
@@ -80,8 +88,20 @@ def _accumulate(total: Grads | None, new: Grads) -> Grads:
     return new if total is None else [a + b for a, b in zip(total, new, strict=True)]
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) -> (N, D), a view (the stack's streams are contiguous)."""
+    return x.view(-1, x.shape[-1])
+
+
 class AttentionHalf(nn.Module):
-    """f(x) = Dropout(Attention(LayerNorm(x))), computed over slices of heads."""
+    """f(x) = Dropout(Attention(LayerNorm(x))), computed over slices of heads.
+
+    In the reversible stack (``add_forward_``, ``backward_``) each head slice's projections are
+    computed block of rows by block of rows from a recomputed LayerNorm, and W_o, the
+    projections and the LayerNorm are differentiated by hand block by block: per head slice
+    only (N, h*E) tensors exist, never an (N, D) one besides the two streams and their
+    gradients.
+    """
 
     def __init__(self, config: ReformerConfig, layer_index: int) -> None:
         super().__init__()
@@ -111,27 +131,82 @@ class AttentionHalf(nn.Module):
             out = part if out is None else out + part
         return out
 
-    def backward(self, x: torch.Tensor, grad_out: torch.Tensor, rec: HalfRecord,
-                 call: CallInfo) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-        """Recompute f(x) head slice by head slice; return f(x), dL/dx and parameter grads."""
-        attn_params, norm_params = _leaf_params(self.attn), _leaf_params(self.norm)
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            h = functional_call(self.norm, norm_params, (x,))
-            h_in = h.detach().requires_grad_(True)
-            keep = dropout_keep(x, self.dropout if self.training else 0.0)
-            out, grad_h, attn_grads = torch.zeros_like(x), torch.zeros_like(h), None
-            for heads in self.attn.head_slices():
-                part = functional_call(self.attn, attn_params, (h_in, call.attention_mask),
-                                       {"state": rec.attn, "heads": heads})
-                part = part if keep is None else part * keep
-                g = _grads(part, [h_in, *attn_params.values()], grad_out)
-                grad_h += g[0]
-                attn_grads = _accumulate(attn_grads, g[1:])
-                out += part.detach()
-                del part, g
-            grad_x, *norm_grads = _grads(h, [x, *norm_params.values()], grad_h)
-        return out, grad_x, norm_grads + attn_grads  # order of self.parameters()
+    def _columns(self, heads: slice) -> slice:
+        E = self.attn.d_head
+        return slice(heads.start * E, heads.stop * E)
+
+    def _projected(self, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:
+        """The projections of LayerNorm(x) for ``heads``, each (B, h, L, E)."""
+        B, L, _ = x.shape
+        cols, x_rows, outs = self._columns(heads), _rows(x), None
+        for s in row_chunks(x_rows.shape[0], ROWS):
+            h = self.norm(x_rows[s])
+            parts = [F.linear(h, lin.weight[cols]) for lin in self.attn.projections()]
+            if outs is None:
+                outs = [p.new_empty(x_rows.shape[0], p.shape[1]) for p in parts]
+            for out, part in zip(outs, parts, strict=True):
+                out[s] = part
+        return [o.view(B, L, -1, self.attn.d_head).transpose(1, 2) for o in outs]
+
+    def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
+                     call: CallInfo) -> None:
+        """acc += f(x), in place (no autograd)."""
+        keep = dropout_keep(x, self.dropout if self.training else 0.0)
+        for heads in self.attn.head_slices():
+            o = self.attn.core(self._projected(x, heads), heads, rec.attn, call.attention_mask)
+            self._merge_into(o, heads, acc, keep, sign=1.0)
+
+    def _merge_into(self, o: torch.Tensor, heads: slice, acc: torch.Tensor,
+                    keep: torch.Tensor | None, sign: float) -> torch.Tensor:
+        """acc += sign * Dropout(o W_o^T) over blocks of rows; returns o as (N, h*E) rows."""
+        o_rows = o.transpose(1, 2).reshape(acc.numel() // acc.shape[-1], -1)
+        w_o, acc_rows = self.attn.w_o.weight[:, self._columns(heads)], _rows(acc)
+        for s in row_chunks(o_rows.shape[0], ROWS):
+            part = F.linear(o_rows[s], w_o)
+            if keep is not None:
+                part = part * _rows(keep)[s]
+            acc_rows[s] += part if sign > 0 else -part
+        return o_rows
+
+    def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
+                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> Grads:
+        """For y = x' + f(x): turn ``y`` into x' = y - f(x) and add dL/dx through f to
+        ``grad_x``, both in place; return the parameter gradients (order of parameters())."""
+        attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
+        lins = attn.projections()
+        grads = {p: torch.zeros_like(p) for p in self.parameters()}
+        norm_params = _leaf_params(self.norm)
+        keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
+        for heads in attn.head_slices():
+            cols = self._columns(heads)
+            projected = [p.requires_grad_(True) for p in self._projected(x, heads)]
+            with torch.enable_grad():
+                o = attn.core(projected, heads, rec.attn, call.attention_mask)
+            o_rows = self._merge_into(o.detach(), heads, y, keep, sign=-1.0)  # y -> x'
+            w_o = attn.w_o.weight[:, cols]
+            grad_o = o_rows.new_empty(o_rows.shape)
+            for s in row_chunks(o_rows.shape[0], ROWS):
+                g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
+                grad_o[s] = g @ w_o
+                grads[attn.w_o.weight][:, cols] += g.t() @ o_rows[s]
+            grad_o = grad_o.view(o.shape[0], o.shape[2], -1, o.shape[3]).transpose(1, 2)
+            grad_in = _grads(o, projected, grad_o)
+            del o, grad_o, projected
+            grad_in = [g.transpose(1, 2).reshape(x_rows.shape[0], -1) for g in grad_in]
+            for s in row_chunks(x_rows.shape[0], ROWS):  # back through projections, LayerNorm
+                with torch.enable_grad():
+                    xs = x_rows[s].detach().requires_grad_(True)
+                    h = functional_call(self.norm, norm_params, (xs,))
+                grad_h = None
+                for lin, g in zip(lins, grad_in, strict=True):
+                    grads[lin.weight][cols] += g[s].t() @ h.detach()
+                    part = g[s] @ lin.weight[cols]
+                    grad_h = part if grad_h is None else grad_h + part
+                gx, *gn = _grads(h, [xs, *norm_params.values()], grad_h)
+                gx_rows[s] += gx
+                for p, gp in zip(self.norm.parameters(), gn, strict=True):
+                    grads[p] += gp
+        return [grads[p] for p in self.parameters()]
 
 
 class FeedForwardHalf(nn.Module):
@@ -154,21 +229,30 @@ class FeedForwardHalf(nn.Module):
         parts = [self.ff(self.norm(rows[s])) for s in row_chunks(rows.shape[0], self.chunk)]
         return torch.cat(parts).view_as(x) if len(parts) > 1 else parts[0].view_as(x)
 
-    def backward(self, x: torch.Tensor, grad_out: torch.Tensor, rec: HalfRecord,
-                 call: CallInfo) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-        """Recompute g(x) block by block; return g(x), dL/dx and parameter grads."""
+    def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
+                     call: CallInfo) -> None:
+        """acc += g(x), in place (no autograd)."""
+        rows, acc_rows = _rows(x), _rows(acc)
+        for s in row_chunks(rows.shape[0], self.chunk):
+            acc_rows[s] += self.ff(self.norm(rows[s]))
+
+    def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
+                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> Grads:
+        """For y = x' + g(x): turn ``y`` into x' = y - g(x) and add dL/dx through g to
+        ``grad_x``, both in place, block by block; return the parameter gradients."""
         params = _leaf_params(self)
-        rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, x.shape[-1])
-        out, grad_x, param_grads = torch.empty_like(rows), torch.empty_like(rows), None
-        with torch.enable_grad():
-            for s in row_chunks(rows.shape[0], self.chunk):
+        rows, y_rows, gy_rows, gx_rows = _rows(x), _rows(y), _rows(grad_y), _rows(grad_x)
+        param_grads = None
+        for s in row_chunks(rows.shape[0], self.chunk):
+            with torch.enable_grad():
                 xs = rows[s].detach().requires_grad_(True)
                 ys = functional_call(self, params, (xs, rec, call))  # one block: one chunk
-                g = _grads(ys, [xs, *params.values()], grad_rows[s])
-                grad_x[s], out[s] = g[0], ys.detach()
-                param_grads = _accumulate(param_grads, g[1:])
-                del ys, g
-        return out.view_as(x), grad_x.view_as(x), param_grads
+                g = _grads(ys, [xs, *params.values()], gy_rows[s])
+            y_rows[s] -= ys.detach()
+            gx_rows[s] += g[0]
+            param_grads = _accumulate(param_grads, g[1:])
+            del ys, g
+        return param_grads
 
 
 class ReversibleBlock(nn.Module):
@@ -179,11 +263,13 @@ class ReversibleBlock(nn.Module):
         self.f = AttentionHalf(config, layer_index)
         self.g = FeedForwardHalf(config)
 
-    def half_forward(self, half: nn.Module, x: torch.Tensor, call: CallInfo) -> tuple:
+    @staticmethod
+    def record(half: nn.Module, x: torch.Tensor, call: CallInfo) -> HalfRecord:
+        """What the half's backward will replay: its per-call state and RNG state."""
         rec = half.begin(x, call)
         if half.uses_rng():
             rec.rng = capture_rng(x.device)
-        return half(x, rec, call), rec
+        return rec
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor, cache: LayerCache) -> tuple:
         """One new position (B, 1, D) per stream, attending over ``cache`` (eval mode)."""
@@ -192,48 +278,59 @@ class ReversibleBlock(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
         """Plain (non-reversible) forward; returns (y1, y2, f record, g record)."""
-        f_out, f_rec = self.half_forward(self.f, x2, call)
-        y1 = x1 + f_out  # y1 = x1 + f(x2)
-        g_out, g_rec = self.half_forward(self.g, y1, call)
-        return y1, x2 + g_out, f_rec, g_rec  # y2 = x2 + g(y1)
+        f_rec = self.record(self.f, x2, call)
+        y1 = x1 + self.f(x2, f_rec, call)  # y1 = x1 + f(x2)
+        g_rec = self.record(self.g, y1, call)
+        return y1, x2 + self.g(y1, g_rec, call), f_rec, g_rec  # y2 = x2 + g(y1)
+
+    def forward_(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
+        """The same in place: x1 becomes y1 and x2 becomes y2 (no autograd)."""
+        f_rec = self.record(self.f, x2, call)
+        self.f.add_forward_(x2, x1, f_rec, call)
+        g_rec = self.record(self.g, x1, call)
+        self.g.add_forward_(x1, x2, g_rec, call)
+        return f_rec, g_rec
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """The whole stack as one autograd node that keeps only its final outputs."""
+    """The whole stack as one autograd node that keeps only its final outputs.
+
+    The streams are updated in place: the forward writes each layer's outputs over its
+    inputs (after copying the caller's x once), and the backward turns the saved outputs back
+    into each layer's inputs and accumulates the gradients in two buffers. The buffers are the
+    incoming gradients themselves when the caller says nothing else holds them
+    (``CallInfo.owned_grads``); otherwise they are copies, and so are the outputs.
+    """
 
     @staticmethod
-    def forward(ctx, x1, x2, blocks, call, *params):
-        records = []
-        for block in blocks:
-            x1, x2, f_rec, g_rec = block(x1, x2, call)
-            records.append((f_rec, g_rec))
+    def forward(ctx, x, blocks, call, *params):
+        x1, x2 = x.contiguous().clone(), x.contiguous().clone()
+        records = [block.forward_(x1, x2, call) for block in blocks]
         ctx.blocks, ctx.call, ctx.records = blocks, call, records
-        ctx.autocast = (x1.device.type, torch.is_autocast_enabled(x1.device.type),
-                        torch.get_autocast_dtype(x1.device.type))
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
     @staticmethod
     def backward(ctx, grad_y1, grad_y2):
-        y1, y2 = ctx.saved_tensors
-        grad_y1 = torch.zeros_like(y1) if grad_y1 is None else grad_y1
-        grad_y2 = torch.zeros_like(y2) if grad_y2 is None else grad_y2
+        y1, y2 = ctx.saved_tensors  # a second backward (retain_graph) fails: they change below
+        grad_y1 = torch.zeros_like(y1) if grad_y1 is None else grad_y1.contiguous()
+        grad_y2 = torch.zeros_like(y2) if grad_y2 is None else grad_y2.contiguous()
+        if not ctx.call.owned_grads:
+            y1, y2, grad_y1, grad_y2 = (t.clone() for t in (y1, y2, grad_y1, grad_y2))
         device_type, enabled, dtype = ctx.autocast
         param_grads: Grads = []
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             for block, (f_rec, g_rec) in zip(reversed(ctx.blocks), reversed(ctx.records),
                                              strict=True):
-                with replay_rng(g_rec.rng, y1.device):
-                    g_out, grad_from_g, g_grads = block.g.backward(y1, grad_y2, g_rec, ctx.call)
-                x2 = y2 - g_out  # x2 = y2 - g(y1)
-                grad_y1 = grad_y1 + grad_from_g  # dL/dy1 through both y1 and y2
-                with replay_rng(f_rec.rng, y1.device):
-                    f_out, grad_from_f, f_grads = block.f.backward(x2, grad_y1, f_rec, ctx.call)
-                x1 = y1 - f_out  # x1 = y1 - f(x2)
-                y1, y2, grad_y2 = x1, x2, grad_y2 + grad_from_f
+                with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
+                    g_grads = block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, ctx.call)
+                with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
+                    f_grads = block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call)
                 param_grads = f_grads + g_grads + param_grads
         ctx.records = None
-        return (grad_y1, grad_y2, None, None, *param_grads)
+        return (grad_y1.add_(grad_y2), None, None, *param_grads)  # x1 = x2 = x
 
 
 class ReversibleStack(nn.Module):
@@ -249,7 +346,7 @@ class ReversibleStack(nn.Module):
         """(B, L, D) embeddings -> final streams (y1, y2), each (B, L, D)."""
         reversible = self.reversible if reversible is None else reversible
         if reversible and torch.is_grad_enabled():
-            return _ReversibleFunction.apply(x, x, list(self.blocks), call, *self.parameters())
+            return _ReversibleFunction.apply(x, list(self.blocks), call, *self.parameters())
         x1 = x2 = x
         for block in self.blocks:
             x1, x2, _, _ = block(x1, x2, call)
