@@ -173,40 +173,53 @@ class AttentionHalf(nn.Module):
         """For y = x' + f(x): turn ``y`` into x' = y - f(x) and add dL/dx through f to
         ``grad_x``, both in place; return the parameter gradients (order of parameters())."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
-        lins = attn.projections()
         grads = {p: torch.zeros_like(p) for p in self.parameters()}
         norm_params = _leaf_params(self.norm)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
         for heads in attn.head_slices():
-            cols = self._columns(heads)
             projected = [p.requires_grad_(True) for p in self._projected(x, heads)]
             with torch.enable_grad():
                 o = attn.core(projected, heads, rec.attn, call.attention_mask)
-            o_rows = self._merge_into(o.detach(), heads, y, keep, sign=-1.0)  # y -> x'
-            w_o = attn.w_o.weight[:, cols]
-            grad_o = o_rows.new_empty(o_rows.shape)
-            for s in row_chunks(o_rows.shape[0], ROWS):
-                g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
-                grad_o[s] = g @ w_o
-                grads[attn.w_o.weight][:, cols] += g.t() @ o_rows[s]
-            grad_o = grad_o.view(o.shape[0], o.shape[2], -1, o.shape[3]).transpose(1, 2)
+            grad_o = self._merge_backward_(o.detach(), heads, y, gy_rows, keep, grads)
             grad_in = _grads(o, projected, grad_o)
-            del o, grad_o, projected
-            grad_in = [g.transpose(1, 2).reshape(x_rows.shape[0], -1) for g in grad_in]
-            for s in row_chunks(x_rows.shape[0], ROWS):  # back through projections, LayerNorm
-                with torch.enable_grad():
-                    xs = x_rows[s].detach().requires_grad_(True)
-                    h = functional_call(self.norm, norm_params, (xs,))
-                grad_h = None
-                for lin, g in zip(lins, grad_in, strict=True):
-                    grads[lin.weight][cols] += g[s].t() @ h.detach()
-                    part = g[s] @ lin.weight[cols]
-                    grad_h = part if grad_h is None else grad_h + part
-                gx, *gn = _grads(h, [xs, *norm_params.values()], grad_h)
-                gx_rows[s] += gx
-                for p, gp in zip(self.norm.parameters(), gn, strict=True):
-                    grads[p] += gp
+            del o, grad_o, projected  # this slice's graph, before the next slice's exists
+            self._projections_backward_(x_rows, heads, grad_in, gx_rows, norm_params, grads)
+            del grad_in
         return [grads[p] for p in self.parameters()]
+
+    def _merge_backward_(self, o: torch.Tensor, heads: slice, y: torch.Tensor,
+                         gy_rows: torch.Tensor, keep: torch.Tensor | None,
+                         grads: dict) -> torch.Tensor:
+        """y -= Dropout(o W_o^T); add W_o's gradient; return dL/do (B, h, L, E)."""
+        o_rows = self._merge_into(o, heads, y, keep, sign=-1.0)
+        w_o = self.attn.w_o.weight[:, self._columns(heads)]
+        grad_w_o = grads[self.attn.w_o.weight][:, self._columns(heads)]
+        grad_o = o_rows.new_empty(o_rows.shape)
+        for s in row_chunks(o_rows.shape[0], ROWS):
+            g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
+            grad_o[s] = g @ w_o
+            grad_w_o += g.t() @ o_rows[s]
+        return grad_o.view(o.shape[0], o.shape[2], -1, o.shape[3]).transpose(1, 2)
+
+    def _projections_backward_(self, x_rows: torch.Tensor, heads: slice, grad_in: Grads,
+                               gx_rows: torch.Tensor, norm_params: dict, grads: dict) -> None:
+        """From the gradients of the projected inputs (B, h, L, E): add the projections' and
+        LayerNorm's parameter gradients and dL/dx, block of rows by block of rows."""
+        cols = self._columns(heads)
+        grad_in = [g.transpose(1, 2).reshape(x_rows.shape[0], -1) for g in grad_in]
+        for s in row_chunks(x_rows.shape[0], ROWS):
+            with torch.enable_grad():
+                xs = x_rows[s].detach().requires_grad_(True)
+                h = functional_call(self.norm, norm_params, (xs,))
+            grad_h = None
+            for lin, g in zip(self.attn.projections(), grad_in, strict=True):
+                grads[lin.weight][cols] += g[s].t() @ h.detach()
+                part = g[s] @ lin.weight[cols]
+                grad_h = part if grad_h is None else grad_h + part
+            gx, *gn = _grads(h, [xs, *norm_params.values()], grad_h)
+            gx_rows[s] += gx
+            for p, gp in zip(self.norm.parameters(), gn, strict=True):
+                grads[p] += gp
 
 
 class FeedForwardHalf(nn.Module):

@@ -31,10 +31,14 @@ Decisions:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import _chunked
 from reformer.attention._chunked import window_probs
+
+NORM_EPS = 1e-12  # F.normalize's default eps
+_ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
 
 
 class _SortedBlock:
@@ -42,7 +46,7 @@ class _SortedBlock:
 
     def __init__(self, rows: tuple, s_pos: torch.Tensor, valid: torch.Tensor | None,
                  start: int, stop: int, spec: tuple) -> None:
-        q_rows, k_rows, v_rows = rows
+        q_rows, v_rows = rows
         M, offsets, causal, log_count_fn, dropout = spec
         G, Lp, E = q_rows.shape
         n = s_pos.shape[1] // M
@@ -56,7 +60,9 @@ class _SortedBlock:
         self.q_flat = (qpos + base).reshape(-1)  # rows of the (G*Lp, E) views
         self.k_flat = (kpos + base).reshape(-1)
         self.q = q_rows.reshape(G * Lp, E).index_select(0, self.q_flat).view(G, nb, M, E)
-        self.k = k_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M, E)
+        self.k_raw = q_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M,
+                                                                                 E)
+        self.k = F.normalize(self.k_raw, dim=-1)  # k_j = q_j / |q_j|
         self.v = v_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M, E)
         k_valid = None if valid is None else valid.gather(1, kpos).view(G, nb, W * M)
         self.probs, self.lse, self.keep = window_probs(
@@ -66,6 +72,14 @@ class _SortedBlock:
         self.kept = self.probs if self.keep is None else self.probs * self.keep
 
 
+def _normalize_backward(x: torch.Tensor, unit: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of x from that of unit = F.normalize(x): (g - u (u . g)) / |x|, or g / eps
+    where |x| < eps (F.normalize divides by max(|x|, eps) there)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    radial = (unit * grad).sum(dim=-1, keepdim=True) * (norm > NORM_EPS)
+    return (grad - unit * radial) / norm.clamp_min(NORM_EPS)
+
+
 def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, int]]:
     """Round r's chunks in blocks of about BLOCK_ELEMENTS scores."""
     nb = max(1, _chunked.BLOCK_ELEMENTS // (G * M * K))
@@ -73,12 +87,11 @@ def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, in
 
 
 class SortedWindowAttention(torch.autograd.Function):
-    """``apply(q_rows, k_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn,
-    dropout)`` -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
+    """``apply(qk_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout)``
+    -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
 
     @staticmethod
-    def forward(ctx, q_rows, k_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn,
-                dropout):
+    def forward(ctx, q_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
@@ -86,7 +99,7 @@ class SortedWindowAttention(torch.autograd.Function):
         keep_blocks = torch.is_grad_enabled() and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
         out = lse = None
-        rows = (q_rows, k_rows, v_rows)
+        rows = (q_rows, v_rows)
         for r in range(R):
             o_r = q_rows.new_empty(G * Lp, E)  # this round's output in position order
             z_r = q_rows.new_empty(G * Lp)
@@ -105,26 +118,29 @@ class SortedWindowAttention(torch.autograd.Function):
             out.add_(o_r.mul_((z_r - total).exp_().unsqueeze(-1)))
             lse = total
         ctx.spec, ctx.blocks = spec, saved
-        ctx.save_for_backward(q_rows, k_rows, v_rows, s_pos, valid, out, lse)
+        ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q_rows, k_rows, v_rows, s_pos, valid, out, lse = ctx.saved_tensors
+        q_rows, v_rows, s_pos, valid, out, lse = ctx.saved_tensors
         G, Lp, E = q_rows.shape
         M, offsets = ctx.spec[0], ctx.spec[1]
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        row = (grad_out * out).sum(dim=-1)  # rowsum(dO * o) = rowsum(P * dP), (G, Lp)
+        d_out, lse = grad_out.reshape(G * Lp, E), lse.reshape(-1)
+        row = torch.empty_like(lse)  # rowsum(dO * o) = rowsum(P * dP), by blocks of rows
+        o_flat = out.reshape(G * Lp, E)
+        for s in range(0, G * Lp, _ROW_BLOCK):
+            block = slice(s, s + _ROW_BLOCK)
+            row[block] = (d_out[block] * o_flat[block]).sum(dim=-1)
         if grad_lse is not None:
-            row = row - grad_lse  # dS = P * (dP - row)
-        row, lse, d_out = row.reshape(-1), lse.reshape(-1), grad_out.reshape(G * Lp, E)
-        grads = [torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
-                 for _ in range(3)]
-        grad_q, grad_k, grad_v = grads
+            row -= grad_lse.reshape(-1)  # dS = P * (dP - row)
+        grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
+                          for _ in range(2))
         saved, ctx.blocks = ctx.blocks, None
-        rows = (q_rows, k_rows, v_rows)
+        rows = (q_rows, v_rows)
         with replay_rng(None if saved else ctx.rng, q_rows.device):
             blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
             for i, (start, stop) in enumerate(blocks):
@@ -140,27 +156,29 @@ class SortedWindowAttention(torch.autograd.Function):
                 grad_s = grad_p.sub_(row[blk.q_flat].view(shape).unsqueeze(-1))
                 grad_s.mul_(blk.probs).mul_(share)
                 grad_q.index_add_(0, blk.q_flat, torch.matmul(grad_s, blk.k).view(-1, E))
-                grad_k.index_add_(0, blk.k_flat,
-                                  torch.matmul(grad_s.transpose(-1, -2), blk.q).view(-1, E))
+                grad_k = torch.matmul(grad_s.transpose(-1, -2), blk.q)  # (G, nb, K, E)
+                grad_q.index_add_(0, blk.k_flat, _normalize_backward(blk.k_raw, blk.k,
+                                                                     grad_k).view(-1, E))
                 kept = blk.kept * share
                 grad_v.index_add_(0, blk.k_flat,
                                   torch.matmul(kept.transpose(-1, -2), d_o).view(-1, E))
                 if saved:
                     saved[i] = None  # free as we go
         shape = q_rows.shape
-        return (grad_q.view(shape), grad_k.view(shape), grad_v.view(shape),
-                None, None, None, None, None, None, None)
+        return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
+                None)
 
 
-def sorted_window_attention(q_rows: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                            s_pos: torch.Tensor, *, chunk_length: int, offsets: list[int],
+def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
+                            *, chunk_length: int, offsets: list[int],
                             causal: bool, valid: torch.Tensor | None = None,
                             log_count_fn=None,
                             dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every chunk of the sorted order over its window, rounds combined.
 
     Args:
-        q_rows, k_rows, v_rows: (G, Lp, E) queries, unit keys and values in position order.
+        qk_rows, v_rows: (G, Lp, E) shared queries/keys and values in position order; the
+            keys are the unit-normalised queries.
         s_pos: (G, R*Lp) the position at each sorted slot (round-major: slots r*Lp.. hold
             round r, sorted by bucket).
         chunk_length: M; Lp must be a multiple of it.
@@ -174,12 +192,12 @@ def sorted_window_attention(q_rows: torch.Tensor, k_rows: torch.Tensor, v_rows: 
     Returns:
         out (G, Lp, E) and each query's log-sum-exp over all its rounds (G, Lp).
     """
-    G, Lp, _ = q_rows.shape
+    G, Lp, _ = qk_rows.shape
     if Lp % chunk_length or s_pos.shape[1] % Lp:
         raise ValueError(f"{Lp} positions and {s_pos.shape[1]} sorted slots must be multiples "
                          f"of chunk_length={chunk_length} and of each other; pad the input")
     if Lp > 1 << 24:
         raise ValueError(f"{Lp} positions exceed 2**24, the largest that the float32 mask "
                          "arithmetic represents exactly; use shorter sequences")
-    return SortedWindowAttention.apply(q_rows, k_rows, v_rows, s_pos, valid, chunk_length,
+    return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, valid, chunk_length,
                                        list(offsets), causal, log_count_fn, dropout)

@@ -57,7 +57,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
         chunked(q), chunked(k), chunked(v), c_pos,
         offsets=list(range(-n_chunks_before, n_chunks_after + 1)), circular=False,
         causal=causal, c_valid=c_valid, scale=default_scale(E), dropout=dropout)
-    return out.view(B, H, Lp, E)[:, :, :L]
+    out = out.view(B, H, Lp, E)
+    return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
 
 
 class LocalSelfAttention(HeadSlicedAttention):

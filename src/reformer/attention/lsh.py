@@ -110,9 +110,8 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     if dedup_rounds and R > 1:
         chunk_of = (undo.view(G, R, Lp) // M).transpose(1, 2)  # (G, Lp, R) chunk of each item
         log_count_fn = _LogMultiplicity(chunk_of, offsets, n, qk.dtype)
-    k = F.normalize(qk, dim=-1)  # k_j = q_j / |q_j|
     out, _ = sorted_window_attention(
-        qk.reshape(G, Lp, E), k.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos,
+        qk.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos,
         chunk_length=M, offsets=offsets, causal=causal, valid=valid,
         log_count_fn=log_count_fn, dropout=dropout)
     return out.view(B, H, Lp, E)
@@ -198,7 +197,7 @@ class LSHSelfAttention(HeadSlicedAttention):
                                  n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
                                  dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
                                  dropout=self.attention_dropout())
-        return out[:, :, :L]
+        return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int, device: torch.device,
