@@ -107,7 +107,8 @@ class ChunkWindowAttention(torch.autograd.Function):
     """Softmax attention of every chunk over its window of chunks, with a hand backward.
 
     ``apply(c_q, c_k, c_v, c_pos, c_valid, offsets, circular, causal, self_mask, scale,
-    log_count_fn, dropout)``; see :func:`chunk_window_attention` for the arguments.
+    log_count_fn, dropout, grad_follows)``; see :func:`chunk_window_attention` for the
+    arguments; ``grad_follows``: keep the blocks for the backward (when small enough).
 
     Per block: ``S = bias + scale * q k^T - log_count``, ``P = softmax(S)``, ``o = P v``,
     ``lse = max S - log max P`` (exact, and two cheap reductions instead of a second exp pass:
@@ -118,7 +119,7 @@ class ChunkWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c_q, c_k, c_v, c_pos, c_valid, offsets, circular, causal, self_mask,
-                scale, log_count_fn, dropout):
+                scale, log_count_fn, dropout, grad_follows):
         G, n, M, E = c_q.shape
         out = torch.empty_like(c_q)  # (G, n, M, E)
         lse = c_q.new_empty(G, n, M)
@@ -127,7 +128,7 @@ class ChunkWindowAttention(torch.autograd.Function):
         K = M * len(offsets)
         # Small enough: keep each block's probabilities for the backward instead of
         # recomputing them (the reversible backward runs this forward right before it).
-        keep_blocks = torch.is_grad_enabled() and G * n * M * (K + 2 * E) <= SAVE_ELEMENTS
+        keep_blocks = grad_follows and G * n * M * (K + 2 * E) <= SAVE_ELEMENTS
         ctx.blocks = [] if keep_blocks else None
         for start, stop in _blocks(G, n, M, K):
             blk = _Block(c_q, c_k, c_v, c_pos, c_valid, start, stop, ctx.spec)
@@ -166,7 +167,8 @@ class ChunkWindowAttention(torch.autograd.Function):
                 blk.scatter(grad_v, torch.matmul(blk.kept.transpose(-1, -2), d_out))
                 if saved:
                     saved[i] = None  # free as we go
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None
+        return (grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 class _Block:
@@ -207,6 +209,14 @@ class _Block:
         if self.inside is not None:
             grad_window = grad_window * self.inside
         grad.index_add_(1, self.idx, grad_window)
+
+
+def grad_follows(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will differentiate a kernel called on ``inputs`` now.
+
+    Asked before ``apply``: inside an autograd Function's forward grad mode is always off.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
@@ -311,4 +321,5 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
                          "float32 mask arithmetic represents exactly; use shorter sequences")
     c_pos = c_pos.to(torch.float32)  # exact below 2**24; used for the mask arithmetic
     return ChunkWindowAttention.apply(c_q, c_k, c_v, c_pos, c_valid, list(offsets), circular,
-                                      causal, self_mask, scale, log_count_fn, dropout)
+                                      causal, self_mask, scale, log_count_fn, dropout,
+                                      grad_follows(c_q, c_k, c_v))

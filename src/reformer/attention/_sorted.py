@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import _chunked
-from reformer.attention._chunked import window_probs
+from reformer.attention._chunked import grad_follows, window_probs
 
 NORM_EPS = 1e-12  # F.normalize's default eps
 _ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
@@ -87,16 +87,17 @@ def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, in
 
 
 class SortedWindowAttention(torch.autograd.Function):
-    """``apply(qk_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout)``
-    -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
+    """``apply(qk_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout,
+    grad_follows)`` -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
 
     @staticmethod
-    def forward(ctx, q_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout):
+    def forward(ctx, q_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout,
+                grad_follows):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
-        keep_blocks = torch.is_grad_enabled() and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
+        keep_blocks = grad_follows and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
         out = lse = None
         rows = (q_rows, v_rows)
@@ -166,7 +167,7 @@ class SortedWindowAttention(torch.autograd.Function):
                     saved[i] = None  # free as we go
         shape = q_rows.shape
         return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
@@ -200,4 +201,5 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         raise ValueError(f"{Lp} positions exceed 2**24, the largest that the float32 mask "
                          "arithmetic represents exactly; use shorter sequences")
     return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, valid, chunk_length,
-                                       list(offsets), causal, log_count_fn, dropout)
+                                       list(offsets), causal, log_count_fn, dropout,
+                                       grad_follows(qk_rows, v_rows))
