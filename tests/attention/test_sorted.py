@@ -78,7 +78,7 @@ def count_fn_of(log_count):
 
 @pytest.mark.parametrize("save_elements", [0, 1 << 25])  # recompute or keep the blocks
 @pytest.mark.parametrize("block_elements", [1 << 19, 20])  # one block per round; many
-@pytest.mark.parametrize("offsets", [[-1, 0], [-2, 0, 1]])
+@pytest.mark.parametrize("offsets", [[-1, 0], [-2, -1, 0, 1], [0]])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rounds", [1, 3])
 def test_kernel_matches_reference(monkeypatch, save_elements, block_elements, offsets, causal,
@@ -118,6 +118,12 @@ def test_dropout_gradients_are_exact(monkeypatch, save_elements):
         return out * w_out[:, :6]
 
     assert torch.autograd.gradcheck(f, (q, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_rejects_offsets_with_gaps():
+    q, v, s_pos, *_ = inputs(0)
+    with pytest.raises(ValueError, match="consecutive"):
+        sorted_window_attention(q, v, s_pos, chunk_length=3, offsets=[-2, 0], causal=True)
 
 
 def test_rejects_lengths_that_are_not_chunk_multiples():

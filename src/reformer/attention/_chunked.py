@@ -280,7 +280,7 @@ def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: 
     a, b = (f1 - 2 * f0) / 2, f1 / 2  # f(c) = (a c + b) c + f0
     work = torch.promote_types(dtype, torch.float32)
     c = (kpos - qpos).clamp_(-1.0, 1.0).to(work)  # (G, nb, M, K)
-    return c.mul(a).add_(b).mul_(c).add_(f0)
+    return torch.addcmul(c.new_tensor(f0), c, torch.add(c.new_tensor(b), c, alpha=a))
 
 
 def _blocks(G: int, n: int, M: int, K: int) -> list[tuple[int, int]]:

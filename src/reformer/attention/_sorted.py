@@ -41,8 +41,31 @@ NORM_EPS = 1e-12  # F.normalize's default eps
 _ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
 
 
+def _windows(span: torch.Tensor, nb: int, W: int, M: int) -> torch.Tensor:
+    """(G, (nb+W-1)*M, ...) rows of consecutive chunks -> (G, nb, W*M, ...) overlapping
+    windows, chunk j's being chunks j..j+W-1 (a view: nothing is copied)."""
+    st = span.stride()
+    return span.as_strided((span.shape[0], nb, W * M, *span.shape[2:]),
+                           (st[0], M * st[1], *st[1:]))
+
+
+def _unwindow(grad_windows: torch.Tensor, W: int, M: int) -> torch.Tensor:
+    """The adjoint of :func:`_windows`: (G, nb, W*M, E) -> (G, (nb+W-1)*M, E), summing the
+    rows that several windows share."""
+    G, nb, _, E = grad_windows.shape
+    span = grad_windows.new_zeros(G, (nb + W - 1) * M, E)
+    for w in range(W):
+        span[:, w * M:(w + nb) * M] += grad_windows[:, :, w * M:(w + 1) * M].reshape(G, -1, E)
+    return span
+
+
 class _SortedBlock:
-    """One block of sorted chunks: its rows, positions and attention weights."""
+    """One block of sorted chunks: its rows, positions and attention weights.
+
+    The windows of the block's nb chunks overlap: together they cover the nb + W - 1
+    consecutive chunks from ``start + offsets[0]``. Those rows are gathered (and their keys
+    normalised) once, and each chunk's window is a view into them.
+    """
 
     def __init__(self, rows: tuple, s_pos: torch.Tensor, valid: torch.Tensor | None,
                  start: int, stop: int, spec: tuple) -> None:
@@ -52,21 +75,24 @@ class _SortedBlock:
         n = s_pos.shape[1] // M
         nb, W = stop - start, len(offsets)
         device = s_pos.device
-        chunks = (torch.arange(start, stop).unsqueeze(1) + torch.tensor(offsets)) % n  # (nb, W)
-        slots = (chunks.unsqueeze(-1) * M + torch.arange(M)).reshape(-1).to(device)  # (nb*K,)
+        self.W, self.M = W, M
+        chunks = torch.arange(start + offsets[0], stop + offsets[-1]) % n  # (nb+W-1,)
+        slots = (chunks.unsqueeze(-1) * M + torch.arange(M)).reshape(-1).to(device)  # (S,)
         base = torch.arange(G, device=device).unsqueeze(1) * Lp
         qpos = s_pos[:, start * M:stop * M]  # (G, nb*M) positions of the queries
-        kpos = s_pos.index_select(1, slots)  # (G, nb*K)
+        kpos = s_pos.index_select(1, slots)  # (G, S) positions of the span's keys
         self.q_flat = (qpos + base).reshape(-1)  # rows of the (G*Lp, E) views
         self.k_flat = (kpos + base).reshape(-1)
-        self.q = q_rows.reshape(G * Lp, E).index_select(0, self.q_flat).view(G, nb, M, E)
-        self.k_raw = q_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M,
-                                                                                 E)
-        self.k = F.normalize(self.k_raw, dim=-1)  # k_j = q_j / |q_j|
-        self.v = v_rows.reshape(G * Lp, E).index_select(0, self.k_flat).view(G, nb, W * M, E)
-        k_valid = None if valid is None else valid.gather(1, kpos).view(G, nb, W * M)
+        q_flat_rows, v_flat_rows = q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E)
+        self.q = q_flat_rows.index_select(0, self.q_flat).view(G, nb, M, E)
+        self.k_raw = q_flat_rows.index_select(0, self.k_flat).view(G, -1, E)  # (G, S, E)
+        self.k_span = F.normalize(self.k_raw, dim=-1)  # k_j = q_j / |q_j|
+        self.v_span = v_flat_rows.index_select(0, self.k_flat).view(G, -1, E)
+        self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
+        self.v = _windows(self.v_span, nb, W, M)
+        k_valid = None if valid is None else _windows(valid.gather(1, kpos), nb, W, M)
         self.probs, self.lse, self.keep = window_probs(
-            self.q, self.k, qpos.view(G, nb, M).float(), kpos.view(G, nb, W * M).float(),
+            self.q, self.k, qpos.view(G, nb, M).float(), _windows(kpos.float(), nb, W, M),
             k_valid, causal=causal, self_mask=True, scale=1.0, log_count_fn=log_count_fn,
             dropout=dropout)
         self.kept = self.probs if self.keep is None else self.probs * self.keep
@@ -154,15 +180,15 @@ class SortedWindowAttention(torch.autograd.Function):
                 grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # (G, nb, M, K)
                 if blk.keep is not None:
                     grad_p.mul_(blk.keep)
-                grad_s = grad_p.sub_(row[blk.q_flat].view(shape).unsqueeze(-1))
-                grad_s.mul_(blk.probs).mul_(share)
+                probs = blk.probs * share  # (G, nb, M, K) global probabilities
+                grad_s = grad_p.sub_(row[blk.q_flat].view(shape).unsqueeze(-1)).mul_(probs)
                 grad_q.index_add_(0, blk.q_flat, torch.matmul(grad_s, blk.k).view(-1, E))
-                grad_k = torch.matmul(grad_s.transpose(-1, -2), blk.q)  # (G, nb, K, E)
-                grad_q.index_add_(0, blk.k_flat, _normalize_backward(blk.k_raw, blk.k,
+                grad_k = _unwindow(torch.matmul(grad_s.transpose(-1, -2), blk.q), blk.W, blk.M)
+                grad_q.index_add_(0, blk.k_flat, _normalize_backward(blk.k_raw, blk.k_span,
                                                                      grad_k).view(-1, E))
-                kept = blk.kept * share
-                grad_v.index_add_(0, blk.k_flat,
-                                  torch.matmul(kept.transpose(-1, -2), d_o).view(-1, E))
+                kept = probs if blk.keep is None else probs.mul_(blk.keep)
+                grad_v.index_add_(0, blk.k_flat, _unwindow(
+                    torch.matmul(kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
                 if saved:
                     saved[i] = None  # free as we go
         shape = q_rows.shape
@@ -183,7 +209,8 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         s_pos: (G, R*Lp) the position at each sorted slot (round-major: slots r*Lp.. hold
             round r, sorted by bucket).
         chunk_length: M; Lp must be a multiple of it.
-        offsets: window chunk offsets over the n = R*Lp/M sorted chunks (circular).
+        offsets: consecutive window chunk offsets over the n = R*Lp/M sorted chunks
+            (circular), e.g. [-1, 0].
         causal: mask keys at later positions; a query's own position is always masked with
             the self value (shared-QK attention).
         valid: (G, Lp) bool, False = padding (never a key), or None.
@@ -194,6 +221,9 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         out (G, Lp, E) and each query's log-sum-exp over all its rounds (G, Lp).
     """
     G, Lp, _ = qk_rows.shape
+    if list(offsets) != list(range(offsets[0], offsets[0] + len(offsets))):
+        raise ValueError(f"offsets={list(offsets)} must be consecutive chunk offsets, e.g. "
+                         "[-1, 0]; build them with window_offsets")
     if Lp % chunk_length or s_pos.shape[1] % Lp:
         raise ValueError(f"{Lp} positions and {s_pos.shape[1]} sorted slots must be multiples "
                          f"of chunk_length={chunk_length} and of each other; pad the input")
