@@ -22,6 +22,11 @@ nb chunks per block. Blocks never straddle two rounds, so a block's queries are 
 positions.
 
 Decisions:
+- Keys are the queries normalised (shared-QK attention). The kernel takes qk and v only and
+  normalises each block's gathered key rows itself, applying the normalisation's Jacobian in
+  its backward: no separate (G, Lp, E) key tensor, nor its gradient, exists.
+- A block's windows overlap (W chunks each, one step apart), so its keys and values are
+  gathered once for the nb + W - 1 chunks they span and each window is a view.
 - Below ``SAVE_ELEMENTS`` the forward keeps each block's gathered rows and probabilities for
   the backward (the reversible backward runs this forward right before its backward); above
   it, the backward recomputes them.
