@@ -267,3 +267,23 @@ def test_backward_leaves_the_callers_outputs_and_gradients_alone(make_model):
     torch.autograd.backward([y1, y2], [g1, g2])
     for t, b in zip((y1, y2, g1, g2), before, strict=True):
         assert torch.equal(t.detach(), b)
+
+
+def test_backward_returns_free_memory_after_every_layer(make_model, ids, monkeypatch):
+    # Resident memory must not grow with depth through the allocator keeping freed layers.
+    calls = []
+    monkeypatch.setattr(reversible_module, "release_free_memory", lambda: calls.append(1))
+    model = make_model(n_layers=3)
+    tokens = ids(2, 24)
+    model(tokens, labels=tokens, return_logits=False).loss.backward()
+    assert len(calls) == 3
+
+
+def test_release_free_memory_works_exactly_where_glibc_is():
+    import platform
+    import sys
+
+    from reformer._memory import release_free_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert release_free_memory() is glibc

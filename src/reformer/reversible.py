@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from reformer._memory import release_free_memory
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.attention.base import LayerCache
@@ -342,6 +343,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
                     f_grads = block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call)
                 param_grads = f_grads + g_grads + param_grads
+                if y1.device.type == "cpu":
+                    release_free_memory()  # resident memory stays flat with depth too
         ctx.records = None
         return (grad_y1.add_(grad_y2), None, None, *param_grads)  # x1 = x2 = x
 
