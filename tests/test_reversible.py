@@ -269,14 +269,16 @@ def test_backward_leaves_the_callers_outputs_and_gradients_alone(make_model):
         assert torch.equal(t.detach(), b)
 
 
-def test_backward_returns_free_memory_after_every_layer(make_model, ids, monkeypatch):
+def test_stack_returns_free_memory_after_every_layer(make_model, ids, monkeypatch):
     # Resident memory must not grow with depth through the allocator keeping freed layers.
     calls = []
     monkeypatch.setattr(reversible_module, "release_free_memory", lambda: calls.append(1))
     model = make_model(n_layers=3)
     tokens = ids(2, 24)
-    model(tokens, labels=tokens, return_logits=False).loss.backward()
-    assert len(calls) == 3
+    loss = model(tokens, labels=tokens, return_logits=False).loss
+    assert len(calls) == 3  # after each layer's forward
+    loss.backward()
+    assert len(calls) == 6  # and after each layer's backward
 
 
 def test_release_free_memory_works_exactly_where_glibc_is():

@@ -5,7 +5,8 @@ so the memory in use does not grow with depth. The resident set can still grow: 
 freed blocks below its mmap threshold (up to 32 MiB, so every (L, E) tensor up to L = 128K
 at E = 64) in its heaps, and fragmentation makes it reuse them imperfectly; at 16K tokens a
 6-layer step had 0.36 GiB in use but 0.77 GiB resident. ``release_free_memory`` calls
-``malloc_trim(0)``, which returns every free page of every heap, after each layer's backward.
+``malloc_trim(0)``, which returns every free page of every heap, after each layer's forward
+and backward.
 
 Decision: only on Linux with glibc, found once through ctypes; anywhere else it does nothing.
 It costs re-faulting the pages the next layer touches (well under 1% of a layer's time).

@@ -319,7 +319,11 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, call, *params):
         x1, x2 = x.contiguous().clone(), x.contiguous().clone()
-        records = [block.forward_(x1, x2, call) for block in blocks]
+        records = []
+        for block in blocks:
+            records.append(block.forward_(x1, x2, call))
+            if x.device.type == "cpu":
+                release_free_memory()  # see _memory.py
         ctx.blocks, ctx.call, ctx.records = blocks, call, records
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
