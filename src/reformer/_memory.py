@@ -9,7 +9,8 @@ at E = 64) in its heaps, and fragmentation makes it reuse them imperfectly; at 1
 and backward.
 
 Decision: only on Linux with glibc, found once through ctypes; anywhere else it does nothing.
-It costs re-faulting the pages the next layer touches (well under 1% of a layer's time).
+It costs re-faulting the pages the next layer touches: a 2-layer 64K step measured 16.3 s
+with it and 15.3 s without (in separate runs; the machine's noise is of that order).
 """
 
 from __future__ import annotations
