@@ -166,7 +166,7 @@ class AttentionHalf(nn.Module):
             part = F.linear(o_rows[s], w_o)
             if keep is not None:
                 part = part * _rows(keep)[s]
-            acc_rows[s] += part if sign > 0 else -part
+            acc_rows[s].add_(part, alpha=sign)
         return o_rows
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
@@ -318,7 +318,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, blocks, call, *params):
-        x1, x2 = x.contiguous().clone(), x.contiguous().clone()
+        x1, x2 = (x.clone(memory_format=torch.contiguous_format) for _ in range(2))
         records = []
         for block in blocks:
             records.append(block.forward_(x1, x2, call))

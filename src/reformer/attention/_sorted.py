@@ -112,9 +112,8 @@ def _normalize_backward(x: torch.Tensor, unit: torch.Tensor, grad: torch.Tensor)
 
 
 def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, int]]:
-    """Round r's chunks in blocks of about BLOCK_ELEMENTS scores."""
-    nb = max(1, _chunked.BLOCK_ELEMENTS // (G * M * K))
-    return [(r * nr + s, r * nr + min(s + nb, nr)) for s in range(0, nr, nb)]
+    """Round r's chunks in the chunk kernel's blocks (about BLOCK_ELEMENTS scores each)."""
+    return [(r * nr + a, r * nr + b) for a, b in _chunked._blocks(G, nr, M, K)]
 
 
 class SortedWindowAttention(torch.autograd.Function):
