@@ -247,6 +247,21 @@ def test_fused_loss_path_reuses_gradient_storage_and_matches_autograd(make_model
                 loss_and_grads(model, tokens, reversible=False))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_written_out_backward_without_dropout_matches_autograd(make_model, ids, activation,
+                                                               fused_loss):
+    # Without dropout the feed-forward half's backward is written out by hand (and the
+    # attention half's LayerNorm backward too); both activations, chunked rows and heads.
+    model = make_model(ff_activation=activation, ff_chunk_size=5, attn_head_chunk_size=1)
+    tokens = ids(2, 24, seed=4)
+    if fused_loss:
+        assert_same(loss_and_grads(model, tokens, reversible=True),
+                    loss_and_grads(model, tokens, reversible=False))
+    else:
+        assert_same(run(model, tokens, reversible=True), run(model, tokens, reversible=False))
+
+
 def test_fused_loss_path_refuses_a_second_backward(make_model, ids):
     # Its saved outputs were turned back into the inputs: autograd must notice, not reuse them.
     model = make_model()
@@ -269,23 +284,43 @@ def test_backward_leaves_the_callers_outputs_and_gradients_alone(make_model):
         assert torch.equal(t.detach(), b)
 
 
-def test_stack_returns_free_memory_after_every_layer(make_model, ids, monkeypatch):
-    # Resident memory must not grow with depth through the allocator keeping freed layers.
+def test_training_step_makes_glibc_keep_freed_memory(make_model, ids, monkeypatch):
+    # The first reversible step on CPU sets both thresholds, once per process.
+    from reformer import _memory
+
     calls = []
-    monkeypatch.setattr(reversible_module, "release_free_memory", lambda: calls.append(1))
-    model = make_model(n_layers=3)
+    monkeypatch.setattr(_memory, "_mallopt", lambda: lambda p, v: calls.append((p, v)) or 1)
+    _memory.keep_freed_memory.cache_clear()
+    model = make_model(n_layers=2)
     tokens = ids(2, 24)
-    loss = model(tokens, labels=tokens, return_logits=False).loss
-    assert len(calls) == 3  # after each layer's forward
-    loss.backward()
-    assert len(calls) == 6  # and after each layer's backward
+    with torch.no_grad():
+        model(tokens)  # inference leaves the allocator alone
+    assert calls == []
+    for _ in range(2):
+        model(tokens, labels=tokens, return_logits=False).loss.backward()
+    assert sorted(calls) == [(_memory.M_MMAP_THRESHOLD, 32 << 20),
+                             (_memory.M_TRIM_THRESHOLD, 2**31 - 1)]
+    _memory.keep_freed_memory.cache_clear()
 
 
-def test_release_free_memory_works_exactly_where_glibc_is():
+@pytest.mark.parametrize("setting, changed", [("default", False), ("reuse", True)])
+def test_keep_freed_memory_obeys_the_environment(monkeypatch, setting, changed):
+    from reformer import _memory
+
+    monkeypatch.setattr(_memory, "_mallopt", lambda: lambda p, v: 1)
+    monkeypatch.setenv("REFORMER_MALLOC", setting)
+    assert _memory.keep_freed_memory.__wrapped__() is changed
+    monkeypatch.setenv("REFORMER_MALLOC", "jemalloc")
+    with pytest.raises(ValueError, match="REFORMER_MALLOC='jemalloc'"):
+        _memory.keep_freed_memory.__wrapped__()
+
+
+def test_keep_freed_memory_works_exactly_where_glibc_is(monkeypatch):
     import platform
     import sys
 
-    from reformer._memory import release_free_memory
+    from reformer._memory import keep_freed_memory
 
+    monkeypatch.delenv("REFORMER_MALLOC", raising=False)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert release_free_memory() is glibc
+    assert keep_freed_memory.__wrapped__() is glibc

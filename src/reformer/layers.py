@@ -42,11 +42,16 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w_in = nn.Linear(config.d_model, config.d_ff)
         self.w_out = nn.Linear(config.d_ff, config.d_model)
-        self.activation = F.gelu if config.ff_activation == "gelu" else F.relu
+        self.relu = config.ff_activation == "relu"  # else gelu
         self.dropout = config.dropout
 
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """The activation; relu overwrites ``pre`` (a fresh linear output: nothing else reads
+        it, and autograd differentiates relu from its output)."""
+        return pre.relu_() if self.relu else F.gelu(pre)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(self.activation(self.w_in(x)), self.dropout, self.training)  # (N, F)
+        h = F.dropout(self.activate(self.w_in(x)), self.dropout, self.training)  # (N, F)
         return F.dropout(self.w_out(h), self.dropout, self.training)  # (N, D)
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from reformer._memory import release_free_memory
+from reformer._memory import keep_freed_memory
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.attention.base import LayerCache
@@ -92,6 +92,23 @@ def _accumulate(total: Grads | None, new: Grads) -> Grads:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, L, D) -> (N, D), a view (the stack's streams are contiguous)."""
     return x.view(-1, x.shape[-1])
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """LayerNorm(x) with the statistics its backward needs: (out, mean, rstd)."""
+    return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _layer_norm_backward_(norm: nn.LayerNorm, x: torch.Tensor, stats: tuple, grad_out: torch.Tensor,
+                          grad_x: torch.Tensor, grads: dict) -> None:
+    """grad_x += dL/dx and the parameters' gradients += theirs, for out = LayerNorm(x) and
+    ``stats`` = (mean, rstd) from :func:`_layer_norm`."""
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+        grad_out.to(x.dtype), x, list(norm.normalized_shape), *stats, norm.weight, norm.bias,
+        [True, True, True])
+    grad_x += gx
+    grads[norm.weight] += gw
+    grads[norm.bias] += gb
 
 
 class AttentionHalf(nn.Module):
@@ -175,7 +192,6 @@ class AttentionHalf(nn.Module):
         ``grad_x``, both in place; return the parameter gradients (order of parameters())."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         grads = {p: torch.zeros_like(p) for p in self.parameters()}
-        norm_params = _leaf_params(self.norm)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
         for heads in attn.head_slices():
             projected = [p.requires_grad_(True) for p in self._projected(x, heads)]
@@ -184,7 +200,7 @@ class AttentionHalf(nn.Module):
             grad_o = self._merge_backward_(o.detach(), heads, y, gy_rows, keep, grads)
             grad_in = _grads(o, projected, grad_o)
             del o, grad_o, projected  # this slice's graph, before the next slice's exists
-            self._projections_backward_(x_rows, heads, grad_in, gx_rows, norm_params, grads)
+            self._projections_backward_(x_rows, heads, grad_in, gx_rows, grads)
             del grad_in
         return [grads[p] for p in self.parameters()]
 
@@ -203,28 +219,29 @@ class AttentionHalf(nn.Module):
         return grad_o.view(o.shape[0], o.shape[2], -1, o.shape[3]).transpose(1, 2)
 
     def _projections_backward_(self, x_rows: torch.Tensor, heads: slice, grad_in: Grads,
-                               gx_rows: torch.Tensor, norm_params: dict, grads: dict) -> None:
+                               gx_rows: torch.Tensor, grads: dict) -> None:
         """From the gradients of the projected inputs (B, h, L, E): add the projections' and
         LayerNorm's parameter gradients and dL/dx, block of rows by block of rows."""
         cols = self._columns(heads)
         grad_in = [g.transpose(1, 2).reshape(x_rows.shape[0], -1) for g in grad_in]
         for s in row_chunks(x_rows.shape[0], ROWS):
-            with torch.enable_grad():
-                xs = x_rows[s].detach().requires_grad_(True)
-                h = functional_call(self.norm, norm_params, (xs,))
+            h, *stats = _layer_norm(self.norm, x_rows[s])
             grad_h = None
             for lin, g in zip(self.attn.projections(), grad_in, strict=True):
-                grads[lin.weight][cols] += g[s].t() @ h.detach()
+                grads[lin.weight][cols] += g[s].t() @ h
                 part = g[s] @ lin.weight[cols]
-                grad_h = part if grad_h is None else grad_h + part
-            gx, *gn = _grads(h, [xs, *norm_params.values()], grad_h)
-            gx_rows[s] += gx
-            for p, gp in zip(self.norm.parameters(), gn, strict=True):
-                grads[p] += gp
+                grad_h = part if grad_h is None else grad_h.add_(part)
+            _layer_norm_backward_(self.norm, x_rows[s], stats, grad_h, gx_rows[s], grads)
 
 
 class FeedForwardHalf(nn.Module):
-    """g(x) = FeedForward(LayerNorm(x)), computed over blocks of positions."""
+    """g(x) = FeedForward(LayerNorm(x)), computed over blocks of positions.
+
+    Without dropout its backward is written out (LayerNorm by ATen's own backward, the two
+    linear layers and the activation by hand), block by block, with the activation's buffer
+    reused for its gradient; with dropout it differentiates the recomputed block with
+    autograd.
+    """
 
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
@@ -254,8 +271,41 @@ class FeedForwardHalf(nn.Module):
                   grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> Grads:
         """For y = x' + g(x): turn ``y`` into x' = y - g(x) and add dL/dx through g to
         ``grad_x``, both in place, block by block; return the parameter gradients."""
-        params = _leaf_params(self)
         rows, y_rows, gy_rows, gx_rows = _rows(x), _rows(y), _rows(grad_y), _rows(grad_x)
+        if self.uses_rng():
+            return self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call)
+        grads = {p: torch.zeros_like(p) for p in self.parameters()}
+        for s in row_chunks(rows.shape[0], self.chunk):
+            self._block_backward_(rows[s], y_rows[s], gy_rows[s], gx_rows[s], grads)
+        return [grads[p] for p in self.parameters()]
+
+    def _block_backward_(self, xs: torch.Tensor, ys: torch.Tensor, gy: torch.Tensor,
+                         gx: torch.Tensor, grads: dict) -> None:
+        """One block of rows without dropout: ys -= g(xs), gx += dL/dxs, grads += the
+        parameters' gradients."""
+        w_in, w_out = self.ff.w_in, self.ff.w_out
+        h, *stats = _layer_norm(self.norm, xs)
+        pre = F.linear(h, w_in.weight, w_in.bias)  # (n, F)
+        act = self.ff.activate(pre)
+        ys -= F.linear(act, w_out.weight, w_out.bias)
+        grads[w_out.weight] += gy.t() @ act
+        grads[w_out.bias] += gy.sum(dim=0)
+        grad_act = gy @ w_out.weight  # (n, F)
+        if self.ff.relu:  # relu' = sign(relu(pre)) (0 or 1), in the activation's own buffer
+            grad_pre = grad_act.mul_(act.sign_())
+        else:
+            grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)
+        del act, pre
+        grads[w_in.weight] += grad_pre.t() @ h
+        grads[w_in.bias] += grad_pre.sum(dim=0)
+        _layer_norm_backward_(self.norm, xs, stats, grad_pre @ w_in.weight, gx, grads)
+
+    def _autograd_backward_(self, rows: torch.Tensor, y_rows: torch.Tensor,
+                            gy_rows: torch.Tensor, gx_rows: torch.Tensor, rec: HalfRecord,
+                            call: CallInfo) -> Grads:
+        """The backward with dropout: each block recomputed (masks replayed by the caller's
+        RNG state) and differentiated by autograd."""
+        params = _leaf_params(self)
         param_grads = None
         for s in row_chunks(rows.shape[0], self.chunk):
             with torch.enable_grad():
@@ -318,12 +368,10 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, blocks, call, *params):
+        if x.device.type == "cpu":
+            keep_freed_memory()  # reuse the step's temporaries' pages (see _memory.py)
         x1, x2 = (x.clone(memory_format=torch.contiguous_format) for _ in range(2))
-        records = []
-        for block in blocks:
-            records.append(block.forward_(x1, x2, call))
-            if x.device.type == "cpu":
-                release_free_memory()  # see _memory.py
+        records = [block.forward_(x1, x2, call) for block in blocks]
         ctx.blocks, ctx.call, ctx.records = blocks, call, records
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
@@ -347,8 +395,6 @@ class _ReversibleFunction(torch.autograd.Function):
                 with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
                     f_grads = block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call)
                 param_grads = f_grads + g_grads + param_grads
-                if y1.device.type == "cpu":
-                    release_free_memory()  # resident memory stays flat with depth too
         ctx.records = None
         return (grad_y1.add_(grad_y2), None, None, *param_grads)  # x1 = x2 = x
 
