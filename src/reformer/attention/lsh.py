@@ -189,8 +189,11 @@ class LSHSelfAttention(HeadSlicedAttention):
         buckets = state.buckets.get(heads.start)
         if buckets is None:  # first pass; the reversible backward finds them recorded
             sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
-            # int32 halves what each layer keeps until its backward (ids are <= NB < 2**31)
-            buckets = hash_vectors(qk, sliced, mask).to(torch.int32)
+            # each layer keeps its ids until its backward: the smallest type that holds them
+            # (ids are <= NB) is 4x less than int64
+            nb = n_buckets_of(rots)
+            buckets = hash_vectors(qk, sliced, mask).to(
+                torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32)
             state.buckets[heads.start] = buckets
         out = bucketed_attention(qk, v, buckets, n_buckets_of(rots),
                                  chunk_length=cfg.chunk_length,
