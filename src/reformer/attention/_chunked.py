@@ -236,6 +236,10 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     """
     G, nb, M, E = q.shape
     K = k.shape[2]
+    q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
+    if causal and self_mask and valid is None and log_count_fn is None and G == qpos.shape[0]:
+        logits = _causal_self_scores(q3, k3, qpos, kpos, scale)
+        return _softmax_lse(logits.view(G, nb, M, K), dropout)
     bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, q.dtype)
     if valid is not None:
         work = torch.promote_types(q.dtype, torch.float32)
@@ -245,15 +249,22 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
         count = log_count_fn(qpos, kpos)
         bias = -count if bias is None else bias.sub_(count)
     # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
-    q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
     if bias is None:
         logits = torch.bmm(q3, k3.transpose(1, 2))
         if scale != 1:
             logits.mul_(scale)
     else:
-        bias = bias.to(q.dtype).expand(G, nb, M, K).reshape(G * nb, M, K)
-        logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
-    logits = logits.view(G, nb, M, K)
+        bias = bias.to(q.dtype)
+        if bias.shape == (G, nb, M, K) and bias.is_contiguous():  # built here: add into it
+            logits = bias.view(G * nb, M, K).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
+        else:
+            bias = bias.expand(G, nb, M, K).reshape(G * nb, M, K)
+            logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
+    return _softmax_lse(logits.view(G, nb, M, K), dropout)
+
+
+def _softmax_lse(logits: torch.Tensor, dropout: float) -> tuple:
+    """(probs, lse, dropout multiplier or None) of (G, nb, M, K) logits (see window_probs)."""
     probs = torch.softmax(logits, dim=-1)
     lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
     del logits
@@ -261,6 +272,21 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     if dropout > 0:
         keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
     return probs, lse, keep
+
+
+def _causal_self_scores(q3: torch.Tensor, k3: torch.Tensor, qpos: torch.Tensor,
+                        kpos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Logits under the causal and self masks (the LSH default) in three passes over the
+    scores: with d = kpos - qpos (an exact integer), ``g = clamp(d + r, 0, 1 + r)`` and
+    ``r = self value / invalid value``, the bias is ``invalid value * g``: 0 for earlier keys,
+    the self value for the same position, invalid + self for later ones. The scaling by the
+    invalid value is the matmul's ``beta``. Returns (G*nb, M, K)."""
+    invalid_value, self_value = mask_values(q3.dtype)
+    r = self_value / invalid_value
+    G, nb, M = qpos.shape
+    g = torch.sub(kpos.unsqueeze(-2), qpos.unsqueeze(-1)).add_(r).clamp_(0.0, 1.0 + r)
+    g = g.to(q3.dtype).view(G * nb, M, -1)
+    return g.baddbmm_(q3, k3.transpose(1, 2), beta=invalid_value, alpha=scale)
 
 
 def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: bool,

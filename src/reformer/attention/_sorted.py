@@ -56,12 +56,15 @@ def _windows(span: torch.Tensor, nb: int, W: int, M: int) -> torch.Tensor:
 
 def _unwindow(grad_windows: torch.Tensor, W: int, M: int) -> torch.Tensor:
     """The adjoint of :func:`_windows`: (G, nb, W*M, E) -> (G, (nb+W-1)*M, E), summing the
-    rows that several windows share."""
+    rows that several windows share (strided adds: no window is copied first)."""
     G, nb, _, E = grad_windows.shape
-    span = grad_windows.new_zeros(G, (nb + W - 1) * M, E)
-    for w in range(W):
-        span[:, w * M:(w + nb) * M] += grad_windows[:, :, w * M:(w + 1) * M].reshape(G, -1, E)
-    return span
+    parts = grad_windows.view(G, nb, W, M, E)
+    span = grad_windows.new_empty(G, nb + W - 1, M, E)
+    span[:, :nb] = parts[:, :, 0]
+    span[:, nb:].zero_()
+    for w in range(1, W):
+        span[:, w:w + nb] += parts[:, :, w]
+    return span.view(G, -1, E)
 
 
 class _SortedBlock:
