@@ -237,17 +237,8 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     G, nb, M, E = q.shape
     K = k.shape[2]
     q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
-    if causal and self_mask and valid is None and log_count_fn is None and G == qpos.shape[0]:
-        logits = _causal_self_scores(q3, k3, qpos, kpos, scale)
-        return _softmax_lse(logits.view(G, nb, M, K), dropout)
-    bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, q.dtype)
-    if valid is not None:
-        work = torch.promote_types(q.dtype, torch.float32)
-        key_bias = (~valid).to(work).mul_(mask_values(q.dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
-        bias = key_bias if bias is None else bias + key_bias  # G may broadcast
-    if log_count_fn is not None:
-        count = log_count_fn(qpos, kpos)
-        bias = -count if bias is None else bias.sub_(count)
+    bias = window_bias(qpos, kpos, valid, causal=causal, self_mask=self_mask, dtype=q.dtype,
+                       log_count_fn=log_count_fn)
     # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
     if bias is None:
         logits = torch.bmm(q3, k3.transpose(1, 2))
@@ -263,6 +254,38 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     return _softmax_lse(logits.view(G, nb, M, K), dropout)
 
 
+def window_bias(qpos: torch.Tensor, kpos: torch.Tensor, valid: torch.Tensor | None, *,
+                causal: bool, self_mask: bool, dtype: torch.dtype,
+                log_count_fn=None) -> torch.Tensor | None:
+    """The additive mask of query blocks over their key windows (see window_probs for the
+    arguments): (G, nb, M, K) in at least float32 (G may be 1 when shared; broadcastable
+    (G, nb, 1, K) when only ``valid`` masks), or None when nothing is masked."""
+    if causal and self_mask:  # the LSH default, in fewer passes than _pair_bias
+        bias = _causal_self_bias(qpos, kpos, dtype)
+    else:
+        bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, dtype)
+    if valid is not None:
+        work = torch.promote_types(dtype, torch.float32)
+        key_bias = (~valid).to(work).mul_(mask_values(dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
+        bias = key_bias if bias is None else bias + key_bias  # G may broadcast
+    if log_count_fn is not None:
+        count = log_count_fn(qpos, kpos)
+        bias = -count if bias is None else bias.sub_(count)
+    return bias
+
+
+def _causal_self_bias(qpos: torch.Tensor, kpos: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The causal and self masks of (G, nb, M) queries over (G, nb, K) keys in four passes
+    (_pair_bias's values, which it builds in five): ``clamp(invalid * d + self, invalid, 0)``
+    with d = kpos - qpos (an exact integer) is 0 for earlier keys, the self value at the
+    query's own position and the invalid value for later keys."""
+    invalid_value, self_value = mask_values(dtype)
+    work = torch.promote_types(dtype, torch.float32)
+    d = torch.sub(kpos.unsqueeze(-2), qpos.unsqueeze(-1)).to(work)
+    return d.mul_(invalid_value).add_(self_value).clamp_(invalid_value, 0.0)
+
+
 def _softmax_lse(logits: torch.Tensor, dropout: float) -> tuple:
     """(probs, lse, dropout multiplier or None) of (G, nb, M, K) logits (see window_probs)."""
     probs = torch.softmax(logits, dim=-1)
@@ -272,21 +295,6 @@ def _softmax_lse(logits: torch.Tensor, dropout: float) -> tuple:
     if dropout > 0:
         keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
     return probs, lse, keep
-
-
-def _causal_self_scores(q3: torch.Tensor, k3: torch.Tensor, qpos: torch.Tensor,
-                        kpos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Logits under the causal and self masks (the LSH default) in three passes over the
-    scores: with d = kpos - qpos (an exact integer), ``g = clamp(d + r, 0, 1 + r)`` and
-    ``r = self value / invalid value``, the bias is ``invalid value * g``: 0 for earlier keys,
-    the self value for the same position, invalid + self for later ones. The scaling by the
-    invalid value is the matmul's ``beta``. Returns (G*nb, M, K)."""
-    invalid_value, self_value = mask_values(q3.dtype)
-    r = self_value / invalid_value
-    G, nb, M = qpos.shape
-    g = torch.sub(kpos.unsqueeze(-2), qpos.unsqueeze(-1)).add_(r).clamp_(0.0, 1.0 + r)
-    g = g.to(q3.dtype).view(G * nb, M, -1)
-    return g.baddbmm_(q3, k3.transpose(1, 2), beta=invalid_value, alpha=scale)
 
 
 def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: bool,
