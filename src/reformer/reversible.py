@@ -187,11 +187,10 @@ class AttentionHalf(nn.Module):
         return o_rows
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
-                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> Grads:
+                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo, grads: dict) -> None:
         """For y = x' + f(x): turn ``y`` into x' = y - f(x) and add dL/dx through f to
-        ``grad_x``, both in place; return the parameter gradients (order of parameters())."""
+        ``grad_x``, both in place; add the parameter gradients to ``grads[p]``."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
-        grads = {p: torch.zeros_like(p) for p in self.parameters()}
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
         for heads in attn.head_slices():
             projected = [p.requires_grad_(True) for p in self._projected(x, heads)]
@@ -202,7 +201,6 @@ class AttentionHalf(nn.Module):
             del o, grad_o, projected  # this slice's graph, before the next slice's exists
             self._projections_backward_(x_rows, heads, grad_in, gx_rows, grads)
             del grad_in
-        return [grads[p] for p in self.parameters()]
 
     def _merge_backward_(self, o: torch.Tensor, heads: slice, y: torch.Tensor,
                          gy_rows: torch.Tensor, keep: torch.Tensor | None,
@@ -268,16 +266,18 @@ class FeedForwardHalf(nn.Module):
             acc_rows[s] += self.ff(self.norm(rows[s]))
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
-                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> Grads:
+                  grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo, grads: dict) -> None:
         """For y = x' + g(x): turn ``y`` into x' = y - g(x) and add dL/dx through g to
-        ``grad_x``, both in place, block by block; return the parameter gradients."""
+        ``grad_x``, both in place, block by block; add the parameter gradients to
+        ``grads[p]``."""
         rows, y_rows, gy_rows, gx_rows = _rows(x), _rows(y), _rows(grad_y), _rows(grad_x)
         if self.uses_rng():
-            return self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call)
-        grads = {p: torch.zeros_like(p) for p in self.parameters()}
+            total = self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call)
+            for p, g in zip(self.parameters(), total, strict=True):
+                grads[p] += g
+            return
         for s in row_chunks(rows.shape[0], self.chunk):
             self._block_backward_(rows[s], y_rows[s], gy_rows[s], gx_rows[s], grads)
-        return [grads[p] for p in self.parameters()]
 
     def _block_backward_(self, xs: torch.Tensor, ys: torch.Tensor, gy: torch.Tensor,
                          gx: torch.Tensor, grads: dict) -> None:
@@ -386,17 +386,20 @@ class _ReversibleFunction(torch.autograd.Function):
         if not ctx.call.owned_grads:
             y1, y2, grad_y1, grad_y2 = (t.clone() for t in (y1, y2, grad_y1, grad_y2))
         device_type, enabled, dtype = ctx.autocast
-        param_grads: Grads = []
+        # Every parameter's gradient buffer, before any layer's temporaries exist: allocated
+        # layer by layer they would sit between the next layers' temporaries and fragment
+        # the heap, which then grows with depth (see _memory.py).
+        params = [p for block in ctx.blocks for p in block.parameters()]  # apply()'s order
+        grads = {p: torch.zeros_like(p) for p in params}
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             for block, (f_rec, g_rec) in zip(reversed(ctx.blocks), reversed(ctx.records),
                                              strict=True):
                 with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
-                    g_grads = block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, ctx.call)
+                    block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, ctx.call, grads)
                 with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
-                    f_grads = block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call)
-                param_grads = f_grads + g_grads + param_grads
+                    block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call, grads)
         ctx.records = None
-        return (grad_y1.add_(grad_y2), None, None, *param_grads)  # x1 = x2 = x
+        return (grad_y1.add_(grad_y2), None, None, *(grads[p] for p in params))  # x1 = x2 = x
 
 
 class ReversibleStack(nn.Module):
