@@ -7,13 +7,16 @@ to the kernel, so every reallocation page-faults its memory in again and the ker
 it: a 2-layer 64K step took 328K page faults and 0.9 s of system time, and a 12-layer one
 2.6M faults and 6.0 s. :func:`keep_freed_memory` raises glibc's mmap threshold to its largest
 value (32 MiB) and its trim threshold to 2 GiB, so that those temporaries come from the heap
-and their pages are reused: 14 faults per 2-layer step, and the step measured 13.3 s against
-15.4 s. Larger requests (whole (L, E) tensors from L = 128K at E = 64) are still mapped and
-returned when freed.
+and their pages are reused. With both thresholds raised through GLIBC_TUNABLES (the mmap
+threshold to 1 GiB) a 2-layer 64K step took 14
+faults and 13.3 s against 15.4 s. Larger requests (whole (L, E) tensors from L = 128K at
+E = 64) are still mapped and returned when freed.
 
 Resident memory then stays at the step's high-water mark between steps instead of being
-returned and faulted back; with depth it grew as before (64K: 0.86 GiB at 2 layers, 1.01 at
-12, against 0.83 and 1.02 with the defaults).
+returned and faulted back. Within a step the heap grows where long-lived allocations land
+between temporaries, so the reversible backward allocates all parameter gradients before its
+first layer. The benchmark's depth sweep at 64K then peaked at 0.84 GiB with 2 layers and
+1.03 with 12 (docs/benchmarks.md).
 
 Decisions:
 - It changes the allocator of the whole process, once, at the first reversible training
