@@ -8,9 +8,9 @@ it: a 2-layer 64K step took 328K page faults and 0.9 s of system time, and a 12-
 2.6M faults and 6.0 s. :func:`keep_freed_memory` raises glibc's mmap threshold to its largest
 value (32 MiB) and its trim threshold to 2 GiB, so that those temporaries come from the heap
 and their pages are reused. With both thresholds raised through GLIBC_TUNABLES (the mmap
-threshold to 1 GiB) a 2-layer 64K step took 14
-faults and 13.3 s against 15.4 s. Larger requests (whole (L, E) tensors from L = 128K at
-E = 64) are still mapped and returned when freed.
+threshold to 1 GiB) a 2-layer 64K step took 14 faults and 13.3 s against 15.4 s. Larger
+requests (whole (L, E) tensors from L = 128K at E = 64) are still mapped and returned when
+freed.
 
 Resident memory then stays at the step's high-water mark between steps instead of being
 returned and faulted back. Within a step the heap grows where long-lived allocations land
