@@ -85,10 +85,6 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) ->
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs, strict=True)]
 
 
-def _accumulate(total: Grads | None, new: Grads) -> Grads:
-    return new if total is None else [a + b for a, b in zip(total, new, strict=True)]
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B, L, D) -> (N, D), a view (the stack's streams are contiguous)."""
     return x.view(-1, x.shape[-1])
@@ -99,8 +95,8 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, ...]
     return torch.native_layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _layer_norm_backward_(norm: nn.LayerNorm, x: torch.Tensor, stats: tuple, grad_out: torch.Tensor,
-                          grad_x: torch.Tensor, grads: dict) -> None:
+def _layer_norm_backward_(norm: nn.LayerNorm, x: torch.Tensor, stats: tuple,
+                          grad_out: torch.Tensor, grad_x: torch.Tensor, grads: dict) -> None:
     """grad_x += dL/dx and the parameters' gradients += theirs, for out = LayerNorm(x) and
     ``stats`` = (mean, rstd) from :func:`_layer_norm`."""
     gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
@@ -272,9 +268,7 @@ class FeedForwardHalf(nn.Module):
         ``grads[p]``."""
         rows, y_rows, gy_rows, gx_rows = _rows(x), _rows(y), _rows(grad_y), _rows(grad_x)
         if self.uses_rng():
-            total = self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call)
-            for p, g in zip(self.parameters(), total, strict=True):
-                grads[p] += g
+            self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call, grads)
             return
         for s in row_chunks(rows.shape[0], self.chunk):
             self._block_backward_(rows[s], y_rows[s], gy_rows[s], gx_rows[s], grads)
@@ -302,11 +296,10 @@ class FeedForwardHalf(nn.Module):
 
     def _autograd_backward_(self, rows: torch.Tensor, y_rows: torch.Tensor,
                             gy_rows: torch.Tensor, gx_rows: torch.Tensor, rec: HalfRecord,
-                            call: CallInfo) -> Grads:
+                            call: CallInfo, grads: dict) -> None:
         """The backward with dropout: each block recomputed (masks replayed by the caller's
         RNG state) and differentiated by autograd."""
         params = _leaf_params(self)
-        param_grads = None
         for s in row_chunks(rows.shape[0], self.chunk):
             with torch.enable_grad():
                 xs = rows[s].detach().requires_grad_(True)
@@ -314,9 +307,9 @@ class FeedForwardHalf(nn.Module):
                 g = _grads(ys, [xs, *params.values()], gy_rows[s])
             y_rows[s] -= ys.detach()
             gx_rows[s] += g[0]
-            param_grads = _accumulate(param_grads, g[1:])
+            for p, gp in zip(self.parameters(), g[1:], strict=True):
+                grads[p] += gp
             del ys, g
-        return param_grads
 
 
 class ReversibleBlock(nn.Module):

@@ -237,7 +237,7 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     G, nb, M, E = q.shape
     K = k.shape[2]
     q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
-    bias = window_bias(qpos, kpos, valid, causal=causal, self_mask=self_mask, dtype=q.dtype,
+    bias = _window_bias(qpos, kpos, valid, causal=causal, self_mask=self_mask, dtype=q.dtype,
                        log_count_fn=log_count_fn)
     # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
     if bias is None:
@@ -254,7 +254,7 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     return _softmax_lse(logits.view(G, nb, M, K), dropout)
 
 
-def window_bias(qpos: torch.Tensor, kpos: torch.Tensor, valid: torch.Tensor | None, *,
+def _window_bias(qpos: torch.Tensor, kpos: torch.Tensor, valid: torch.Tensor | None, *,
                 causal: bool, self_mask: bool, dtype: torch.dtype,
                 log_count_fn=None) -> torch.Tensor | None:
     """The additive mask of query blocks over their key windows (see window_probs for the
