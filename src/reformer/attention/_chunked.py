@@ -236,9 +236,18 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     """
     G, nb, M, E = q.shape
     K = k.shape[2]
+    if causal and self_mask:  # the LSH default, in fewer passes than _pair_bias
+        bias = _causal_self_bias(qpos, kpos, q.dtype)
+    else:
+        bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, q.dtype)
+    if valid is not None:
+        work = torch.promote_types(q.dtype, torch.float32)
+        key_bias = (~valid).to(work).mul_(mask_values(q.dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
+        bias = key_bias if bias is None else bias + key_bias  # G may broadcast
+    if log_count_fn is not None:
+        count = log_count_fn(qpos, kpos)
+        bias = -count if bias is None else bias.sub_(count)
     q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
-    bias = _window_bias(qpos, kpos, valid, causal=causal, self_mask=self_mask, dtype=q.dtype,
-                       log_count_fn=log_count_fn)
     # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
     if bias is None:
         logits = torch.bmm(q3, k3.transpose(1, 2))
@@ -251,31 +260,18 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
         else:
             bias = bias.expand(G, nb, M, K).reshape(G * nb, M, K)
             logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
-    return _softmax_lse(logits.view(G, nb, M, K), dropout)
-
-
-def _window_bias(qpos: torch.Tensor, kpos: torch.Tensor, valid: torch.Tensor | None, *,
-                causal: bool, self_mask: bool, dtype: torch.dtype,
-                log_count_fn=None) -> torch.Tensor | None:
-    """The additive mask of query blocks over their key windows (see window_probs for the
-    arguments): (G, nb, M, K) in at least float32 (G may be 1 when shared; broadcastable
-    (G, nb, 1, K) when only ``valid`` masks), or None when nothing is masked."""
-    if causal and self_mask:  # the LSH default, in fewer passes than _pair_bias
-        bias = _causal_self_bias(qpos, kpos, dtype)
-    else:
-        bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, dtype)
-    if valid is not None:
-        work = torch.promote_types(dtype, torch.float32)
-        key_bias = (~valid).to(work).mul_(mask_values(dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
-        bias = key_bias if bias is None else bias + key_bias  # G may broadcast
-    if log_count_fn is not None:
-        count = log_count_fn(qpos, kpos)
-        bias = -count if bias is None else bias.sub_(count)
-    return bias
+    logits = logits.view(G, nb, M, K)
+    probs = torch.softmax(logits, dim=-1)
+    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
+    del logits
+    keep = None
+    if dropout > 0:
+        keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
+    return probs, lse, keep
 
 
 def _causal_self_bias(qpos: torch.Tensor, kpos: torch.Tensor,
-                     dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype) -> torch.Tensor:
     """The causal and self masks of (G, nb, M) queries over (G, nb, K) keys in four passes
     (_pair_bias's values, which it builds in five): ``clamp(invalid * d + self, invalid, 0)``
     with d = kpos - qpos (an exact integer) is 0 for earlier keys, the self value at the
@@ -284,17 +280,6 @@ def _causal_self_bias(qpos: torch.Tensor, kpos: torch.Tensor,
     work = torch.promote_types(dtype, torch.float32)
     d = torch.sub(kpos.unsqueeze(-2), qpos.unsqueeze(-1)).to(work)
     return d.mul_(invalid_value).add_(self_value).clamp_(invalid_value, 0.0)
-
-
-def _softmax_lse(logits: torch.Tensor, dropout: float) -> tuple:
-    """(probs, lse, dropout multiplier or None) of (G, nb, M, K) logits (see window_probs)."""
-    probs = torch.softmax(logits, dim=-1)
-    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
-    del logits
-    keep = None
-    if dropout > 0:
-        keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
-    return probs, lse, keep
 
 
 def _pair_bias(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, self_mask: bool,
