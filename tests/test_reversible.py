@@ -289,6 +289,7 @@ def test_training_step_makes_glibc_keep_freed_memory(make_model, ids, monkeypatc
     from reformer import _memory
 
     calls = []
+    monkeypatch.delenv("REFORMER_MALLOC", raising=False)
     monkeypatch.setattr(_memory, "_mallopt", lambda: lambda p, v: calls.append((p, v)) or 1)
     _memory.keep_freed_memory.cache_clear()
     model = make_model(n_layers=2)

@@ -26,8 +26,10 @@ Shapes: B batch, L length, D d_model, N = B*L rows.
 Decision: parameter gradients are *returned* by the autograd Function (the parameters are its
 inputs) rather than accumulated into ``.grad`` behind autograd's back, so that
 ``torch.autograd.grad``, gradient hooks and DistributedDataParallel see them as usual. The
-recomputation runs on detached stand-ins of the parameters (``functional_call``), so hooks see
-each total gradient once, not once per chunk.
+backward adds every chunk's share into one buffer per parameter, allocated before the first
+layer, and returns the totals, so hooks see each gradient once, not once per chunk. Most of
+it is differentiated by hand; where autograd is used (the attention core, a feed-forward
+with dropout) it runs on detached stand-ins of the parameters (``functional_call``).
 """
 
 from __future__ import annotations

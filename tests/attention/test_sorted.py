@@ -82,16 +82,13 @@ def count_fn_of(log_count):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rounds", [1, 3])
 @pytest.mark.parametrize("masks", [True, False])  # padding and de-duplication counts, or none
-@pytest.mark.parametrize("lse_in_loss", [True, False])  # with or without a gradient into it
 def test_kernel_matches_reference(monkeypatch, save_elements, block_elements, offsets, causal,
-                                  rounds, masks, lse_in_loss):
+                                  rounds, masks):
     monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(_chunked, "SAVE_ELEMENTS", save_elements)
     q, v, s_pos, valid, log_count, w_out, w_lse = inputs(rounds, R=rounds)
     if not masks:
         valid, log_count = None, torch.zeros_like(log_count)
-    if not lse_in_loss:
-        w_lse = torch.zeros_like(w_lse)
     # A query whose every key is masked (padding, future) has a meaningless output: weigh it 0.
     with torch.no_grad():
         usable = reference(q, v, s_pos, valid, 3, offsets, causal, log_count)[1] > MASK / 2
@@ -103,11 +100,9 @@ def test_kernel_matches_reference(monkeypatch, save_elements, block_elements, of
                                                causal=causal, valid=valid,
                                                log_count_fn=count_fn_of(log_count) if masks
                                                else None)
-            if not lse_in_loss:
-                lse = lse.detach()  # no gradient reaches it: the backward gets None
         else:
             out, lse = reference(q, v, s_pos, valid, 3, offsets, causal, log_count)
-        loss = (out * w_out).sum() + (lse * w_lse).sum() if lse_in_loss else (out * w_out).sum()
+        loss = (out * w_out).sum() + (lse * w_lse).sum()
         results.append((out[usable], lse[usable], *torch.autograd.grad(loss, [q, v])))
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()

@@ -191,9 +191,8 @@ class LSHSelfAttention(HeadSlicedAttention):
             sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
             # each layer keeps its ids until its backward: the smallest type that holds them
             # (ids are <= NB) is 4x less than int64
-            nb = n_buckets_of(rots)
-            buckets = hash_vectors(qk, sliced, mask).to(
-                torch.int16 if nb <= torch.iinfo(torch.int16).max else torch.int32)
+            small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
+            buckets = hash_vectors(qk, sliced, mask).to(torch.int16 if small else torch.int32)
             state.buckets[heads.start] = buckets
         out = bucketed_attention(qk, v, buckets, n_buckets_of(rots),
                                  chunk_length=cfg.chunk_length,
