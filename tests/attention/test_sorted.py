@@ -124,10 +124,11 @@ def test_dropout_gradients_are_exact(monkeypatch, save_elements):
     assert torch.autograd.gradcheck(f, (q, v), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_rejects_offsets_with_gaps():
+@pytest.mark.parametrize("offsets", [[-2, 0], [-2, -1]])
+def test_rejects_offsets_with_gaps_or_without_the_chunk_itself(offsets):
     q, v, s_pos, *_ = inputs(0)
-    with pytest.raises(ValueError, match="consecutive"):
-        sorted_window_attention(q, v, s_pos, chunk_length=3, offsets=[-2, 0], causal=True)
+    with pytest.raises(ValueError, match="consecutive chunk offsets including 0"):
+        sorted_window_attention(q, v, s_pos, chunk_length=3, offsets=offsets, causal=True)
 
 
 def test_rejects_lengths_that_are_not_chunk_multiples():

@@ -4,13 +4,13 @@ LSH attention sorts all R*Lp (round, position) items by bucket and lets every ch
 sorted items attend to the chunks at fixed offsets from it (lsh.py). Building the sorted
 sequence costs R copies of q, k and v, and unsorting the per-round outputs R more; at a million
 tokens and 4 rounds each copy is 1 GiB per head. This kernel never builds them: it walks the
-sorted order a block of chunks at a time, gathers each block's query rows and window key rows
-straight from the unsorted (G, Lp, E) tensors through the sort permutation, and scatters the
-results back to positions.
+sorted order a block of chunks at a time and gathers each block's window rows straight from the
+unsorted (G, Lp, E) tensors through the sort permutation.
 
-Rounds are combined on the fly: each round's output and log-sum-exp are written to position
-order and folded into a running softmax-weighted sum, ``o = sum_r exp(z_r - Z) o_r`` with
-``Z = logsumexp_r z_r``, so only two (G, Lp, E) buffers exist whatever R is. The result is
+Rounds are combined on the fly: each round's output and log-sum-exp are written in sorted
+order (contiguous block by block), put back in position order by one gather per round, and
+folded into a running softmax-weighted sum, ``o = sum_r exp(z_r - Z) o_r`` with
+``Z = logsumexp_r z_r``, so only three (G, Lp, E) buffers exist whatever R is. The result is
 softmax attention over every key item that a query saw in any of its rounds, and the backward
 uses exactly that (flash-attention style): with the final log-sum-exp Z kept from the
 forward, each block's global probabilities are ``P = softmax_block(S) * exp(z_block - Z)``
@@ -26,7 +26,13 @@ Decisions:
   normalises each block's gathered key rows itself, applying the normalisation's Jacobian in
   its backward: no separate (G, Lp, E) key tensor, nor its gradient, exists.
 - A block's windows overlap (W chunks each, one step apart), so its keys and values are
-  gathered once for the nb + W - 1 chunks they span and each window is a view.
+  gathered once for the nb + W - 1 chunks they span and each window is a view; so are its
+  queries (offset 0 must be in the window: a chunk attends to itself).
+- Outputs are unsorted by a gather per round, not scattered per block (``index_copy_`` is
+  about three times slower than ``index_select`` on CPU); the backward adds each block's
+  key/query and value gradients with one scatter-add each: a per-round sorted buffer
+  unsorted by a gather measured no faster, its zeroing and random reads of a whole round
+  costing what the scatters did.
 - Below ``SAVE_ELEMENTS`` the forward keeps each block's gathered rows and probabilities for
   the backward (the reversible backward runs this forward right before its backward); above
   it, the backward recomputes them.
@@ -70,9 +76,10 @@ def _unwindow(grad_windows: torch.Tensor, W: int, M: int) -> torch.Tensor:
 class _SortedBlock:
     """One block of sorted chunks: its rows, positions and attention weights.
 
-    The windows of the block's nb chunks overlap: together they cover the nb + W - 1
-    consecutive chunks from ``start + offsets[0]``. Those rows are gathered (and their keys
-    normalised) once, and each chunk's window is a view into them.
+    The windows of the block's nb chunks overlap: together they cover the S = (nb + W - 1) * M
+    consecutive sorted slots from ``(start + offsets[0]) * M``, the block's span. Those rows
+    are gathered (and their keys normalised) once; each chunk's window is a view into them,
+    and so are the queries (the rows of offset 0's chunks).
     """
 
     def __init__(self, rows: tuple, s_pos: torch.Tensor, valid: torch.Tensor | None,
@@ -80,20 +87,20 @@ class _SortedBlock:
         q_rows, v_rows = rows
         M, offsets, causal, log_count_fn, dropout = spec
         G, Lp, E = q_rows.shape
-        n = s_pos.shape[1] // M
         nb, W = stop - start, len(offsets)
         device = s_pos.device
         self.W, self.M = W, M
-        chunks = torch.arange(start + offsets[0], stop + offsets[-1]) % n  # (nb+W-1,)
-        slots = (chunks.unsqueeze(-1) * M + torch.arange(M)).reshape(-1).to(device)  # (S,)
+        slots = torch.arange((start + offsets[0]) * M, (stop + offsets[-1]) * M,
+                             device=device) % s_pos.shape[1]  # (S,) the span's slots
         base = torch.arange(G, device=device).unsqueeze(1) * Lp
-        qpos = s_pos[:, start * M:stop * M]  # (G, nb*M) positions of the queries
         kpos = s_pos.index_select(1, slots)  # (G, S) positions of the span's keys
-        self.q_flat = (qpos + base).reshape(-1)  # rows of the (G*Lp, E) views
-        self.k_flat = (kpos + base).reshape(-1)
+        self.k_flat = (kpos + base).reshape(-1)  # rows of the (G*Lp, E) views
         q_flat_rows, v_flat_rows = q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E)
-        self.q = q_flat_rows.index_select(0, self.q_flat).view(G, nb, M, E)
         self.k_raw = q_flat_rows.index_select(0, self.k_flat).view(G, -1, E)  # (G, S, E)
+        self.q_in_span = slice(-offsets[0] * M, (nb - offsets[0]) * M)  # offset 0's chunks
+        qpos = kpos[:, self.q_in_span]  # (G, nb*M) positions of the queries
+        self.q = self.k_raw[:, self.q_in_span].view(G, nb, M, E)
+        self.q_flat = (qpos + base).reshape(-1)  # (G*nb*M,) the queries' rows
         self.k_span = F.normalize(self.k_raw, dim=-1)  # k_j = q_j / |q_j|
         self.v_span = v_flat_rows.index_select(0, self.k_flat).view(G, -1, E)
         self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
@@ -134,16 +141,20 @@ class SortedWindowAttention(torch.autograd.Function):
         saved = [] if keep_blocks else None
         out = lse = None
         rows = (q_rows, v_rows)
+        unsort = _unsort_rows(s_pos, Lp)
+        o_s = q_rows.new_empty(G, Lp, E)  # a round's output in sorted order
+        z_s = q_rows.new_empty(G, Lp)
         for r in range(R):
-            o_r = q_rows.new_empty(G * Lp, E)  # this round's output in position order
-            z_r = q_rows.new_empty(G * Lp)
             for start, stop in _round_blocks(G, r, nr, M, K):
                 blk = _SortedBlock(rows, s_pos, valid, start, stop, spec)
-                o_r.index_copy_(0, blk.q_flat, torch.matmul(blk.kept, blk.v).view(-1, E))
-                z_r.index_copy_(0, blk.q_flat, blk.lse.reshape(-1))
+                a, b = (start - r * nr) * M, (stop - r * nr) * M
+                torch.matmul(blk.kept, blk.v, out=o_s[:, a:b].view(G, stop - start, M, E))
+                z_s[:, a:b] = blk.lse.view(G, -1)
                 if keep_blocks:
                     saved.append(blk)
-            o_r, z_r = o_r.view(G, Lp, E), z_r.view(G, Lp)
+            # Sorted -> position order by a gather (contiguous writes above, no scatter).
+            o_r = o_s.view(G * Lp, E).index_select(0, unsort[r]).view(G, Lp, E)
+            z_r = z_s.view(-1).index_select(0, unsort[r]).view(G, Lp)
             if out is None:
                 out, lse = o_r, z_r
                 continue
@@ -180,27 +191,46 @@ class SortedWindowAttention(torch.autograd.Function):
             for i, (start, stop) in enumerate(blocks):
                 blk = saved[i] if saved else _SortedBlock(rows, s_pos, valid, start, stop,
                                                           ctx.spec)
-                shape = blk.lse.shape  # (G, nb, M)
-                # The block's probabilities as a share of all the query's keys in all rounds.
-                share = (blk.lse - lse[blk.q_flat].view(shape)).exp_().unsqueeze(-1)
-                d_o = d_out.index_select(0, blk.q_flat).view(*shape, E)
-                grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # (G, nb, M, K)
-                if blk.keep is not None:
-                    grad_p.mul_(blk.keep)
-                probs = blk.probs * share  # (G, nb, M, K) global probabilities
-                grad_s = grad_p.sub_(row[blk.q_flat].view(shape).unsqueeze(-1)).mul_(probs)
-                grad_q.index_add_(0, blk.q_flat, torch.matmul(grad_s, blk.k).view(-1, E))
-                grad_k = _unwindow(torch.matmul(grad_s.transpose(-1, -2), blk.q), blk.W, blk.M)
-                grad_q.index_add_(0, blk.k_flat, _normalize_backward(blk.k_raw, blk.k_span,
-                                                                     grad_k).view(-1, E))
-                kept = probs if blk.keep is None else probs.mul_(blk.keep)
-                grad_v.index_add_(0, blk.k_flat, _unwindow(
-                    torch.matmul(kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
+                _block_backward(blk, d_out, row, lse, grad_q, grad_v)
                 if saved:
                     saved[i] = None  # free as we go
         shape = q_rows.shape
         return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
                 None, None)
+
+
+def _unsort_rows(s_pos: torch.Tensor, Lp: int) -> list[torch.Tensor]:
+    """For each round r, the (G*Lp,) rows that put a (G, Lp, ...) buffer of round r in sorted
+    order (its slot j at row j) back in position order."""
+    G, RL = s_pos.shape
+    R = RL // Lp
+    slot = torch.empty_like(s_pos)  # slot[g, r*Lp + p]: the sorted slot of (round r, p)
+    items = s_pos.view(G, R, Lp) + torch.arange(R, device=s_pos.device).view(1, R, 1) * Lp
+    slot.scatter_(1, items.view(G, RL), torch.arange(RL, device=s_pos.device).expand(G, RL))
+    base = torch.arange(G, device=s_pos.device).view(G, 1) * Lp
+    return [(slot[:, r * Lp:(r + 1) * Lp] - r * Lp + base).reshape(-1) for r in range(R)]
+
+
+def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
+                    lse: torch.Tensor, grad_q: torch.Tensor, grad_v: torch.Tensor) -> None:
+    """Add one block's gradients to those of the (G*Lp, E) rows of q and v."""
+    G, nb, M, E = blk.q.shape
+    shape = blk.lse.shape  # (G, nb, M)
+    # The block's probabilities as a share of all the query's keys in all rounds.
+    share = (blk.lse - lse.index_select(0, blk.q_flat).view(shape)).exp_().unsqueeze(-1)
+    d_o = d_out.index_select(0, blk.q_flat).view(*shape, E)
+    grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # (G, nb, M, K)
+    if blk.keep is not None:
+        grad_p.mul_(blk.keep)
+    probs = blk.probs * share  # (G, nb, M, K) global probabilities
+    grad_s = grad_p.sub_(row.index_select(0, blk.q_flat).view(shape).unsqueeze(-1)).mul_(probs)
+    grad_k = _unwindow(torch.matmul(grad_s.transpose(-1, -2), blk.q), blk.W, blk.M)
+    grad_k = _normalize_backward(blk.k_raw, blk.k_span, grad_k)  # (G, S, E) span rows
+    grad_k[:, blk.q_in_span] += torch.matmul(grad_s, blk.k).view(G, nb * M, E)  # as queries
+    grad_q.index_add_(0, blk.k_flat, grad_k.view(-1, E))
+    kept = probs if blk.keep is None else probs.mul_(blk.keep)
+    grad_v.index_add_(0, blk.k_flat, _unwindow(
+        torch.matmul(kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
 
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
@@ -228,9 +258,10 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         out (G, Lp, E) and each query's log-sum-exp over all its rounds (G, Lp).
     """
     G, Lp, _ = qk_rows.shape
-    if list(offsets) != list(range(offsets[0], offsets[0] + len(offsets))):
-        raise ValueError(f"offsets={list(offsets)} must be consecutive chunk offsets, e.g. "
-                         "[-1, 0]; build them with window_offsets")
+    if list(offsets) != list(range(offsets[0], offsets[0] + len(offsets))) or 0 not in offsets:
+        raise ValueError(f"offsets={list(offsets)} must be consecutive chunk offsets "
+                         "including 0 (a chunk attends to itself), e.g. [-1, 0]; build them "
+                         "with window_offsets")
     if Lp % chunk_length or s_pos.shape[1] % Lp:
         raise ValueError(f"{Lp} positions and {s_pos.shape[1]} sorted slots must be multiples "
                          f"of chunk_length={chunk_length} and of each other; pad the input")
