@@ -79,7 +79,8 @@ class AxialPositionalEmbedding(nn.Module):
         parts, stride = [], math.prod(self.shape)
         for n, w in zip(self.shape, self.weights, strict=True):
             stride //= n
-            parts.append(w[(pos // stride) % n])  # (L, d_k)
+            parts.append(F.embedding((pos // stride) % n, w))  # (L, d_k); its backward
+            # sums rows 3x faster than indexing's (index_put_ with accumulate) on CPU
         return torch.cat(parts, dim=-1)  # (L, D)
 
 

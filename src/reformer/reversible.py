@@ -154,14 +154,15 @@ class AttentionHalf(nn.Module):
     def _projected(self, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:
         """The projections of LayerNorm(x) for ``heads``, each (B, h, L, E)."""
         B, L, _ = x.shape
-        cols, x_rows, outs = self._columns(heads), _rows(x), None
+        cols, x_rows = self._columns(heads), _rows(x)
+        weights = [lin.weight[cols].t() for lin in self.attn.projections()]  # no biases
+        outs = None
         for s in row_chunks(x_rows.shape[0], ROWS):
             h = self.norm(x_rows[s])
-            parts = [F.linear(h, lin.weight[cols]) for lin in self.attn.projections()]
-            if outs is None:
-                outs = [p.new_empty(x_rows.shape[0], p.shape[1]) for p in parts]
-            for out, part in zip(outs, parts, strict=True):
-                out[s] = part
+            if outs is None:  # in h @ w's dtype (autocast's, when it is on)
+                outs = [(h[:1] @ w).new_empty(x_rows.shape[0], w.shape[1]) for w in weights]
+            for out, w in zip(outs, weights, strict=True):  # straight into the rows
+                torch.mm(h.to(out.dtype), w.to(out.dtype), out=out[s])  # (out= skips autocast)
         return [o.view(B, L, -1, self.attn.d_head).transpose(1, 2) for o in outs]
 
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
