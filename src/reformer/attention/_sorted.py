@@ -42,7 +42,6 @@ Decisions:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import _chunked
@@ -73,6 +72,29 @@ def _unwindow(grad_windows: torch.Tensor, W: int, M: int) -> torch.Tensor:
     return span.view(G, -1, E)
 
 
+class _Sequence:
+    """The kernel's inputs in the forms that blocks read: (G*Lp, E) rows, and for every
+    sorted slot its position as a row index and as a float (for the mask arithmetic)."""
+
+    def __init__(self, q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
+                 valid: torch.Tensor | None) -> None:
+        G, Lp, E = q_rows.shape
+        self.q, self.v = q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E)
+        self.pos, self.valid = s_pos, valid
+        self.pos_f = s_pos.float()  # exact: positions are < 2**24
+        base = torch.arange(G, device=s_pos.device).unsqueeze(1) * Lp
+        self.row = s_pos if G == 1 else s_pos + base  # (G, R*Lp) rows of the (G*Lp, E) views
+
+    def span(self, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+        """(position, float position, row) of the sorted slots lo..hi-1, each (G, hi - lo):
+        views, unless the span wraps around the ends of the sorted order."""
+        n = self.pos.shape[1]
+        if 0 <= lo and hi <= n:
+            return self.pos[:, lo:hi], self.pos_f[:, lo:hi], self.row[:, lo:hi]
+        slots = torch.arange(lo, hi, device=self.pos.device) % n
+        return tuple(t.index_select(1, slots) for t in (self.pos, self.pos_f, self.row))
+
+
 class _SortedBlock:
     """One block of sorted chunks: its rows, positions and attention weights.
 
@@ -82,43 +104,35 @@ class _SortedBlock:
     and so are the queries (the rows of offset 0's chunks).
     """
 
-    def __init__(self, rows: tuple, s_pos: torch.Tensor, valid: torch.Tensor | None,
-                 start: int, stop: int, spec: tuple) -> None:
-        q_rows, v_rows = rows
+    def __init__(self, seq: _Sequence, start: int, stop: int, spec: tuple) -> None:
         M, offsets, causal, log_count_fn, dropout = spec
-        G, Lp, E = q_rows.shape
+        G, E = seq.pos.shape[0], seq.q.shape[1]
         nb, W = stop - start, len(offsets)
-        device = s_pos.device
         self.W, self.M = W, M
-        slots = torch.arange((start + offsets[0]) * M, (stop + offsets[-1]) * M,
-                             device=device) % s_pos.shape[1]  # (S,) the span's slots
-        base = torch.arange(G, device=device).unsqueeze(1) * Lp
-        kpos = s_pos.index_select(1, slots)  # (G, S) positions of the span's keys
-        self.k_flat = (kpos + base).reshape(-1)  # rows of the (G*Lp, E) views
-        q_flat_rows, v_flat_rows = q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E)
-        self.k_raw = q_flat_rows.index_select(0, self.k_flat).view(G, -1, E)  # (G, S, E)
+        kpos, kpos_f, krow = seq.span((start + offsets[0]) * M, (stop + offsets[-1]) * M)
+        self.k_flat = krow.reshape(-1)  # (G*S,) the span's rows
+        self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)  # (G, S, E)
         self.q_in_span = slice(-offsets[0] * M, (nb - offsets[0]) * M)  # offset 0's chunks
-        qpos = kpos[:, self.q_in_span]  # (G, nb*M) positions of the queries
         self.q = self.k_raw[:, self.q_in_span].view(G, nb, M, E)
-        self.q_flat = (qpos + base).reshape(-1)  # (G*nb*M,) the queries' rows
-        self.k_span = F.normalize(self.k_raw, dim=-1)  # k_j = q_j / |q_j|
-        self.v_span = v_flat_rows.index_select(0, self.k_flat).view(G, -1, E)
+        self.q_flat = krow[:, self.q_in_span].reshape(-1)  # (G*nb*M,) the queries' rows
+        self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
+        self.k_span = self.k_raw / self.k_norm.clamp_min(NORM_EPS)  # F.normalize: q / |q|
+        self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
         self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
         self.v = _windows(self.v_span, nb, W, M)
-        k_valid = None if valid is None else _windows(valid.gather(1, kpos), nb, W, M)
+        k_valid = None if seq.valid is None else _windows(seq.valid.gather(1, kpos), nb, W, M)
         self.probs, self.lse, self.keep = window_probs(
-            self.q, self.k, qpos.view(G, nb, M).float(), _windows(kpos.float(), nb, W, M),
-            k_valid, causal=causal, self_mask=True, scale=1.0, log_count_fn=log_count_fn,
-            dropout=dropout)
+            self.q, self.k, kpos_f[:, self.q_in_span].view(G, nb, M),
+            _windows(kpos_f, nb, W, M), k_valid, causal=causal, self_mask=True, scale=1.0,
+            log_count_fn=log_count_fn, dropout=dropout)
         self.kept = self.probs if self.keep is None else self.probs * self.keep
 
-
-def _normalize_backward(x: torch.Tensor, unit: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of x from that of unit = F.normalize(x): (g - u (u . g)) / |x|, or g / eps
-    where |x| < eps (F.normalize divides by max(|x|, eps) there)."""
-    norm = x.norm(dim=-1, keepdim=True)
-    radial = (unit * grad).sum(dim=-1, keepdim=True) * (norm > NORM_EPS)
-    return (grad - unit * radial) / norm.clamp_min(NORM_EPS)
+    def normalize_backward_(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of the span's raw rows from ``grad`` (G, S, E), that of the unit keys
+        (overwritten): (g - u (u . g)) / |q|, or g / eps where |q| < eps (F.normalize divides
+        by max(|q|, eps) there)."""
+        radial = (self.k_span * grad).sum(dim=-1, keepdim=True).mul_(self.k_norm > NORM_EPS)
+        return grad.addcmul_(self.k_span, radial, value=-1).div_(self.k_norm.clamp_min(NORM_EPS))
 
 
 def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, int]]:
@@ -140,13 +154,13 @@ class SortedWindowAttention(torch.autograd.Function):
         keep_blocks = grad_follows and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
         out = lse = None
-        rows = (q_rows, v_rows)
+        seq = _Sequence(q_rows, v_rows, s_pos, valid)
         unsort = _unsort_rows(s_pos, Lp)
         o_s = q_rows.new_empty(G, Lp, E)  # a round's output in sorted order
         z_s = q_rows.new_empty(G, Lp)
         for r in range(R):
             for start, stop in _round_blocks(G, r, nr, M, K):
-                blk = _SortedBlock(rows, s_pos, valid, start, stop, spec)
+                blk = _SortedBlock(seq, start, stop, spec)
                 a, b = (start - r * nr) * M, (stop - r * nr) * M
                 torch.matmul(blk.kept, blk.v, out=o_s[:, a:b].view(G, stop - start, M, E))
                 z_s[:, a:b] = blk.lse.view(G, -1)
@@ -185,12 +199,11 @@ class SortedWindowAttention(torch.autograd.Function):
         grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
                           for _ in range(2))
         saved, ctx.blocks = ctx.blocks, None
-        rows = (q_rows, v_rows)
+        seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
         with replay_rng(None if saved else ctx.rng, q_rows.device):
             blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
             for i, (start, stop) in enumerate(blocks):
-                blk = saved[i] if saved else _SortedBlock(rows, s_pos, valid, start, stop,
-                                                          ctx.spec)
+                blk = saved[i] if saved else _SortedBlock(seq, start, stop, ctx.spec)
                 _block_backward(blk, d_out, row, lse, grad_q, grad_v)
                 if saved:
                     saved[i] = None  # free as we go
@@ -213,24 +226,27 @@ def _unsort_rows(s_pos: torch.Tensor, Lp: int) -> list[torch.Tensor]:
 
 def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
                     lse: torch.Tensor, grad_q: torch.Tensor, grad_v: torch.Tensor) -> None:
-    """Add one block's gradients to those of the (G*Lp, E) rows of q and v."""
+    """Add one block's gradients to those of the (G*Lp, E) rows of q and v.
+
+    With P = share * probs the block's global probabilities (share = exp(z_block - Z) per
+    query), dS = P (dP - row) = probs (share dP - share row), and share dP = (share dO) v^T:
+    the share scales the (M, E) rows of dO, not the (M, K) probabilities.
+    """
     G, nb, M, E = blk.q.shape
     shape = blk.lse.shape  # (G, nb, M)
-    # The block's probabilities as a share of all the query's keys in all rounds.
     share = (blk.lse - lse.index_select(0, blk.q_flat).view(shape)).exp_().unsqueeze(-1)
-    d_o = d_out.index_select(0, blk.q_flat).view(*shape, E)
-    grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # (G, nb, M, K)
+    d_o = d_out.index_select(0, blk.q_flat).view(*shape, E).mul_(share)  # share * dO
+    grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # share * dP, (G, nb, M, K)
     if blk.keep is not None:
         grad_p.mul_(blk.keep)
-    probs = blk.probs * share  # (G, nb, M, K) global probabilities
-    grad_s = grad_p.sub_(row.index_select(0, blk.q_flat).view(shape).unsqueeze(-1)).mul_(probs)
+    share_row = row.index_select(0, blk.q_flat).view(shape).unsqueeze(-1).mul_(share)
+    grad_s = grad_p.sub_(share_row).mul_(blk.probs)
     grad_k = _unwindow(torch.matmul(grad_s.transpose(-1, -2), blk.q), blk.W, blk.M)
-    grad_k = _normalize_backward(blk.k_raw, blk.k_span, grad_k)  # (G, S, E) span rows
+    grad_k = blk.normalize_backward_(grad_k)  # (G, S, E) span rows
     grad_k[:, blk.q_in_span] += torch.matmul(grad_s, blk.k).view(G, nb * M, E)  # as queries
     grad_q.index_add_(0, blk.k_flat, grad_k.view(-1, E))
-    kept = probs if blk.keep is None else probs.mul_(blk.keep)
     grad_v.index_add_(0, blk.k_flat, _unwindow(
-        torch.matmul(kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
+        torch.matmul(blk.kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
 
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
