@@ -38,7 +38,7 @@ from reformer._rng import capture_rng, replay_rng
 MASK_VALUE = -1e9
 SELF_VALUE = -1e5
 BLOCK_ELEMENTS = 1 << 19  # scores per block: 2 MiB in float32, cache-sized
-SAVE_ELEMENTS = 1 << 25  # keep probabilities for the backward up to this size (128 MiB fp32)
+SAVE_ELEMENTS = 1 << 27  # keep probabilities for the backward up to this size (512 MiB fp32)
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:

@@ -151,7 +151,8 @@ class SortedWindowAttention(torch.autograd.Function):
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
-        keep_blocks = grad_follows and G * R * Lp * (K + 2 * E) <= _chunked.SAVE_ELEMENTS
+        # per sorted item: K probabilities and its raw, unit and value rows
+        keep_blocks = grad_follows and G * R * Lp * (K + 3 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
         out = lse = None
         seq = _Sequence(q_rows, v_rows, s_pos, valid)
