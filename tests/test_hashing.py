@@ -141,7 +141,7 @@ def test_sort_by_bucket_orders_by_round_bucket_position_and_inverts():
     batch, heads, rounds, length, nb = 2, 3, 3, 10, 4
     g = torch.Generator().manual_seed(0)
     buckets = torch.randint(0, nb + 1, (batch, heads, rounds, length), generator=g)  # nb = pad
-    s_items, undo = sort_by_bucket(buckets, nb)
+    s_items, undo = sort_by_bucket(buckets)
     assert s_items.shape == undo.shape == (batch, heads, rounds * length)
     for b in range(batch):
         for h in range(heads):

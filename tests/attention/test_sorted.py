@@ -131,6 +131,27 @@ def test_rejects_offsets_with_gaps_or_without_the_chunk_itself(offsets):
         sorted_window_attention(q, v, s_pos, chunk_length=3, offsets=offsets, causal=True)
 
 
+def test_a_given_slot_map_matches_the_computed_one():
+    q, v, s_pos, *_ = inputs(0)
+    G, RL = s_pos.shape
+    Lp = q.shape[1]
+    s_slot = torch.empty_like(s_pos)
+    for g in range(G):
+        for slot in range(RL):
+            s_slot[g, slot // Lp * Lp + s_pos[g, slot]] = slot
+    given, computed = (sorted_window_attention(q, v, s_pos, s_slot=m, chunk_length=3,
+                                               offsets=[-1, 0], causal=True)[0]
+                       for m in (s_slot, None))
+    assert torch.equal(given, computed)
+
+
+def test_rejects_a_slot_map_of_the_wrong_shape():
+    q, v, s_pos, *_ = inputs(0)
+    with pytest.raises(ValueError, match="s_slot has shape"):
+        sorted_window_attention(q, v, s_pos, s_slot=s_pos[:, 1:], chunk_length=3,
+                                offsets=[-1, 0], causal=True)
+
+
 def test_rejects_lengths_that_are_not_chunk_multiples():
     q, v, s_pos, *_ = inputs(0)
     with pytest.raises(ValueError, match="chunk_length=5"):

@@ -141,12 +141,13 @@ def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, in
 
 
 class SortedWindowAttention(torch.autograd.Function):
-    """``apply(qk_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout,
-    grad_follows)`` -> (out (G, Lp, E), lse (G, Lp)); see :func:`sorted_window_attention`."""
+    """``apply(qk_rows, v_rows, s_pos, s_slot, valid, M, offsets, causal, log_count_fn,
+    dropout, grad_follows)`` -> (out (G, Lp, E), lse (G, Lp)); see
+    :func:`sorted_window_attention`."""
 
     @staticmethod
-    def forward(ctx, q_rows, v_rows, s_pos, valid, M, offsets, causal, log_count_fn, dropout,
-                grad_follows):
+    def forward(ctx, q_rows, v_rows, s_pos, s_slot, valid, M, offsets, causal, log_count_fn,
+                dropout, grad_follows):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
@@ -156,7 +157,7 @@ class SortedWindowAttention(torch.autograd.Function):
         saved = [] if keep_blocks else None
         out = lse = None
         seq = _Sequence(q_rows, v_rows, s_pos, valid)
-        unsort = _unsort_rows(s_pos, Lp)
+        unsort = _unsort_rows(s_pos, s_slot, Lp)
         o_s = q_rows.new_empty(G, Lp, E)  # a round's output in sorted order
         z_s = q_rows.new_empty(G, Lp)
         for r in range(R):
@@ -175,7 +176,7 @@ class SortedWindowAttention(torch.autograd.Function):
                 continue
             total = torch.logaddexp(lse, z_r)  # o = sum_r exp(z_r - Z) o_r, folded round by round
             out.mul_((lse - total).exp_().unsqueeze(-1))
-            out.add_(o_r.mul_((z_r - total).exp_().unsqueeze(-1)))
+            out.addcmul_(o_r, (z_r - total).exp_().unsqueeze(-1))
             lse = total
         ctx.spec, ctx.blocks = spec, saved
         ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
@@ -210,19 +211,21 @@ class SortedWindowAttention(torch.autograd.Function):
                     saved[i] = None  # free as we go
         shape = q_rows.shape
         return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
-def _unsort_rows(s_pos: torch.Tensor, Lp: int) -> list[torch.Tensor]:
+def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,
+                 Lp: int) -> list[torch.Tensor]:
     """For each round r, the (G*Lp,) rows that put a (G, Lp, ...) buffer of round r in sorted
     order (its slot j at row j) back in position order."""
     G, RL = s_pos.shape
     R = RL // Lp
-    slot = torch.empty_like(s_pos)  # slot[g, r*Lp + p]: the sorted slot of (round r, p)
-    items = s_pos.view(G, R, Lp) + torch.arange(R, device=s_pos.device).view(1, R, 1) * Lp
-    slot.scatter_(1, items.view(G, RL), torch.arange(RL, device=s_pos.device).expand(G, RL))
+    if s_slot is None:  # s_slot[g, r*Lp + p]: the sorted slot of (round r, position p)
+        s_slot = torch.empty_like(s_pos)
+        items = s_pos.view(G, R, Lp) + torch.arange(R, device=s_pos.device).view(1, R, 1) * Lp
+        s_slot.scatter_(1, items.view(G, RL), torch.arange(RL, device=s_pos.device).expand(G, RL))
     base = torch.arange(G, device=s_pos.device).view(G, 1) * Lp
-    return [(slot[:, r * Lp:(r + 1) * Lp] - r * Lp + base).reshape(-1) for r in range(R)]
+    return [(s_slot[:, r * Lp:(r + 1) * Lp] - r * Lp + base).reshape(-1) for r in range(R)]
 
 
 def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
@@ -252,6 +255,7 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
                             *, chunk_length: int, offsets: list[int],
+                            s_slot: torch.Tensor | None = None,
                             causal: bool, valid: torch.Tensor | None = None,
                             log_count_fn=None,
                             dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +266,8 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
             keys are the unit-normalised queries.
         s_pos: (G, R*Lp) the position at each sorted slot (round-major: slots r*Lp.. hold
             round r, sorted by bucket).
+        s_slot: (G, R*Lp) its inverse: the sorted slot of item r*Lp + p (round r, position
+            p), e.g. ``undo`` from :func:`reformer.hashing.sort_by_bucket`; None: computed.
         chunk_length: M; Lp must be a multiple of it.
         offsets: consecutive window chunk offsets over the n = R*Lp/M sorted chunks
             (circular), e.g. [-1, 0].
@@ -285,6 +291,9 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
     if Lp > 1 << 24:
         raise ValueError(f"{Lp} positions exceed 2**24, the largest that the float32 mask "
                          "arithmetic represents exactly; use shorter sequences")
-    return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, valid, chunk_length,
+    if s_slot is not None and s_slot.shape != s_pos.shape:
+        raise ValueError(f"s_slot has shape {tuple(s_slot.shape)}, expected s_pos's "
+                         f"{tuple(s_pos.shape)}: one sorted slot per (round, position) item")
+    return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, s_slot, valid, chunk_length,
                                        list(offsets), causal, log_count_fn, dropout,
                                        grad_follows(qk_rows, v_rows))

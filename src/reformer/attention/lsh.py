@@ -100,7 +100,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     R, M = buckets.shape[2], chunk_length
     assert Lp % M == 0, "callers pad to a multiple of chunk_length"
     G, n = B * H, R * Lp // M
-    s_items, undo = sort_by_bucket(buckets, n_buckets)  # (B, H, R*Lp) each
+    s_items, undo = sort_by_bucket(buckets)  # (B, H, R*Lp) each
     s_pos = (s_items % Lp).view(G, R * Lp)  # original position of each sorted item
     valid = None
     if attention_mask is not None:
@@ -111,7 +111,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
         chunk_of = (undo.view(G, R, Lp) // M).transpose(1, 2)  # (G, Lp, R) chunk of each item
         log_count_fn = _LogMultiplicity(chunk_of, offsets, n, qk.dtype)
     out, _ = sorted_window_attention(
-        qk.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos,
+        qk.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos, s_slot=undo.view(G, R * Lp),
         chunk_length=M, offsets=offsets, causal=causal, valid=valid,
         log_count_fn=log_count_fn, dropout=dropout)
     return out.view(B, H, Lp, E)
