@@ -141,6 +141,11 @@ def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     within = buckets.sort(dim=-1, stable=True).indices  # (B, H, R, L) positions
     rounds = torch.arange(R, device=buckets.device).view(1, 1, R, 1) * L
     s_items = (within + rounds).reshape(B, H, R * L)
-    undo = torch.empty_like(s_items)
-    undo.scatter_(-1, s_items, torch.arange(R * L, device=buckets.device).expand_as(s_items))
-    return s_items, undo
+    return s_items, inverse_permutation(s_items)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[..., perm[..., j]] = j`` for permutations along the last dim."""
+    inv = torch.empty_like(perm)
+    return inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device)
+                        .expand_as(perm))

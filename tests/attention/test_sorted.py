@@ -139,10 +139,12 @@ def test_a_given_slot_map_matches_the_computed_one():
     for g in range(G):
         for slot in range(RL):
             s_slot[g, slot // Lp * Lp + s_pos[g, slot]] = slot
-    given, computed = (sorted_window_attention(q, v, s_pos, s_slot=m, chunk_length=3,
-                                               offsets=[-1, 0], causal=True)[0]
-                       for m in (s_slot, None))
+    shuffled = s_slot.view(G, -1, Lp).flip(-1).reshape(G, RL)  # each round's slots, reordered
+    given, computed, wrong = (sorted_window_attention(q, v, s_pos, s_slot=m, chunk_length=3,
+                                                      offsets=[-1, 0], causal=True)[0]
+                              for m in (s_slot, None, shuffled))
     assert torch.equal(given, computed)
+    assert not torch.allclose(wrong, computed)  # the given map is the one used
 
 
 def test_rejects_a_slot_map_of_the_wrong_shape():

@@ -46,6 +46,7 @@ import torch
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import _chunked
 from reformer.attention._chunked import grad_follows, window_probs
+from reformer.hashing import inverse_permutation
 
 NORM_EPS = 1e-12  # F.normalize's default eps
 _ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
@@ -221,9 +222,8 @@ def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,
     G, RL = s_pos.shape
     R = RL // Lp
     if s_slot is None:  # s_slot[g, r*Lp + p]: the sorted slot of (round r, position p)
-        s_slot = torch.empty_like(s_pos)
         items = s_pos.view(G, R, Lp) + torch.arange(R, device=s_pos.device).view(1, R, 1) * Lp
-        s_slot.scatter_(1, items.view(G, RL), torch.arange(RL, device=s_pos.device).expand(G, RL))
+        s_slot = inverse_permutation(items.view(G, RL))
     base = torch.arange(G, device=s_pos.device).view(G, 1) * Lp
     return [(s_slot[:, r * Lp:(r + 1) * Lp] - r * Lp + base).reshape(-1) for r in range(R)]
 

@@ -73,14 +73,14 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: Rotations, *,
     mask = padded_mask(attention_mask, B, L, L + (-L % chunk_length), qk.device)
     qk, v = pad_to_multiple(qk, chunk_length, 2), pad_to_multiple(v, chunk_length, 2)
     buckets = hash_vectors(qk, rotations, mask)
-    out = bucketed_attention(qk, v, buckets, n_buckets_of(rotations), chunk_length=chunk_length,
+    out = bucketed_attention(qk, v, buckets, chunk_length=chunk_length,
                              n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
                              causal=causal, dedup_rounds=dedup_rounds, attention_mask=mask)
     return out[:, :, :L]
 
 
-def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
-                       n_buckets: int, *, chunk_length: int, n_chunks_before: int = 1,
+def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
+                       chunk_length: int, n_chunks_before: int = 1,
                        n_chunks_after: int = 0, causal: bool = True,
                        dedup_rounds: bool = False, attention_mask: torch.Tensor | None = None,
                        dropout: float = 0.0) -> torch.Tensor:
@@ -88,8 +88,8 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
 
     Args:
         qk, v: (B, H, Lp, E) with Lp a multiple of ``chunk_length``.
-        buckets: (B, H, R, Lp) ids from :func:`reformer.hashing.hash_vectors`.
-        n_buckets: NB (masked positions carry id NB).
+        buckets: (B, H, R, Lp) ids from :func:`reformer.hashing.hash_vectors` (masked
+            positions carry the largest id, NB, and so sort last).
         attention_mask: (B, Lp) bool or None.
         dropout: attention dropout probability (0 in eval).
 
@@ -194,8 +194,7 @@ class LSHSelfAttention(HeadSlicedAttention):
             small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
             buckets = hash_vectors(qk, sliced, mask).to(torch.int16 if small else torch.int32)
             state.buckets[heads.start] = buckets
-        out = bucketed_attention(qk, v, buckets, n_buckets_of(rots),
-                                 chunk_length=cfg.chunk_length,
+        out = bucketed_attention(qk, v, buckets, chunk_length=cfg.chunk_length,
                                  n_chunks_before=cfg.n_chunks_before,
                                  n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
                                  dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
