@@ -33,7 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from reformer import _native
 from reformer._rng import capture_rng, replay_rng
+from reformer.layers import dropout_keep
 
 MASK_VALUE = -1e9
 SELF_VALUE = -1e5
@@ -236,38 +238,51 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     """
     G, nb, M, E = q.shape
     K = k.shape[2]
+    q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
+    fused = _native.window_softmax(q) if valid is None and log_count_fn is None else None
+    if fused is not None:  # masks, softmax and log-sum-exp in one pass (csrc/)
+        probs = torch.bmm(q3, k3.transpose(1, 2)).view(G, nb, M, K)
+        lse = fused(probs, qpos, kpos, scale, causal, self_mask, *mask_values(q.dtype))
+        return probs, lse, dropout_keep(probs, dropout)
+    logits = _masked_logits(q3, k3, qpos, kpos, valid, causal=causal, self_mask=self_mask,
+                            scale=scale, log_count_fn=log_count_fn).view(G, nb, M, K)
+    probs = torch.softmax(logits, dim=-1)
+    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
+    del logits
+    return probs, lse, dropout_keep(probs, dropout)
+
+
+def _masked_logits(q3: torch.Tensor, k3: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                   valid: torch.Tensor | None, *, causal: bool, self_mask: bool, scale: float,
+                   log_count_fn) -> torch.Tensor:
+    """``bias + scale * q k^T`` for (G*nb, M, E) queries and (G*nb, K, E) keys -> (G*nb, M, K),
+    with PyTorch ops (``window_probs``'s arguments)."""
+    nb, (GB, M, _), K, dtype = qpos.shape[1], q3.shape, k3.shape[1], q3.dtype
+    G = GB // nb
     if causal and self_mask:  # the LSH default, in fewer passes than _pair_bias
-        bias = _causal_self_bias(qpos, kpos, q.dtype)
+        bias = _causal_self_bias(qpos, kpos, dtype)
     else:
-        bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, q.dtype)
+        bias = _pair_bias(qpos.unsqueeze(-1), kpos.unsqueeze(-2), causal, self_mask, dtype)
     if valid is not None:
-        work = torch.promote_types(q.dtype, torch.float32)
-        key_bias = (~valid).to(work).mul_(mask_values(q.dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
+        work = torch.promote_types(dtype, torch.float32)
+        key_bias = (~valid).to(work).mul_(mask_values(dtype)[0]).unsqueeze(-2)  # (G,nb,1,K)
         bias = key_bias if bias is None else bias + key_bias  # G may broadcast
     if log_count_fn is not None:
         count = log_count_fn(qpos, kpos)
         bias = -count if bias is None else bias.sub_(count)
-    q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
     # logits = bias + scale * q k^T: the masks ride along in the matmul's accumulator
     if bias is None:
         logits = torch.bmm(q3, k3.transpose(1, 2))
         if scale != 1:
             logits.mul_(scale)
     else:
-        bias = bias.to(q.dtype)
+        bias = bias.to(dtype)
         if bias.shape == (G, nb, M, K) and bias.is_contiguous():  # built here: add into it
             logits = bias.view(G * nb, M, K).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
         else:
             bias = bias.expand(G, nb, M, K).reshape(G * nb, M, K)
             logits = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)
-    logits = logits.view(G, nb, M, K)
-    probs = torch.softmax(logits, dim=-1)
-    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
-    del logits
-    keep = None
-    if dropout > 0:
-        keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
-    return probs, lse, keep
+    return logits
 
 
 def _causal_self_bias(qpos: torch.Tensor, kpos: torch.Tensor,

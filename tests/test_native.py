@@ -1,0 +1,116 @@
+"""The native CPU kernels (csrc/) against the PyTorch ops they replace."""
+
+import shutil
+
+import pytest
+import torch
+
+from reformer import _native
+from reformer.attention import _chunked
+from reformer.attention._chunked import chunk_window_attention, window_probs
+from reformer.attention._sorted import sorted_window_attention
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler to build the native kernels")
+
+
+def windows_of(span, nb, W, M):
+    """Overlapping (G, nb, W*M) windows of a (G, (nb+W-1)*M) span, as the kernels pass them."""
+    return span.as_strided((span.shape[0], nb, W * M), (span.stride(0), M, 1))
+
+
+@needs_compiler
+@pytest.mark.parametrize("causal,self_mask", [(True, True), (True, False), (False, True),
+                                              (False, False)])
+@pytest.mark.parametrize("M,W", [(4, 3), (64, 2), (5, 2)])  # K = 12, 128, 10
+@pytest.mark.parametrize("shared_pos", [False, True])  # positions (1, ...) broadcast over G
+def test_window_softmax_matches_pytorch(monkeypatch, causal, self_mask, M, W, shared_pos):
+    g = torch.Generator().manual_seed(M * W + causal)
+    G, nb, E = 3, 6, 8
+    q, k = torch.randn(G, nb, M, E, generator=g), torch.randn(G, nb, W * M, E, generator=g)
+    span = torch.stack([torch.randperm((nb + W - 1) * M, generator=g).float()
+                        for _ in range(1 if shared_pos else G)])
+    qpos = span[:, (W - 1) * M:].reshape(-1, nb, M)  # the last chunk of each window
+    kpos = windows_of(span, nb, W, M)
+    results = []
+    for setting in ("on", "off"):
+        monkeypatch.setenv(_native.ENV, setting)
+        results.append(window_probs(q, k, qpos, kpos, None, causal=causal,
+                                    self_mask=self_mask, scale=0.6))
+    (p_native, lse_native, _), (p_torch, lse_torch, _) = results
+    assert torch.allclose(p_native, p_torch, atol=1e-6, rtol=0), (p_native - p_torch).abs().max()
+    assert torch.allclose(lse_native, lse_torch, atol=1e-5, rtol=1e-6)
+    assert (p_native == 0).equal(p_torch == 0)  # masked keys get exactly 0
+    assert torch.allclose(p_native.sum(-1), torch.ones(()), atol=1e-6)
+
+
+@needs_compiler
+def test_window_softmax_rows_with_nothing_valid(monkeypatch):
+    """Every key later than the query (causal): all logits masked, as in PyTorch's path."""
+    monkeypatch.setenv(_native.ENV, "on")
+    M, K = 4, 8
+    logits = torch.randn(1, 1, M, K)
+    qpos = torch.zeros(1, 1, M)
+    kpos = torch.arange(1, K + 1).float().view(1, 1, K)
+    expect = torch.softmax(logits * 1.0 + _chunked.MASK_VALUE, -1)
+    lse = torch.ops.reformer.window_softmax_(logits, qpos, kpos, 1.0, True, True,
+                                             _chunked.MASK_VALUE, _chunked.SELF_VALUE) \
+        if _native.window_softmax(logits) else pytest.fail("native kernels did not build")
+    assert torch.allclose(logits, expect, atol=1e-6)
+    assert torch.allclose(lse, torch.full((1, 1, M), _chunked.MASK_VALUE), rtol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("sorted_kernel", [True, False])
+def test_kernels_match_with_and_without_native(monkeypatch, sorted_kernel):
+    """Outputs and gradients of both attention kernels, float32, native on vs off."""
+    monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", 1 << 12)  # several blocks
+    g = torch.Generator().manual_seed(5)
+    G, Lp, E, R, M = 2, 64, 8, 2, 4
+    qk, v = (torch.randn(G, Lp, E, generator=g, requires_grad=True) for _ in range(2))
+    s_pos = torch.stack([torch.cat([torch.randperm(Lp, generator=g) for _ in range(R)])
+                         for _ in range(G)])
+    results = []
+    for setting in ("on", "off"):
+        monkeypatch.setenv(_native.ENV, setting)
+        if sorted_kernel:
+            out, lse = sorted_window_attention(qk, v, s_pos, chunk_length=M, offsets=[-1, 0],
+                                               causal=True)
+        else:
+            c = (t.view(G, Lp // M, M, E) for t in (qk, qk, v))
+            out, lse = chunk_window_attention(*c, torch.arange(Lp).view(1, -1, M),
+                                              offsets=[-1, 0], circular=False, causal=True,
+                                              scale=0.3)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + lse.sum()
+        results.append((out, lse, *torch.autograd.grad(loss, [qk, v])))
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a - b).abs().max()
+
+
+def test_off_and_bad_setting(monkeypatch):
+    monkeypatch.setenv(_native.ENV, "off")
+    assert _native.window_softmax(torch.zeros(1)) is None
+    monkeypatch.setenv(_native.ENV, "maybe")
+    with pytest.raises(ValueError, match="REFORMER_NATIVE='maybe'"):
+        _native.window_softmax(torch.zeros(1))
+
+
+def test_other_dtypes_use_pytorch():
+    assert _native.window_softmax(torch.zeros(1, dtype=torch.float64)) is None
+    assert _native.window_softmax(torch.zeros(1, dtype=torch.bfloat16)) is None
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(**kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv(_native.ENV, "on")
+    monkeypatch.setattr(cpp, "load", broken)
+    _native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no compiler here"):
+            assert _native.window_softmax(torch.zeros(1)) is None
+    finally:
+        _native._load.cache_clear()  # the next caller loads the real build again
