@@ -50,6 +50,7 @@ from reformer.layers import FeedForward, dropout_keep, row_chunks
 
 Grads = list[torch.Tensor]
 ROWS = 1 << 12  # rows per block of the position-wise work inside the attention half
+PROJECT_ELEMENTS = 1 << 25  # project a group of heads at once up to this size (128 MiB fp32)
 
 
 @dataclass
@@ -151,8 +152,26 @@ class AttentionHalf(nn.Module):
         E = self.attn.d_head
         return slice(heads.start * E, heads.stop * E)
 
+    def _groups(self, n_rows: int) -> list[tuple[slice, list[slice]]]:
+        """The head slices in groups whose projections, (N, n_proj*h*E) values, fit in
+        ``PROJECT_ELEMENTS``: (the group's heads, its slices). A group is projected, and
+        merged through W_o, at once."""
+        per_head = n_rows * self.attn.d_head * len(self.attn.projections())
+        groups: list[list[slice]] = [[]]
+        for heads in self.attn.head_slices():
+            size = (heads.stop - groups[-1][0].start) * per_head if groups[-1] else 0
+            if size > PROJECT_ELEMENTS:
+                groups.append([])
+            groups[-1].append(heads)
+        return [(slice(g[0].start, g[-1].stop), g) for g in groups]
+
+    def _heads_view(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """(N, h*E) rows -> (B, h, L, E), a view."""
+        return rows.view(batch, rows.shape[0] // batch, -1, self.attn.d_head).transpose(1, 2)
+
     def _projected(self, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:
-        """The projections of LayerNorm(x) for ``heads``, each (B, h, L, E)."""
+        """The projections of LayerNorm(x) for ``heads``, each (B, h, L, E), a view of
+        (N, h*E) rows."""
         B, L, _ = x.shape
         cols, x_rows = self._columns(heads), _rows(x)
         weights = [lin.weight[cols].t() for lin in self.attn.projections()]  # no biases
@@ -163,15 +182,26 @@ class AttentionHalf(nn.Module):
                 outs = [(h[:1] @ w).new_empty(x_rows.shape[0], w.shape[1]) for w in weights]
             for out, w in zip(outs, weights, strict=True):  # straight into the rows
                 torch.mm(h.to(out.dtype), w.to(out.dtype), out=out[s])  # (out= skips autocast)
-        return [o.view(B, L, -1, self.attn.d_head).transpose(1, 2) for o in outs]
+        return [self._heads_view(o, B) for o in outs]
 
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
                      call: CallInfo) -> None:
         """acc += f(x), in place (no autograd)."""
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
-        for heads in self.attn.head_slices():
-            o = self.attn.core(self._projected(x, heads), heads, rec.attn, call.attention_mask)
-            self._merge_into(o, heads, acc, keep, sign=1.0)
+        for group, slices in self._groups(x.shape[0] * x.shape[1]):
+            projected = self._projected(x, group)
+            o = None  # (B, h, L, E) view of (N, h*E) rows: the group's outputs
+            for heads in slices:
+                part = slice(heads.start - group.start, heads.stop - group.start)
+                o_part = self.attn.core([p[:, part] for p in projected], heads, rec.attn,
+                                        call.attention_mask)
+                if o is None:
+                    o = self._heads_view(o_part.new_empty(o_part.shape[0] * o_part.shape[2],
+                                                     projected[0].shape[1] * o_part.shape[3]),
+                                    o_part.shape[0])
+                o[:, part] = o_part
+            del projected
+            self._merge_into(o, group, acc, keep, sign=1.0)
 
     def _merge_into(self, o: torch.Tensor, heads: slice, acc: torch.Tensor,
                     keep: torch.Tensor | None, sign: float) -> torch.Tensor:
@@ -188,32 +218,46 @@ class AttentionHalf(nn.Module):
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
                   grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo, grads: dict) -> None:
         """For y = x' + f(x): turn ``y`` into x' = y - f(x) and add dL/dx through f to
-        ``grad_x``, both in place; add the parameter gradients to ``grads[p]``."""
+        ``grad_x``, both in place; add the parameter gradients to ``grads[p]``.
+
+        Per group of heads: its projections and dL/do first; then each slice's attention is
+        recomputed and differentiated, and its gradients overwrite its projections and its
+        outputs overwrite its dL/do (each consumed by then), so a group holds two sets of
+        rows, not four; then W_o and the projections are differentiated for the group."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
-        for heads in attn.head_slices():
-            projected = [p.requires_grad_(True) for p in self._projected(x, heads)]
-            with torch.enable_grad():
-                o = attn.core(projected, heads, rec.attn, call.attention_mask)
-            grad_o = self._merge_backward_(o.detach(), heads, y, gy_rows, keep, grads)
-            grad_in = _grads(o, projected, grad_o)
-            del o, grad_o, projected  # this slice's graph, before the next slice's exists
-            self._projections_backward_(x_rows, heads, grad_in, gx_rows, grads)
-            del grad_in
+        for group, slices in self._groups(x_rows.shape[0]):
+            projected = self._projected(x, group)
+            grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
+            for heads in slices:
+                part = slice(heads.start - group.start, heads.stop - group.start)
+                inputs = [p[:, part].detach().requires_grad_(True) for p in projected]
+                with torch.enable_grad():
+                    o = attn.core(inputs, heads, rec.attn, call.attention_mask)
+                grad_in = _grads(o, inputs, grad_o[:, part])
+                del inputs  # this slice's graph is gone: its rows can be reused
+                for p, g in zip(projected, grad_in, strict=True):
+                    p[:, part] = g  # the projections' rows now hold their gradients
+                grad_o[:, part] = o.detach()  # and dL/do's rows the outputs
+                del o, grad_in
+            o_rows = self._merge_into(grad_o, group, y, keep, sign=-1.0)  # y -= o W_o^T
+            grad_w_o = grads[attn.w_o.weight][:, self._columns(group)]
+            for s in row_chunks(o_rows.shape[0], ROWS):
+                g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
+                grad_w_o += g.t() @ o_rows[s]
+            del grad_o, o_rows
+            self._projections_backward_(x_rows, group, projected, gx_rows, grads)
+            del projected
 
-    def _merge_backward_(self, o: torch.Tensor, heads: slice, y: torch.Tensor,
-                         gy_rows: torch.Tensor, keep: torch.Tensor | None,
-                         grads: dict) -> torch.Tensor:
-        """y -= Dropout(o W_o^T); add W_o's gradient; return dL/do (B, h, L, E)."""
-        o_rows = self._merge_into(o, heads, y, keep, sign=-1.0)
+    def _grad_merged(self, gy_rows: torch.Tensor, heads: slice, keep: torch.Tensor | None,
+                     batch: int) -> torch.Tensor:
+        """dL/do = Dropout'(dL/dy) W_o for ``heads``: (B, h, L, E), a view of (N, h*E) rows."""
         w_o = self.attn.w_o.weight[:, self._columns(heads)]
-        grad_w_o = grads[self.attn.w_o.weight][:, self._columns(heads)]
-        grad_o = o_rows.new_empty(o_rows.shape)
-        for s in row_chunks(o_rows.shape[0], ROWS):
+        grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1])
+        for s in row_chunks(gy_rows.shape[0], ROWS):
             g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
-            grad_o[s] = g @ w_o
-            grad_w_o += g.t() @ o_rows[s]
-        return grad_o.view(o.shape[0], o.shape[2], -1, o.shape[3]).transpose(1, 2)
+            torch.mm(g.to(grad_o.dtype), w_o.to(grad_o.dtype), out=grad_o[s])
+        return self._heads_view(grad_o, batch)
 
     def _projections_backward_(self, x_rows: torch.Tensor, heads: slice, grad_in: Grads,
                                gx_rows: torch.Tensor, grads: dict) -> None:
