@@ -55,7 +55,7 @@ def test_window_softmax_rows_with_nothing_valid(monkeypatch):
     expect = torch.softmax(logits * 1.0 + _chunked.MASK_VALUE, -1)
     lse = torch.ops.reformer.window_softmax_(logits, qpos, kpos, 1.0, True, True,
                                              _chunked.MASK_VALUE, _chunked.SELF_VALUE) \
-        if _native.window_softmax(logits) else pytest.fail("native kernels did not build")
+        if _native.op("window_softmax_", logits) else pytest.fail("native kernels did not build")
     assert torch.allclose(logits, expect, atol=1e-6)
     assert torch.allclose(lse, torch.full((1, 1, M), _chunked.MASK_VALUE), rtol=1e-6)
 
@@ -89,15 +89,15 @@ def test_kernels_match_with_and_without_native(monkeypatch, sorted_kernel):
 
 def test_off_and_bad_setting(monkeypatch):
     monkeypatch.setenv(_native.ENV, "off")
-    assert _native.window_softmax(torch.zeros(1)) is None
+    assert _native.op("window_softmax_", torch.zeros(1)) is None
     monkeypatch.setenv(_native.ENV, "maybe")
     with pytest.raises(ValueError, match="REFORMER_NATIVE='maybe'"):
-        _native.window_softmax(torch.zeros(1))
+        _native.op("window_softmax_", torch.zeros(1))
 
 
 def test_other_dtypes_use_pytorch():
-    assert _native.window_softmax(torch.zeros(1, dtype=torch.float64)) is None
-    assert _native.window_softmax(torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert _native.op("window_softmax_", torch.zeros(1, dtype=torch.float64)) is None
+    assert _native.op("window_softmax_", torch.zeros(1, dtype=torch.bfloat16)) is None
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch):
@@ -111,6 +111,72 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     _native._load.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no compiler here"):
-            assert _native.window_softmax(torch.zeros(1)) is None
+            assert _native.op("window_softmax_", torch.zeros(1)) is None
     finally:
         _native._load.cache_clear()  # the next caller loads the real build again
+
+
+def native(monkeypatch, name):
+    monkeypatch.setenv(_native.ENV, "on")
+    fn = _native.op(name, torch.zeros(1))
+    if fn is None:
+        pytest.fail("the native kernels did not build")
+    return fn
+
+
+@needs_compiler
+def test_gather_unit_rows_matches_pytorch(monkeypatch):
+    gather = native(monkeypatch, "gather_unit_rows")
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(50, 3 * 12, generator=g)
+    rows = wide[:, 12:24]  # strided rows, as a head's columns of a group's projections
+    rows[7] = 0  # |q| < eps: divided by eps, as F.normalize does
+    index = torch.randint(0, 50, (41,), generator=g)
+    index[3] = 7
+    raw, unit, norm = gather(rows, index, 1e-12)
+    expect = rows.index_select(0, index)
+    assert torch.equal(raw, expect)
+    torch.testing.assert_close(norm, expect.norm(dim=-1, keepdim=True), rtol=1e-6, atol=0)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(expect, dim=-1), rtol=1e-6,
+                               atol=1e-7)
+    with pytest.raises(RuntimeError, match="out of range"):
+        gather(rows, torch.tensor([0, 50]), 1e-12)
+
+
+@needs_compiler
+def test_fold_round_matches_pytorch(monkeypatch):
+    """Rounds folded by the native op equal the gather + logaddexp fold, round by round."""
+    fold = native(monkeypatch, "fold_round_")
+    g = torch.Generator().manual_seed(9)
+    N, E, R = 37, 6, 3
+    out, lse = torch.empty(N, E), torch.empty(N)
+    expect_out = expect_lse = None
+    for r in range(R):
+        o_s, z_s = torch.randn(N, E, generator=g), torch.randn(N, generator=g) * 3
+        unsort = torch.randperm(N, generator=g)
+        fold(out, lse, o_s, z_s, unsort, r == 0)
+        o_r, z_r = o_s[unsort], z_s[unsort]
+        if expect_out is None:
+            expect_out, expect_lse = o_r, z_r
+        else:
+            total = torch.logaddexp(expect_lse, z_r)
+            expect_out = (expect_out * (expect_lse - total).exp()[:, None]
+                          + o_r * (z_r - total).exp()[:, None])
+            expect_lse = total
+        torch.testing.assert_close(out, expect_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, expect_lse, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        fold(out, lse, o_s, z_s, torch.full((N,), -1), False)
+
+
+@needs_compiler
+def test_signed_argmax_matches_pytorch(monkeypatch):
+    signed_argmax = native(monkeypatch, "signed_argmax")
+    g = torch.Generator().manual_seed(10)
+    for F in (1, 4, 16, 33):
+        proj = torch.randn(2, 3, 5, F, generator=g)
+        proj[0, 0, 0] = 0  # every value tied: the first of [x, -x]
+        proj[0, 0, 1, -1] = 9  # ties between halves: +9 at the end, -9 nowhere
+        proj[1, 0, 0] = torch.linspace(-2, 2, F) if F > 1 else 2
+        expect = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+        assert torch.equal(signed_argmax(proj), expect), F

@@ -2,8 +2,11 @@
 
 PyTorch runs the masked softmax of a block of attention scores as about ten separate passes
 over memory (mask arithmetic, softmax, the maxima for the log-sum-exp); one fused C++ pass
-makes the LSH kernel's forward about a quarter faster on CPU. The kernels are optional: every
-caller keeps its PyTorch path, which the tests hold the native one against.
+makes the LSH kernel's forward about a quarter faster on CPU. The LSH kernel's row gathers
+are fused with the work that follows them the same way (``csrc/sorted_rows.cpp``), and so
+is the hash's argmax over [x, -x] (``csrc/hashing.cpp``). The
+kernels are optional: every caller keeps its PyTorch path, which the tests hold the native
+one against.
 
 Decisions:
 - Compiled on first use (``torch.utils.cpp_extension.load``, about 30 s once; the result is
@@ -29,7 +32,8 @@ from pathlib import Path
 import torch
 
 ENV = "REFORMER_NATIVE"
-SOURCES = [Path(__file__).parent / "csrc" / "window_softmax.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("window_softmax.cpp", "sorted_rows.cpp", "hashing.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 
@@ -84,9 +88,9 @@ def _load() -> bool:
         return False
 
 
-def window_softmax(t: torch.Tensor):
-    """``torch.ops.reformer.window_softmax_`` when it applies to ``t`` (float32 on CPU) and
-    the kernels are available, else None."""
+def op(name: str, t: torch.Tensor):
+    """``torch.ops.reformer.<name>`` when it applies to ``t`` (float32 on CPU) and the kernels
+    are available, else None (the caller runs its PyTorch ops)."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or not enabled() or not _load():
         return None
-    return torch.ops.reformer.window_softmax_
+    return getattr(torch.ops.reformer, name)

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from reformer import _native
+
 Rotations = torch.Tensor | list[torch.Tensor]
 
 _HASH_SLICE = 1 << 14  # positions hashed at once
@@ -112,16 +114,24 @@ def hash_vectors(qk: torch.Tensor, rotations: Rotations,
         for rot in rots:
             rot_hren = rot.to(work).permute(0, 2, 1, 3)  # (H, R, E, f/2)
             proj = torch.matmul(x.unsqueeze(2), rot_hren)  # (B, H, R, l, f/2)
-            hi_val, hi_idx = proj.max(dim=-1)
-            lo_val, lo_idx = proj.min(dim=-1)
-            # argmax over [proj, -proj]: the first half wins ties, as torch.argmax would.
-            b = torch.where(hi_val >= -lo_val, hi_idx, lo_idx + proj.shape[-1])
+            b = _signed_argmax(proj)
             buckets[:, :, :, start:start + _HASH_SLICE] += b * scale
             scale *= 2 * proj.shape[-1]
     if attention_mask is not None:
         pad = ~attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         buckets = buckets.masked_fill(pad, n_buckets_of(rots))
     return buckets
+
+
+def _signed_argmax(proj: torch.Tensor) -> torch.Tensor:
+    """argmax over [proj, -proj] along the last dim; the first half wins ties, as
+    torch.argmax would."""
+    native = _native.op("signed_argmax", proj)
+    if native is not None and proj.is_contiguous():
+        return native(proj)  # one pass (csrc/)
+    hi_val, hi_idx = proj.max(dim=-1)
+    lo_val, lo_idx = proj.min(dim=-1)
+    return torch.where(hi_val >= -lo_val, hi_idx, lo_idx + proj.shape[-1])
 
 
 def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -239,7 +239,7 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     G, nb, M, E = q.shape
     K = k.shape[2]
     q3, k3 = q.reshape(G * nb, M, E), k.reshape(G * nb, K, E)
-    fused = _native.window_softmax(q) if valid is None and log_count_fn is None else None
+    fused = _native.op("window_softmax_", q) if valid is None and log_count_fn is None else None
     if fused is not None:  # masks, softmax and log-sum-exp in one pass (csrc/)
         probs = torch.bmm(q3, k3.transpose(1, 2)).view(G, nb, M, K)
         lse = fused(probs, qpos, kpos, scale, causal, self_mask, *mask_values(q.dtype))

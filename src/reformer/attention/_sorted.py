@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from reformer import _native
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import _chunked
 from reformer.attention._chunked import grad_follows, window_probs
@@ -112,12 +113,19 @@ class _SortedBlock:
         self.W, self.M = W, M
         kpos, kpos_f, krow = seq.span((start + offsets[0]) * M, (stop + offsets[-1]) * M)
         self.k_flat = krow.reshape(-1)  # (G*S,) the span's rows
-        self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)  # (G, S, E)
+        # the span's raw rows (G, S, E), their norms and unit rows (F.normalize: q / |q|)
+        gather = _native.op("gather_unit_rows", seq.q)
+        if gather is not None:
+            raw, unit, norm = gather(seq.q, self.k_flat, NORM_EPS)  # one pass (csrc/)
+            self.k_raw, self.k_span, self.k_norm = (t.view(G, -1, t.shape[-1])
+                                                    for t in (raw, unit, norm))
+        else:
+            self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)
+            self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
+            self.k_span = self.k_raw / self.k_norm.clamp_min(NORM_EPS)
         self.q_in_span = slice(-offsets[0] * M, (nb - offsets[0]) * M)  # offset 0's chunks
         self.q = self.k_raw[:, self.q_in_span].view(G, nb, M, E)
         self.q_flat = krow[:, self.q_in_span].reshape(-1)  # (G*nb*M,) the queries' rows
-        self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
-        self.k_span = self.k_raw / self.k_norm.clamp_min(NORM_EPS)  # F.normalize: q / |q|
         self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
         self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
         self.v = _windows(self.v_span, nb, W, M)
@@ -169,16 +177,7 @@ class SortedWindowAttention(torch.autograd.Function):
                 z_s[:, a:b] = blk.lse.view(G, -1)
                 if keep_blocks:
                     saved.append(blk)
-            # Sorted -> position order by a gather (contiguous writes above, no scatter).
-            o_r = o_s.view(G * Lp, E).index_select(0, unsort[r]).view(G, Lp, E)
-            z_r = z_s.view(-1).index_select(0, unsort[r]).view(G, Lp)
-            if out is None:
-                out, lse = o_r, z_r
-                continue
-            total = torch.logaddexp(lse, z_r)  # o = sum_r exp(z_r - Z) o_r, folded round by round
-            out.mul_((lse - total).exp_().unsqueeze(-1))
-            out.addcmul_(o_r, (z_r - total).exp_().unsqueeze(-1))
-            lse = total
+            out, lse = _fold_round(out, lse, o_s, z_s, unsort[r])
         ctx.spec, ctx.blocks = spec, saved
         ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
         return out, lse
@@ -213,6 +212,30 @@ class SortedWindowAttention(torch.autograd.Function):
         shape = q_rows.shape
         return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
                 None, None, None)
+
+
+def _fold_round(out: torch.Tensor | None, lse: torch.Tensor | None, o_s: torch.Tensor,
+                z_s: torch.Tensor, unsort: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a round's outputs o_s (G, Lp, E) and log-sum-exps z_s (G, Lp), in sorted order,
+    into the result so far (None before the first round): put them in position order by a
+    gather through ``unsort`` (contiguous writes in the blocks, no scatter), then
+    ``o = exp(Z - Z') o + exp(z_r - Z') o_r`` with ``Z' = logaddexp(Z, z_r)``."""
+    G, Lp, E = o_s.shape
+    fold = _native.op("fold_round_", o_s)
+    if fold is not None:  # gather and fold in one pass (csrc/)
+        first = out is None
+        if first:
+            out, lse = o_s.new_empty(G, Lp, E), z_s.new_empty(G, Lp)
+        fold(out.view(G * Lp, E), lse.view(-1), o_s.view(G * Lp, E), z_s.view(-1), unsort,
+             first)
+        return out, lse
+    o_r = o_s.view(G * Lp, E).index_select(0, unsort).view(G, Lp, E)
+    z_r = z_s.view(-1).index_select(0, unsort).view(G, Lp)
+    if out is None:
+        return o_r, z_r
+    total = torch.logaddexp(lse, z_r)
+    out.mul_((lse - total).exp_().unsqueeze(-1))
+    return out.addcmul_(o_r, (z_r - total).exp_().unsqueeze(-1)), total
 
 
 def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,
