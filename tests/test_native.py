@@ -180,3 +180,27 @@ def test_signed_argmax_matches_pytorch(monkeypatch):
         proj[1, 0, 0] = torch.linspace(-2, 2, F) if F > 1 else 2
         expect = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
         assert torch.equal(signed_argmax(proj), expect), F
+
+
+@needs_compiler
+def test_bias_relu_matches_pytorch(monkeypatch):
+    bias_relu = native(monkeypatch, "bias_relu_")
+    g = torch.Generator().manual_seed(11)
+    pre, bias = torch.randn(37, 19, generator=g), torch.randn(19, generator=g)
+    expect = torch.relu(pre + bias)
+    assert bias_relu(pre, bias) is pre  # in place
+    assert torch.equal(pre, expect)
+
+
+@needs_compiler
+def test_feed_forward_hidden_native_matches_autograd_path(monkeypatch):
+    from reformer import ReformerConfig
+    from reformer.layers import FeedForward
+
+    monkeypatch.setenv(_native.ENV, "on")
+    torch.manual_seed(0)
+    ff = FeedForward(ReformerConfig(vocab_size=8, d_model=16, n_heads=2, d_ff=40))
+    x = torch.randn(23, 16)
+    with torch.no_grad():
+        fast = ff.hidden(x)
+    torch.testing.assert_close(fast, torch.relu(ff.w_in(x)), rtol=1e-6, atol=1e-6)

@@ -4,7 +4,8 @@ PyTorch runs the masked softmax of a block of attention scores as about ten sepa
 over memory (mask arithmetic, softmax, the maxima for the log-sum-exp); one fused C++ pass
 makes the LSH kernel's forward about a quarter faster on CPU. The LSH kernel's row gathers
 are fused with the work that follows them the same way (``csrc/sorted_rows.cpp``), and so
-is the hash's argmax over [x, -x] (``csrc/hashing.cpp``). The
+is the hash's argmax over [x, -x] (``csrc/hashing.cpp``) and the feed-forward's bias and ReLU
+(``csrc/feed_forward.cpp``). The
 kernels are optional: every caller keeps its PyTorch path, which the tests hold the native
 one against.
 
@@ -33,7 +34,8 @@ import torch
 
 ENV = "REFORMER_NATIVE"
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("window_softmax.cpp", "sorted_rows.cpp", "hashing.cpp")]
+           for name in ("window_softmax.cpp", "sorted_rows.cpp", "hashing.cpp",
+                        "feed_forward.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 

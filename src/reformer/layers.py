@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer import _native
 from reformer.config import ReformerConfig
 
 
@@ -50,8 +51,20 @@ class FeedForward(nn.Module):
         it, and autograd differentiates relu from its output)."""
         return pre.relu_() if self.relu else F.gelu(pre)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """activation(x W_in^T + b_in), (..., F). Without autograd (the reversible stack's
+        forward and recomputation) a ReLU takes the bias in its own pass (csrc/ on CPU), not
+        as addmm's copy of it into the output."""
+        if not self.relu or torch.is_grad_enabled():
+            return self.activate(self.w_in(x))
+        pre = F.linear(x, self.w_in.weight)
+        fused = _native.op("bias_relu_", pre)
+        if fused is None:
+            return pre.add_(self.w_in.bias).relu_()
+        return fused(pre, self.w_in.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(self.activate(self.w_in(x)), self.dropout, self.training)  # (N, F)
+        h = F.dropout(self.hidden(x), self.dropout, self.training)  # (N, F)
         return F.dropout(self.w_out(h), self.dropout, self.training)  # (N, D)
 
 

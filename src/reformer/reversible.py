@@ -326,14 +326,18 @@ class FeedForwardHalf(nn.Module):
         parameters' gradients."""
         w_in, w_out = self.ff.w_in, self.ff.w_out
         h, *stats = _layer_norm(self.norm, xs)
-        pre = F.linear(h, w_in.weight, w_in.bias)  # (n, F)
-        act = self.ff.activate(pre)
+        if self.ff.relu:  # relu(h W_in^T + b_in) needs no pre-activation for its backward
+            act, pre = self.ff.hidden(h), None  # (n, F)
+        else:
+            pre = F.linear(h, w_in.weight, w_in.bias)
+            act = self.ff.activate(pre)
         ys -= F.linear(act, w_out.weight, w_out.bias)
         grads[w_out.weight] += gy.t() @ act
         grads[w_out.bias] += gy.sum(dim=0)
         grad_act = gy @ w_out.weight  # (n, F)
-        if self.ff.relu:  # relu' = sign(relu(pre)) (0 or 1), in the activation's own buffer
-            grad_pre = grad_act.mul_(act.sign_())
+        if self.ff.relu:  # relu' = [relu(pre) > 0], in grad_act's buffer
+            grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_act, act, 0,
+                                                                     grad_input=grad_act)
         else:
             grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)
         del act, pre
