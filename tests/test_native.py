@@ -204,3 +204,40 @@ def test_feed_forward_hidden_native_matches_autograd_path(monkeypatch):
     with torch.no_grad():
         fast = ff.hidden(x)
     torch.testing.assert_close(fast, torch.relu(ff.w_in(x)), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("W", [1, 2, 3])
+def test_unwindow_matches_pytorch(monkeypatch, W):
+    """Windows summed onto their span (the adjoint of the overlapping views), then through
+    F.normalize's backward (autograd as the reference)."""
+    from reformer.attention._sorted import _unwindow, _windows
+
+    unwindow = native(monkeypatch, "unwindow")
+    g = torch.Generator().manual_seed(12 + W)
+    G, nb, M, E = 2, 5, 3, 4
+    grad_windows = torch.randn(G, nb, W * M, E, generator=g)
+    expect = _unwindow(grad_windows, W, M)
+    torch.testing.assert_close(unwindow(grad_windows, W, None, None, 0.0), expect,
+                               rtol=1e-6, atol=1e-6)
+    span = torch.randn(G, (nb + W - 1) * M, E, generator=g)
+    span[0, 2] = 0  # |q| < eps
+    raw = span.clone().requires_grad_(True)
+    unit = torch.nn.functional.normalize(raw, dim=-1, eps=1e-12)
+    (through_norm,) = torch.autograd.grad(unit, raw, expect)
+    # the kernel's own check of _windows: the adjoint of the views it differentiates
+    assert torch.allclose((_windows(span, nb, W, M) * grad_windows).sum(), (span * expect).sum(),
+                          rtol=1e-5)
+    got = unwindow(grad_windows, W, unit.detach(), span.norm(dim=-1, keepdim=True), 1e-12)
+    torch.testing.assert_close(got, through_norm, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_softmax_backward_matches_pytorch(monkeypatch):
+    fused = native(monkeypatch, "softmax_backward_")
+    g = torch.Generator().manual_seed(13)
+    grad_p, probs = torch.randn(2, 3, 4, 5, generator=g), torch.rand(2, 3, 4, 5, generator=g)
+    row = torch.randn(2, 3, 4, generator=g)
+    expect = (grad_p - row.unsqueeze(-1)) * probs
+    assert fused(grad_p, row, probs) is grad_p
+    torch.testing.assert_close(grad_p, expect, rtol=1e-6, atol=1e-6)

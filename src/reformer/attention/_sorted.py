@@ -266,14 +266,24 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
     grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # share * dP, (G, nb, M, K)
     if blk.keep is not None:
         grad_p.mul_(blk.keep)
-    share_row = row.index_select(0, blk.q_flat).view(shape).unsqueeze(-1).mul_(share)
-    grad_s = grad_p.sub_(share_row).mul_(blk.probs)
-    grad_k = _unwindow(torch.matmul(grad_s.transpose(-1, -2), blk.q), blk.W, blk.M)
-    grad_k = blk.normalize_backward_(grad_k)  # (G, S, E) span rows
+    share_row = row.index_select(0, blk.q_flat).view(shape).mul_(share.squeeze(-1))
+    fused = _native.op("softmax_backward_", grad_p)
+    if fused is not None:  # dS = P (dP - row) in one pass (csrc/)
+        grad_s = fused(grad_p, share_row, blk.probs)
+    else:
+        grad_s = grad_p.sub_(share_row.unsqueeze(-1)).mul_(blk.probs)
+    unwindow = _native.op("unwindow", grad_s)
+    grad_k = torch.matmul(grad_s.transpose(-1, -2), blk.q)  # (G, nb, K, E) window keys
+    if unwindow is not None:  # summed onto the span and normalised back in one pass (csrc/)
+        grad_k = unwindow(grad_k, blk.W, blk.k_span, blk.k_norm, NORM_EPS)
+    else:
+        grad_k = blk.normalize_backward_(_unwindow(grad_k, blk.W, blk.M))  # (G, S, E)
     grad_k[:, blk.q_in_span] += torch.matmul(grad_s, blk.k).view(G, nb * M, E)  # as queries
     grad_q.index_add_(0, blk.k_flat, grad_k.view(-1, E))
-    grad_v.index_add_(0, blk.k_flat, _unwindow(
-        torch.matmul(blk.kept.transpose(-1, -2), d_o), blk.W, blk.M).view(-1, E))
+    grad_v_windows = torch.matmul(blk.kept.transpose(-1, -2), d_o)  # (G, nb, K, E)
+    grad_v.index_add_(0, blk.k_flat, (
+        _unwindow(grad_v_windows, blk.W, blk.M) if unwindow is None
+        else unwindow(grad_v_windows, blk.W, None, None, 0.0)).view(-1, E))
 
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,

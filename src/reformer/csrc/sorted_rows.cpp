@@ -113,3 +113,100 @@ TORCH_LIBRARY_IMPL(reformer, CPU, m) {
   m.impl("gather_unit_rows", &gather_unit_rows);
   m.impl("fold_round_", &fold_round_);
 }
+
+// The LSH kernel's backward (attention/_sorted.py, _block_backward).
+//
+// unwindow: the gradient of a block's overlapping windows (G, nb, W*M, E) summed onto the
+//   (G, S = (nb+W-1)*M, E) rows of its span (the adjoint of _windows), and, given the unit
+//   rows u and norms n of the span's keys, carried through k = q / max(|q|, eps):
+//   g <- (g - u (u . g) [n > eps]) / max(n, eps). PyTorch: a copy and W-1 strided adds, then
+//   five passes for the normalisation's backward.
+// softmax_backward_: dS = (dP - r) * P in place of dP (G, nb, M, K), r one value per query
+//   row. PyTorch: sub_ and mul_.
+namespace {
+
+at::Tensor unwindow(const at::Tensor& grad_windows, int64_t W,
+                    const c10::optional<at::Tensor>& unit, const c10::optional<at::Tensor>& norm,
+                    double eps) {
+  TORCH_CHECK(grad_windows.dim() == 4 && grad_windows.is_contiguous() &&
+                  grad_windows.scalar_type() == at::kFloat && grad_windows.device().is_cpu(),
+              "unwindow: grad_windows must be a contiguous (G, nb, W*M, E) float32 CPU tensor");
+  const int64_t G = grad_windows.size(0), nb = grad_windows.size(1),
+                K = grad_windows.size(2), E = grad_windows.size(3);
+  TORCH_CHECK(W >= 1 && K % W == 0, "unwindow: the window length must be a multiple of W");
+  const int64_t M = K / W, S = (nb + W - 1) * M;
+  const bool normalise = unit.has_value();
+  TORCH_CHECK(normalise == norm.has_value(), "unwindow: pass both unit and norm, or neither");
+  if (normalise) {
+    TORCH_CHECK(unit->is_contiguous() && unit->numel() == G * S * E &&
+                    norm->is_contiguous() && norm->numel() == G * S &&
+                    unit->scalar_type() == at::kFloat && norm->scalar_type() == at::kFloat,
+                "unwindow: unit must be (G, S, E) and norm (G, S, 1), contiguous float32");
+  }
+  auto out = at::empty({G, S, E}, grad_windows.options());
+  const float* gw = grad_windows.data_ptr<float>();
+  const float* u = normalise ? unit->data_ptr<float>() : nullptr;
+  const float* nm = normalise ? norm->data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  const float floor_value = static_cast<float>(eps);
+  at::parallel_for(0, G * S, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t g = row / S, s = row % S, t = s / M, m = s % M;  // span chunk t
+      float* __restrict to = o + row * E;
+      std::fill(to, to + E, 0.0f);
+      for (int64_t w = 0; w < W; ++w) {  // window t - w holds chunk t at its place w
+        const int64_t c = t - w;
+        if (c < 0 || c >= nb) continue;
+        const float* __restrict from = gw + (((g * nb + c) * K) + w * M + m) * E;
+#pragma omp simd
+        for (int64_t j = 0; j < E; ++j) to[j] += from[j];
+      }
+      if (!normalise) continue;
+      const float* __restrict ur = u + row * E;
+      const float n = nm[row];
+      float radial = 0.0f;
+#pragma omp simd reduction(+ : radial)
+      for (int64_t j = 0; j < E; ++j) radial += ur[j] * to[j];
+      radial = n > floor_value ? radial : 0.0f;
+      const float d = std::max(n, floor_value);
+#pragma omp simd
+      for (int64_t j = 0; j < E; ++j) to[j] = (to[j] - ur[j] * radial) / d;
+    }
+  });
+  return out;
+}
+
+at::Tensor softmax_backward_(at::Tensor grad_p, const at::Tensor& row, const at::Tensor& probs) {
+  TORCH_CHECK(grad_p.is_contiguous() && probs.is_contiguous() && row.is_contiguous() &&
+                  grad_p.sizes() == probs.sizes() && grad_p.scalar_type() == at::kFloat &&
+                  probs.scalar_type() == at::kFloat && row.scalar_type() == at::kFloat &&
+                  grad_p.dim() >= 1 && row.numel() * grad_p.size(-1) == grad_p.numel(),
+              "softmax_backward_: grad_p and probs must be contiguous float32 of one shape "
+              "(..., K), row one value per row of K");
+  const int64_t K = grad_p.size(-1), rows = row.numel();
+  float* gp = grad_p.data_ptr<float>();
+  const float* p = probs.data_ptr<float>();
+  const float* r = row.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* __restrict g = gp + i * K;
+      const float* __restrict pr = p + i * K;
+      const float ri = r[i];
+#pragma omp simd
+      for (int64_t j = 0; j < K; ++j) g[j] = (g[j] - ri) * pr[j];
+    }
+  });
+  return grad_p;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reformer, m) {
+  m.def("unwindow(Tensor grad_windows, int W, Tensor? unit, Tensor? norm, float eps) -> Tensor");
+  m.def("softmax_backward_(Tensor(a!) grad_p, Tensor row, Tensor probs) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(reformer, CPU, m) {
+  m.impl("unwindow", &unwindow);
+  m.impl("softmax_backward_", &softmax_backward_);
+}
