@@ -95,4 +95,9 @@ def op(name: str, t: torch.Tensor):
     are available, else None (the caller runs its PyTorch ops)."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or not enabled() or not _load():
         return None
-    return getattr(torch.ops.reformer, name)
+    return _resolve(name)
+
+
+@functools.cache
+def _resolve(name: str):
+    return getattr(torch.ops.reformer, name)  # looked up once: called per block of rows
