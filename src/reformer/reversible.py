@@ -188,17 +188,17 @@ class AttentionHalf(nn.Module):
                      call: CallInfo) -> None:
         """acc += f(x), in place (no autograd)."""
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
-        for group, slices in self._groups(x.shape[0] * x.shape[1]):
+        B, N = x.shape[0], x.shape[0] * x.shape[1]
+        for group, slices in self._groups(N):
             projected = self._projected(x, group)
-            o = None  # (B, h, L, E) view of (N, h*E) rows: the group's outputs
+            o = None  # the group's outputs, (B, h, L, E) over (N, h*E) rows
             for heads in slices:
                 part = slice(heads.start - group.start, heads.stop - group.start)
                 o_part = self.attn.core([p[:, part] for p in projected], heads, rec.attn,
                                         call.attention_mask)
-                if o is None:
-                    o = self._heads_view(o_part.new_empty(o_part.shape[0] * o_part.shape[2],
-                                                     projected[0].shape[1] * o_part.shape[3]),
-                                    o_part.shape[0])
+                if o is None:  # in the core's dtype (autocast's, when it is on)
+                    width = (group.stop - group.start) * self.attn.d_head
+                    o = self._heads_view(o_part.new_empty(N, width), B)
                 o[:, part] = o_part
             del projected
             self._merge_into(o, group, acc, keep, sign=1.0)
