@@ -10,10 +10,10 @@ kernels are optional: every caller keeps its PyTorch path, which the tests hold 
 one against.
 
 Decisions:
-- Compiled on first use (``torch.utils.cpp_extension.load``, about 30 s once; the result is
-  cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), not at install
-  time, so that installing the package needs no compiler. Without one, or if the build fails,
-  a warning says so once and the PyTorch path runs.
+- Compiled on first use (``torch.utils.cpp_extension.load``, 30-55 s once on 2 cores; the
+  result is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
+  not at install time, so that installing the package needs no compiler. Without one, or if
+  the build fails, a warning says so once and the PyTorch path runs.
 - ``-march=native``: the build is for this CPU. Its name carries a hash of the CPU's feature
   flags, so a cache shared between different machines never loads another CPU's build.
 - ``REFORMER_NATIVE=off`` skips the native kernels (``on``, the default, uses them when they

@@ -114,7 +114,7 @@ class _SortedBlock:
         kpos, kpos_f, krow = seq.span((start + offsets[0]) * M, (stop + offsets[-1]) * M)
         self.k_flat = krow.reshape(-1)  # (G*S,) the span's rows
         # the span's raw rows (G, S, E), their norms and unit rows (F.normalize: q / |q|)
-        gather = _native.op("gather_unit_rows", seq.q)
+        gather = _native.op("gather_unit_rows", seq.q) if seq.q.stride(1) == 1 else None
         if gather is not None:
             raw, unit, norm = gather(seq.q, self.k_flat, NORM_EPS)  # one pass (csrc/)
             self.k_raw, self.k_span, self.k_norm = (t.view(G, -1, t.shape[-1])
