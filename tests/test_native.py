@@ -14,6 +14,14 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
                                     reason="no C++ compiler to build the native kernels")
 
 
+def native(monkeypatch, name):
+    monkeypatch.setenv(_native.ENV, "on")
+    fn = _native.op(name, torch.zeros(1))
+    if fn is None:
+        pytest.fail("the native kernels did not build")
+    return fn
+
+
 def windows_of(span, nb, W, M):
     """Overlapping (G, nb, W*M) windows of a (G, (nb+W-1)*M) span, as the kernels pass them."""
     return span.as_strided((span.shape[0], nb, W * M), (span.stride(0), M, 1))
@@ -47,15 +55,13 @@ def test_window_softmax_matches_pytorch(monkeypatch, causal, self_mask, M, W, sh
 @needs_compiler
 def test_window_softmax_rows_with_nothing_valid(monkeypatch):
     """Every key later than the query (causal): all logits masked, as in PyTorch's path."""
-    monkeypatch.setenv(_native.ENV, "on")
     M, K = 4, 8
     logits = torch.randn(1, 1, M, K)
     qpos = torch.zeros(1, 1, M)
     kpos = torch.arange(1, K + 1).float().view(1, 1, K)
-    expect = torch.softmax(logits * 1.0 + _chunked.MASK_VALUE, -1)
-    lse = torch.ops.reformer.window_softmax_(logits, qpos, kpos, 1.0, True, True,
-                                             _chunked.MASK_VALUE, _chunked.SELF_VALUE) \
-        if _native.op("window_softmax_", logits) else pytest.fail("native kernels did not build")
+    expect = torch.softmax(logits + _chunked.MASK_VALUE, -1)
+    lse = native(monkeypatch, "window_softmax_")(logits, qpos, kpos, 1.0, True, True,
+                                                 _chunked.MASK_VALUE, _chunked.SELF_VALUE)
     assert torch.allclose(logits, expect, atol=1e-6)
     assert torch.allclose(lse, torch.full((1, 1, M), _chunked.MASK_VALUE), rtol=1e-6)
 
@@ -114,14 +120,6 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
             assert _native.op("window_softmax_", torch.zeros(1)) is None
     finally:
         _native._load.cache_clear()  # the next caller loads the real build again
-
-
-def native(monkeypatch, name):
-    monkeypatch.setenv(_native.ENV, "on")
-    fn = _native.op(name, torch.zeros(1))
-    if fn is None:
-        pytest.fail("the native kernels did not build")
-    return fn
 
 
 @needs_compiler

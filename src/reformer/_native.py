@@ -10,7 +10,7 @@ kernels are optional: every caller keeps its PyTorch path, which the tests hold 
 one against.
 
 Decisions:
-- Compiled on first use (``torch.utils.cpp_extension.load``, 30-55 s once on 2 cores; the
+- Compiled on first use (``torch.utils.cpp_extension.load``, 55 s once on 2 busy cores; the
   result is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
   not at install time, so that installing the package needs no compiler. Without one, or if
   the build fails, a warning says so once and the PyTorch path runs.

@@ -272,18 +272,23 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
         grad_s = fused(grad_p, share_row, blk.probs)
     else:
         grad_s = grad_p.sub_(share_row.unsqueeze(-1)).mul_(blk.probs)
-    unwindow = _native.op("unwindow", grad_s)
-    grad_k = torch.matmul(grad_s.transpose(-1, -2), blk.q)  # (G, nb, K, E) window keys
-    if unwindow is not None:  # summed onto the span and normalised back in one pass (csrc/)
-        grad_k = unwindow(grad_k, blk.W, blk.k_span, blk.k_norm, NORM_EPS)
-    else:
-        grad_k = blk.normalize_backward_(_unwindow(grad_k, blk.W, blk.M))  # (G, S, E)
+    grad_k = _span_grad(blk, torch.matmul(grad_s.transpose(-1, -2), blk.q), unit_keys=True)
     grad_k[:, blk.q_in_span] += torch.matmul(grad_s, blk.k).view(G, nb * M, E)  # as queries
     grad_q.index_add_(0, blk.k_flat, grad_k.view(-1, E))
-    grad_v_windows = torch.matmul(blk.kept.transpose(-1, -2), d_o)  # (G, nb, K, E)
-    grad_v.index_add_(0, blk.k_flat, (
-        _unwindow(grad_v_windows, blk.W, blk.M) if unwindow is None
-        else unwindow(grad_v_windows, blk.W, None, None, 0.0)).view(-1, E))
+    grad_v_span = _span_grad(blk, torch.matmul(blk.kept.transpose(-1, -2), d_o), unit_keys=False)
+    grad_v.index_add_(0, blk.k_flat, grad_v_span.view(-1, E))
+
+
+def _span_grad(blk: _SortedBlock, grad_windows: torch.Tensor, unit_keys: bool) -> torch.Tensor:
+    """(G, nb, K, E) gradients of the block's windows -> those of its span's (G, S, E) rows;
+    with ``unit_keys``, carried back through the keys' normalisation to the raw rows."""
+    native = _native.op("unwindow", grad_windows)
+    if native is not None:  # one pass (csrc/)
+        if unit_keys:
+            return native(grad_windows, blk.W, blk.k_span, blk.k_norm, NORM_EPS)
+        return native(grad_windows, blk.W, None, None, 0.0)
+    span = _unwindow(grad_windows, blk.W, blk.M)
+    return blk.normalize_backward_(span) if unit_keys else span
 
 
 def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
