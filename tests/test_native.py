@@ -123,22 +123,60 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
 
 
 @needs_compiler
-def test_gather_unit_rows_matches_pytorch(monkeypatch):
-    gather = native(monkeypatch, "gather_unit_rows")
+def test_gather_span_rows_matches_pytorch(monkeypatch):
+    gather = native(monkeypatch, "gather_span_rows")
     g = torch.Generator().manual_seed(8)
     wide = torch.randn(50, 3 * 12, generator=g)
     rows = wide[:, 12:24]  # strided rows, as a head's columns of a group's projections
+    values = wide[:, 24:]
     rows[7] = 0  # |q| < eps: divided by eps, as F.normalize does
     index = torch.randint(0, 50, (41,), generator=g)
     index[3] = 7
-    raw, unit, norm = gather(rows, index, 1e-12)
+    raw, unit, norm, value_rows = gather(rows, values, index, 1e-12)
     expect = rows.index_select(0, index)
     assert torch.equal(raw, expect)
+    assert torch.equal(value_rows, values.index_select(0, index))
     torch.testing.assert_close(norm, expect.norm(dim=-1, keepdim=True), rtol=1e-6, atol=0)
     torch.testing.assert_close(unit, torch.nn.functional.normalize(expect, dim=-1), rtol=1e-6,
                                atol=1e-7)
     with pytest.raises(RuntimeError, match="out of range"):
-        gather(rows, torch.tensor([0, 50]), 1e-12)
+        gather(rows, values, torch.tensor([0, 50]), 1e-12)
+    with pytest.raises(RuntimeError, match="values must have the rows' shape"):
+        gather(rows, values[:40], index, 1e-12)
+
+
+@needs_compiler
+def test_scaled_query_rows_matches_pytorch(monkeypatch):
+    """share * dO[index] and share * row[index], share = exp(z_block - Z[index])."""
+    scaled = native(monkeypatch, "scaled_query_rows")
+    g = torch.Generator().manual_seed(14)
+    N, E, S = 30, 7, 12
+    d_out = torch.randn(N, 2 * E, generator=g)[:, E:]  # strided rows, as a head's columns
+    row, lse = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    index = torch.randperm(N, generator=g)[:S]
+    block_lse = lse[index] - torch.rand(S, generator=g) * 3
+    d_o, share_row = scaled(d_out, row, lse, index, block_lse)
+    share = (block_lse - lse[index]).exp()
+    torch.testing.assert_close(d_o, d_out[index] * share[:, None], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(share_row, row[index] * share, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="out of range"):
+        scaled(d_out, row, lse, torch.tensor([N]), block_lse[:1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("E", [5, 16, 64, 70])
+def test_index_add_rows_matches_index_add(monkeypatch, E):
+    """Repeated indices accumulate (the threads split columns, never rows); widths that are
+    not a multiple of a cache line too."""
+    add_rows = native(monkeypatch, "index_add_rows_")
+    g = torch.Generator().manual_seed(15 + E)
+    dst, src = torch.randn(20, E, generator=g), torch.randn(300, E, generator=g)
+    index = torch.randint(0, 20, (300,), generator=g)
+    expect = dst.clone().index_add_(0, index, src)
+    add_rows(dst, index, src)
+    torch.testing.assert_close(dst, expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        add_rows(dst, torch.full((300,), 20), src)
 
 
 @needs_compiler

@@ -114,19 +114,20 @@ class _SortedBlock:
         kpos, kpos_f, krow = seq.span((start + offsets[0]) * M, (stop + offsets[-1]) * M)
         self.k_flat = krow.reshape(-1)  # (G*S,) the span's rows
         # the span's raw rows (G, S, E), their norms and unit rows (F.normalize: q / |q|)
-        gather = _native.op("gather_unit_rows", seq.q) if seq.q.stride(1) == 1 else None
-        if gather is not None:
-            raw, unit, norm = gather(seq.q, self.k_flat, NORM_EPS)  # one pass (csrc/)
-            self.k_raw, self.k_span, self.k_norm = (t.view(G, -1, t.shape[-1])
-                                                    for t in (raw, unit, norm))
+        unit_stride = seq.q.stride(1) == 1 and seq.v.stride(1) == 1
+        gather = _native.op("gather_span_rows", seq.q) if unit_stride else None
+        if gather is not None:  # one pass (csrc/)
+            rows = gather(seq.q, seq.v, self.k_flat, NORM_EPS)
+            self.k_raw, self.k_span, self.k_norm, self.v_span = (t.view(G, -1, t.shape[-1])
+                                                                 for t in rows)
         else:
             self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)
             self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
             self.k_span = self.k_raw / self.k_norm.clamp_min(NORM_EPS)
+            self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
         self.q_in_span = slice(-offsets[0] * M, (nb - offsets[0]) * M)  # offset 0's chunks
         self.q = self.k_raw[:, self.q_in_span].view(G, nb, M, E)
         self.q_flat = krow[:, self.q_in_span].reshape(-1)  # (G*nb*M,) the queries' rows
-        self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
         self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
         self.v = _windows(self.v_span, nb, W, M)
         k_valid = None if seq.valid is None else _windows(seq.valid.gather(1, kpos), nb, W, M)
@@ -261,12 +262,17 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
     """
     G, nb, M, E = blk.q.shape
     shape = blk.lse.shape  # (G, nb, M)
-    share = (blk.lse - lse.index_select(0, blk.q_flat).view(shape)).exp_().unsqueeze(-1)
-    d_o = d_out.index_select(0, blk.q_flat).view(*shape, E).mul_(share)  # share * dO
+    scaled = _native.op("scaled_query_rows", d_out) if d_out.stride(1) == 1 else None
+    if scaled is not None:  # one pass (csrc/)
+        d_o, share_row = scaled(d_out, row, lse, blk.q_flat, blk.lse.reshape(-1))
+        d_o, share_row = d_o.view(*shape, E), share_row.view(shape)
+    else:
+        share = (blk.lse - lse.index_select(0, blk.q_flat).view(shape)).exp_()
+        d_o = d_out.index_select(0, blk.q_flat).view(*shape, E).mul_(share.unsqueeze(-1))
+        share_row = row.index_select(0, blk.q_flat).view(shape).mul_(share)
     grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # share * dP, (G, nb, M, K)
     if blk.keep is not None:
         grad_p.mul_(blk.keep)
-    share_row = row.index_select(0, blk.q_flat).view(shape).mul_(share.squeeze(-1))
     fused = _native.op("softmax_backward_", grad_p)
     if fused is not None:  # dS = P (dP - row) in one pass (csrc/)
         grad_s = fused(grad_p, share_row, blk.probs)
@@ -274,9 +280,18 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
         grad_s = grad_p.sub_(share_row.unsqueeze(-1)).mul_(blk.probs)
     grad_k = _span_grad(blk, torch.matmul(grad_s.transpose(-1, -2), blk.q), unit_keys=True)
     grad_k[:, blk.q_in_span] += torch.matmul(grad_s, blk.k).view(G, nb * M, E)  # as queries
-    grad_q.index_add_(0, blk.k_flat, grad_k.view(-1, E))
+    _add_rows(grad_q, blk.k_flat, grad_k.view(-1, E))
     grad_v_span = _span_grad(blk, torch.matmul(blk.kept.transpose(-1, -2), d_o), unit_keys=False)
-    grad_v.index_add_(0, blk.k_flat, grad_v_span.view(-1, E))
+    _add_rows(grad_v, blk.k_flat, grad_v_span.view(-1, E))
+
+
+def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[index[i]] += src[i] for (N, E) ``dst``, (S,) ``index`` (may repeat), (S, E) ``src``."""
+    native = _native.op("index_add_rows_", dst)
+    if native is not None and src.is_contiguous():  # csrc/: index_add_ is a scatter_add_
+        native(dst, index, src)
+    else:
+        dst.index_add_(0, index, src)
 
 
 def _span_grad(blk: _SortedBlock, grad_windows: torch.Tensor, unit_keys: bool) -> torch.Tensor:

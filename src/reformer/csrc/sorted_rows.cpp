@@ -1,9 +1,9 @@
 // Row gathers of the LSH kernel (attention/_sorted.py), each fused with the work that follows.
 //
-// gather_unit_rows: a block's key rows gathered from the (N, E) queries through the sort
-//   permutation, with their norms and the unit rows (keys are the normalised queries):
-//   raw = rows[index], norm = |raw|, unit = raw / max(norm, eps). PyTorch: index_select,
-//   vector_norm, clamp_min, div (four passes).
+// gather_span_rows: a block's key rows gathered from the (N, E) queries through the sort
+//   permutation, with their norms and the unit rows (keys are the normalised queries), and
+//   its value rows: raw = rows[index], norm = |raw|, unit = raw / max(norm, eps),
+//   value_rows = values[index]. PyTorch: two index_selects, vector_norm, clamp_min, div.
 // fold_round_: round r's outputs, written in sorted order, folded into the running result in
 //   position order: with (o, Z) the result so far and (o_r, z_r) = (o_s, z_s)[unsort],
 //   Z' = logaddexp(Z, z_r), o' = exp(Z - Z') o + exp(z_r - Z') o_r. PyTorch: two
@@ -29,33 +29,45 @@ void check_index(const at::Tensor& index, int64_t n, const char* op) {
               n, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_unit_rows(const at::Tensor& rows,
-                                                                const at::Tensor& index,
-                                                                double eps) {
+void check_rows(const at::Tensor& rows, const char* op, const char* name) {
   TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.stride(1) == 1 &&
                   rows.device().is_cpu(),
-              "gather_unit_rows: rows must be (N, E) float32 on the CPU with unit column "
-              "stride");
-  check_index(index, rows.size(0), "gather_unit_rows");
-  const int64_t S = index.size(0), E = rows.size(1), stride = rows.stride(0);
+              op, ": ", name, " must be (N, E) float32 on the CPU with unit column stride");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_span_rows(
+    const at::Tensor& rows, const at::Tensor& values, const at::Tensor& index, double eps) {
+  check_rows(rows, "gather_span_rows", "rows");
+  check_rows(values, "gather_span_rows", "values");
+  TORCH_CHECK(values.sizes() == rows.sizes(), "gather_span_rows: values must have the rows' "
+              "shape");
+  check_index(index, rows.size(0), "gather_span_rows");
+  const int64_t S = index.size(0), E = rows.size(1);
+  const int64_t stride = rows.stride(0), v_stride = values.stride(0);
   auto raw = at::empty({S, E}, rows.options());
   auto unit = at::empty({S, E}, rows.options());
   auto norm = at::empty({S, 1}, rows.options());
-  const float* src = rows.data_ptr<float>();
+  auto value_rows = at::empty({S, E}, rows.options());
+  const float *src = rows.data_ptr<float>(), *v_src = values.data_ptr<float>();
   const int64_t* idx = index.data_ptr<int64_t>();
   float *r = raw.data_ptr<float>(), *u = unit.data_ptr<float>(), *nm = norm.data_ptr<float>();
+  float* vr = value_rows.data_ptr<float>();
   const float floor_value = static_cast<float>(eps);
   at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* __restrict from = src + idx[i] * stride;
+      const float* __restrict v_from = v_src + idx[i] * v_stride;
       float* __restrict to = r + i * E;
       float* __restrict unit_row = u + i * E;
+      float* __restrict v_to = vr + i * E;
       float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t j = 0; j < E; ++j) {
         to[j] = from[j];
         squares += from[j] * from[j];
       }
+#pragma omp simd
+      for (int64_t j = 0; j < E; ++j) v_to[j] = v_from[j];
       const float n = std::sqrt(squares);
       nm[i] = n;
       const float d = std::max(n, floor_value);
@@ -63,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_unit_rows(const at::Tensor
       for (int64_t j = 0; j < E; ++j) unit_row[j] = to[j] / d;
     }
   });
-  return {raw, unit, norm};
+  return {raw, unit, norm, value_rows};
 }
 
 void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at::Tensor& z_s,
@@ -104,13 +116,14 @@ void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
-  m.def("gather_unit_rows(Tensor rows, Tensor index, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_span_rows(Tensor rows, Tensor values, Tensor index, float eps) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("fold_round_(Tensor(a!) out, Tensor(b!) lse, Tensor o_s, Tensor z_s, Tensor unsort, "
         "bool first) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(reformer, CPU, m) {
-  m.impl("gather_unit_rows", &gather_unit_rows);
+  m.impl("gather_span_rows", &gather_span_rows);
   m.impl("fold_round_", &fold_round_);
 }
 
@@ -123,6 +136,13 @@ TORCH_LIBRARY_IMPL(reformer, CPU, m) {
 //   five passes for the normalisation's backward.
 // softmax_backward_: dS = (dP - r) * P in place of dP (G, nb, M, K), r one value per query
 //   row. PyTorch: sub_ and mul_.
+// scaled_query_rows: a block's share of its queries' gradients: with share = exp(z_block - Z)
+//   per query (its rounds' weight in the final softmax), share * dO[index] and
+//   share * row[index]. PyTorch: three index_selects, sub, exp and two muls.
+// index_add_rows_: dst[index[i]] += src[i] for the rows of a block's span. PyTorch's
+//   index_add_ runs it as a scatter_add_ over an expanded index, several times slower. An
+//   index may repeat (a span that wraps into another round), so the threads split the
+//   columns, not the rows.
 namespace {
 
 at::Tensor unwindow(const at::Tensor& grad_windows, int64_t W,
@@ -199,14 +219,78 @@ at::Tensor softmax_backward_(at::Tensor grad_p, const at::Tensor& row, const at:
   return grad_p;
 }
 
+
+std::tuple<at::Tensor, at::Tensor> scaled_query_rows(const at::Tensor& d_out,
+                                                     const at::Tensor& row, const at::Tensor& lse,
+                                                     const at::Tensor& index,
+                                                     const at::Tensor& block_lse) {
+  check_rows(d_out, "scaled_query_rows", "d_out");
+  const int64_t N = d_out.size(0), E = d_out.size(1), S = index.numel();
+  const int64_t stride = d_out.stride(0);
+  TORCH_CHECK(row.is_contiguous() && lse.is_contiguous() && block_lse.is_contiguous() &&
+                  row.numel() == N && lse.numel() == N && block_lse.numel() == S &&
+                  row.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat &&
+                  block_lse.scalar_type() == at::kFloat,
+              "scaled_query_rows: row and lse need one float32 value per row of d_out, "
+              "block_lse one per index");
+  check_index(index, N, "scaled_query_rows");
+  auto d_o = at::empty({S, E}, d_out.options());
+  auto share_row = at::empty({S}, d_out.options());
+  const float *g = d_out.data_ptr<float>(), *rw = row.data_ptr<float>();
+  const float *z = lse.data_ptr<float>(), *zb = block_lse.data_ptr<float>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  float *o = d_o.data_ptr<float>(), *sr = share_row.data_ptr<float>();
+  at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = idx[i];
+      const float share = std::exp(zb[i] - z[p]);
+      const float* __restrict from = g + p * stride;
+      float* __restrict to = o + i * E;
+#pragma omp simd
+      for (int64_t j = 0; j < E; ++j) to[j] = share * from[j];
+      sr[i] = share * rw[p];
+    }
+  });
+  return {d_o, share_row};
+}
+
+void index_add_rows_(at::Tensor dst, const at::Tensor& index, const at::Tensor& src) {
+  TORCH_CHECK(dst.dim() == 2 && dst.is_contiguous() && src.is_contiguous() &&
+                  src.dim() == 2 && src.size(1) == dst.size(1) &&
+                  src.size(0) == index.numel() && dst.scalar_type() == at::kFloat &&
+                  src.scalar_type() == at::kFloat && dst.device().is_cpu(),
+              "index_add_rows_: dst (N, E) and src (S, E) must be contiguous float32 CPU "
+              "tensors, with one index per row of src");
+  check_index(index, dst.size(0), "index_add_rows_");
+  const int64_t S = src.size(0), E = src.size(1);
+  constexpr int64_t kLine = 16;  // floats per 64-byte cache line: no line is shared
+  const int64_t lines = (E + kLine - 1) / kLine;
+  float* d = dst.data_ptr<float>();
+  const float* s = src.data_ptr<float>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * kLine, c1 = std::min(E, end * kLine);
+    for (int64_t i = 0; i < S; ++i) {
+      float* __restrict to = d + idx[i] * E;
+      const float* __restrict from = s + i * E;
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) to[j] += from[j];
+    }
+  });
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
   m.def("unwindow(Tensor grad_windows, int W, Tensor? unit, Tensor? norm, float eps) -> Tensor");
   m.def("softmax_backward_(Tensor(a!) grad_p, Tensor row, Tensor probs) -> Tensor(a!)");
+  m.def("scaled_query_rows(Tensor d_out, Tensor row, Tensor lse, Tensor index, "
+        "Tensor block_lse) -> (Tensor, Tensor)");
+  m.def("index_add_rows_(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(reformer, CPU, m) {
   m.impl("unwindow", &unwindow);
   m.impl("softmax_backward_", &softmax_backward_);
+  m.impl("scaled_query_rows", &scaled_query_rows);
+  m.impl("index_add_rows_", &index_add_rows_);
 }
