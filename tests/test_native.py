@@ -219,6 +219,29 @@ def test_signed_argmax_matches_pytorch(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_bucket_sort_matches_stable_sort(monkeypatch, dtype):
+    """The counting sort equals sort_by_bucket's stable sort and scatter: items and inverse,
+    ties kept in position order, the padding bucket last, every (batch, head, round) row."""
+    from reformer import hashing
+
+    bucket_sort = native(monkeypatch, "bucket_sort")
+    g = torch.Generator().manual_seed(16)
+    B, H, R, L, NB = 2, 3, 4, 37, 6
+    buckets = torch.randint(0, NB, (B, H, R, L), generator=g)
+    buckets[0, 0, 0] = 2  # one bucket for the whole round: the identity
+    buckets[1, 2, :, -5:] = NB  # padding, which sorts last
+    buckets = buckets.to(dtype)
+    items, undo = bucket_sort(buckets)
+    monkeypatch.setenv(_native.ENV, "off")  # sort_by_bucket's PyTorch path
+    expect_items, expect_undo = hashing.sort_by_bucket(buckets)
+    assert torch.equal(items, expect_items) and torch.equal(undo, expect_undo)
+    assert torch.equal(items[0, 0, :L], torch.arange(L))
+    with pytest.raises(RuntimeError, match=">= 0"):
+        bucket_sort(torch.full((1, 1, 1, 3), -1, dtype=dtype))
+
+
+@needs_compiler
 def test_bias_relu_matches_pytorch(monkeypatch):
     bias_relu = native(monkeypatch, "bias_relu_")
     g = torch.Generator().manual_seed(11)

@@ -4,10 +4,10 @@ PyTorch runs the masked softmax of a block of attention scores as about ten sepa
 over memory (mask arithmetic, softmax, the maxima for the log-sum-exp); one fused C++ pass
 makes the LSH kernel's forward about a quarter faster on CPU. The LSH kernel's row gathers
 are fused with the work that follows them the same way (``csrc/sorted_rows.cpp``), and so
-is the hash's argmax over [x, -x] (``csrc/hashing.cpp``) and the feed-forward's bias and ReLU
-(``csrc/feed_forward.cpp``). The
-kernels are optional: every caller keeps its PyTorch path, which the tests hold the native
-one against.
+are the hash's argmax over [x, -x] (``csrc/hashing.cpp``) and the feed-forward's bias and
+ReLU (``csrc/feed_forward.cpp``); the sort by bucket is a counting sort
+(``csrc/hashing.cpp``). The kernels are optional: every caller keeps its PyTorch path, which
+the tests hold the native one against.
 
 Decisions:
 - Compiled on first use (``torch.utils.cpp_extension.load``, 55 s once on 2 busy cores; the
@@ -90,10 +90,11 @@ def _load() -> bool:
         return False
 
 
-def op(name: str, t: torch.Tensor):
-    """``torch.ops.reformer.<name>`` when it applies to ``t`` (float32 on CPU) and the kernels
-    are available, else None (the caller runs its PyTorch ops)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not enabled() or not _load():
+def op(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
+    """``torch.ops.reformer.<name>`` when it applies to ``t`` (on the CPU, of one of the
+    ``dtypes`` the kernel takes) and the kernels are available, else None (the caller runs its
+    PyTorch ops)."""
+    if t.dtype not in dtypes or t.device.type != "cpu" or not enabled() or not _load():
         return None
     return _resolve(name)
 
