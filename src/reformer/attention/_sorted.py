@@ -262,7 +262,8 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
     """
     G, nb, M, E = blk.q.shape
     shape = blk.lse.shape  # (G, nb, M)
-    scaled = _native.op("scaled_query_rows", d_out) if d_out.stride(1) == 1 else None
+    unit_stride = d_out.stride(1) == 1 and blk.q_flat.is_contiguous()
+    scaled = _native.op("scaled_query_rows", d_out) if unit_stride else None
     if scaled is not None:  # one pass (csrc/)
         d_o, share_row = scaled(d_out, row, lse, blk.q_flat, blk.lse.reshape(-1))
         d_o, share_row = d_o.view(*shape, E), share_row.view(shape)
@@ -288,8 +289,8 @@ def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
 def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
     """dst[index[i]] += src[i] for (N, E) ``dst``, (S,) ``index`` (may repeat), (S, E) ``src``."""
     native = _native.op("index_add_rows_", dst)
-    if native is not None and src.is_contiguous():  # csrc/: index_add_ is a scatter_add_
-        native(dst, index, src)
+    if native is not None and src.is_contiguous() and index.is_contiguous():
+        native(dst, index, src)  # csrc/: PyTorch's index_add_ runs as a scatter_add_
     else:
         dst.index_add_(0, index, src)
 
