@@ -32,7 +32,7 @@ from reformer import _native
 Rotations = torch.Tensor | list[torch.Tensor]
 
 _HASH_SLICE = 1 << 14  # positions hashed at once
-SORT_DTYPES = (torch.int16, torch.int32)  # bucket ids the native counting sort takes
+_SORT_DTYPES = (torch.int16, torch.int32)  # bucket ids the native counting sort takes
 
 
 def bucket_factors(rotations: Rotations) -> list[int]:
@@ -146,7 +146,7 @@ def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (B, H, R*L): the sorted slot of each item, so that ``s_x.gather(-1, undo)`` unsorts.
     """
     B, H, R, L = buckets.shape
-    native = _native.op("bucket_sort", buckets, SORT_DTYPES)
+    native = _native.op("bucket_sort", buckets, _SORT_DTYPES)
     if native is not None and buckets.is_contiguous():
         return native(buckets)  # a counting sort and its inverse in one pass (csrc/)
     # Round by round (R independent rows, which the sort spreads over threads: at R*L = 2**18

@@ -44,7 +44,6 @@ at::Tensor signed_argmax(const at::Tensor& proj) {
   return out;
 }
 
-
 template <typename T>
 void count_sort_rows(const T* ids, int64_t rows, int64_t R, int64_t L, int64_t* items,
                      int64_t* undo) {
@@ -53,11 +52,10 @@ void count_sort_rows(const T* ids, int64_t rows, int64_t R, int64_t L, int64_t* 
     for (int64_t row = begin; row < end; ++row) {
       const T* b = ids + row * L;
       const int64_t offset = (row % R) * L;  // items of round r are r*L + position
-      int64_t top = 0;
-      for (int64_t i = 0; i < L; ++i) {
-        TORCH_CHECK(b[i] >= 0, "bucket_sort: bucket ids must be >= 0, got ", int64_t(b[i]));
-        top = std::max<int64_t>(top, b[i]);
-      }
+      const auto [lo, hi] = std::minmax_element(b, b + L);
+      const int64_t top = L ? int64_t(*hi) : 0;
+      TORCH_CHECK(L == 0 || *lo >= 0, "bucket_sort: bucket ids must be >= 0, got ",
+                  int64_t(*lo));
       TORCH_CHECK(top < (int64_t(1) << 24), "bucket_sort: bucket id ", top,
                   " exceeds 2**24 (its histogram would not fit in memory); use fewer buckets");
       start.assign(top + 2, 0);
@@ -91,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> bucket_sort(const at::Tensor& buckets) {
   });
   return {items, undo};
 }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {

@@ -219,7 +219,6 @@ at::Tensor softmax_backward_(at::Tensor grad_p, const at::Tensor& row, const at:
   return grad_p;
 }
 
-
 std::tuple<at::Tensor, at::Tensor> scaled_query_rows(const at::Tensor& d_out,
                                                      const at::Tensor& row, const at::Tensor& lse,
                                                      const at::Tensor& index,
@@ -278,6 +277,7 @@ void index_add_rows_(at::Tensor dst, const at::Tensor& index, const at::Tensor& 
     }
   });
 }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
