@@ -300,3 +300,77 @@ def test_softmax_backward_matches_pytorch(monkeypatch):
     expect = (grad_p - row.unsqueeze(-1)) * probs
     assert fused(grad_p, row, probs) is grad_p
     torch.testing.assert_close(grad_p, expect, rtol=1e-6, atol=1e-6)
+
+
+def _sorted_case(G, Lp, E, R, seed):
+    g = torch.Generator().manual_seed(seed)
+    qk, v = (torch.randn(G, Lp, E, generator=g) for _ in range(2))
+    qk[0, 3] = 0  # |q| < eps: F.normalize divides by eps
+    s_pos = torch.stack([torch.cat([torch.randperm(Lp, generator=g) for _ in range(R)])
+                         for _ in range(G)])
+    return qk, v, s_pos
+
+
+@needs_compiler
+@pytest.mark.parametrize("G,Lp,E,R,M,offsets,causal", [
+    (1, 512, 16, 4, 16, [-1, 0], True),  # several chunks per thread, rounds wrapping
+    (3, 60, 5, 3, 4, [-2, -1, 0, 1], True),  # a window reaching both ways; odd E
+    (2, 16, 4, 4, 8, [-1, 0, 1], False),  # two chunks per round: windows wrap within it
+    (1, 8, 4, 1, 8, [-1, 0], True),  # one chunk: its window holds it twice
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offsets, causal,
+                                            threads):
+    """csrc/lsh_chunks.cpp against the PyTorch blockwise kernel: outputs, log-sum-exps and
+    both gradients (through the log-sum-exp too). With two threads, rows of chunks outside a
+    thread's run are added after the round."""
+    from reformer.attention import _sorted
+
+    native(monkeypatch, "lsh_forward_")
+    assert _native.blas(), "PyTorch's BLAS sgemm was not found"
+    calls = []
+    fused = _sorted._fused
+    monkeypatch.setattr(_sorted, "_fused", lambda *a: calls.append(a[0]) or fused(*a))
+    qk0, v0, s_pos = _sorted_case(G, Lp, E, R, seed=Lp + M + R)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results = []
+    try:
+        for setting in ("on", "off"):
+            monkeypatch.setenv(_native.ENV, setting)
+            qk, v = qk0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+            out, lse = sorted_window_attention(qk, v, s_pos, chunk_length=M, offsets=offsets,
+                                               causal=causal)
+            weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+            lse_weights = torch.linspace(0, 1, lse.numel()).view_as(lse)
+            loss = (out * weights).sum() + (lse * lse_weights).sum()
+            results.append((out, lse, *torch.autograd.grad(loss, [qk, v])))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert calls == ["lsh_forward_", "lsh_forward_"]  # asked in both settings, ran when "on"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@needs_compiler
+def test_fused_sorted_kernel_checks_its_inputs(monkeypatch):
+    forward = native(monkeypatch, "lsh_forward_")
+    qk, v, s_pos = _sorted_case(1, 32, 4, 2, seed=3)
+    q, vr = qk.view(32, 4), v.view(32, 4)
+    out, lse = torch.empty(32, 4), torch.empty(32)
+    args = (2, 8, -1, 2, True, _chunked.MASK_VALUE, _chunked.SELF_VALUE, 1e-12)
+    with pytest.raises(RuntimeError, match="row out of range"):
+        forward(out, lse, q, vr, s_pos + 32, s_pos.float(), *args)
+    with pytest.raises(RuntimeError, match="must include 0"):
+        forward(out, lse, q, vr, s_pos, s_pos.float(), 2, 8, 1, 2, *args[4:])
+
+
+def test_fused_sorted_kernel_leaves_masks_dedup_and_dropout_to_pytorch():
+    from reformer.attention._sorted import _fused
+
+    q = torch.zeros(1, 8, 4)
+    assert _fused("lsh_forward_", q, q, torch.ones(1, 8, dtype=torch.bool), None, 0.0) is None
+    assert _fused("lsh_forward_", q, q, None, lambda *a: None, 0.0) is None
+    assert _fused("lsh_forward_", q, q, None, None, 0.1) is None
+    assert _fused("lsh_forward_", q, q.transpose(1, 2).contiguous().transpose(1, 2), None,
+                  None, 0.0) is None

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 ENV = "REFORMER_NATIVE"
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("window_softmax.cpp", "sorted_rows.cpp", "hashing.cpp",
-                        "feed_forward.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("window_softmax.cpp", "sorted_rows.cpp", "lsh_chunks.cpp",
+                                    "hashing.cpp", "feed_forward.cpp")]
+HEADERS = [CSRC / "softmax_row.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 
@@ -49,6 +50,13 @@ def _cpu_tag() -> str:
     except OSError:
         text += platform.processor()
     return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _headers_flag() -> str:
+    """A define carrying a hash of the headers: the builder's cache key covers the sources
+    and the flags but not what the sources include, so a changed header must change a flag."""
+    digest = hashlib.sha1(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:10]
+    return f"-DREFORMER_HEADERS_{digest}"
 
 
 def _ensure_ninja() -> None:
@@ -79,8 +87,8 @@ def _load() -> bool:
 
         _ensure_ninja()
         load(name=f"reformer_native_{_cpu_tag()}", sources=[str(s) for s in SOURCES],
-             extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
-             verbose=False)
+             extra_cflags=[*CFLAGS, _headers_flag()], extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
         return True
     except Exception as error:  # no compiler, no ninja, a failed build: fall back
         warnings.warn(f"reformer: the native CPU kernels did not build ({str(error)[:300]}); "
@@ -97,6 +105,12 @@ def op(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.floa
     if t.dtype not in dtypes or t.device.type != "cpu" or not enabled() or not _load():
         return None
     return _resolve(name)
+
+
+@functools.cache
+def blas() -> bool:
+    """Whether the kernels that call BLAS (csrc/lsh_chunks.cpp) found PyTorch's sgemm."""
+    return bool(torch.ops.reformer.lsh_chunks_available())
 
 
 @functools.cache

@@ -161,6 +161,17 @@ class SortedWindowAttention(torch.autograd.Function):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
+        ctx.spec, ctx.fused = spec, _fused("lsh_forward_", q_rows, v_rows, valid, log_count_fn,
+                                        dropout)
+        if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
+            seq = _Sequence(q_rows, v_rows, s_pos, valid)
+            out, lse = q_rows.new_empty(G, Lp, E), q_rows.new_empty(G, Lp)
+            ctx.fused(out.view(G * Lp, E), lse.view(-1), seq.q, seq.v, seq.row.contiguous(),
+                      seq.pos_f, R, M, offsets[0], len(offsets), causal,
+                      *_chunked.mask_values(q_rows.dtype), NORM_EPS)
+            ctx.blocks = None
+            ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
+            return out, lse
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
         # per sorted item: K probabilities and its raw, unit and value rows
         keep_blocks = grad_follows and G * R * Lp * (K + 3 * E) <= _chunked.SAVE_ELEMENTS
@@ -179,7 +190,7 @@ class SortedWindowAttention(torch.autograd.Function):
                 if keep_blocks:
                     saved.append(blk)
             out, lse = _fold_round(out, lse, o_s, z_s, unsort[r])
-        ctx.spec, ctx.blocks = spec, saved
+        ctx.blocks = saved
         ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
         return out, lse
 
@@ -201,6 +212,14 @@ class SortedWindowAttention(torch.autograd.Function):
             row -= grad_lse.reshape(-1)  # dS = P * (dP - row)
         grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
                           for _ in range(2))
+        if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
+            seq = _Sequence(q_rows, v_rows, s_pos, valid)
+            _native.op("lsh_backward_", q_rows)(
+                grad_q, grad_v, seq.q, seq.v, seq.row.contiguous(), seq.pos_f,
+                d_out if d_out.stride(1) == 1 else d_out.contiguous(), row, lse,
+                R, M, offsets[0], len(offsets), ctx.spec[2], *_chunked.mask_values(q_rows.dtype),
+                NORM_EPS)
+            return _grads(grad_q, grad_v, q_rows.shape)
         saved, ctx.blocks = ctx.blocks, None
         seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
         with replay_rng(None if saved else ctx.rng, q_rows.device):
@@ -210,9 +229,25 @@ class SortedWindowAttention(torch.autograd.Function):
                 _block_backward(blk, d_out, row, lse, grad_q, grad_v)
                 if saved:
                     saved[i] = None  # free as we go
-        shape = q_rows.shape
-        return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None,
-                None, None, None)
+        return _grads(grad_q, grad_v, q_rows.shape)
+
+
+def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tuple:
+    """SortedWindowAttention.backward's result: the (G*Lp, E) row gradients of qk and v."""
+    return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None, None,
+            None, None)
+
+
+def _fused(name: str, q_rows: torch.Tensor, v_rows: torch.Tensor, valid: torch.Tensor | None,
+           log_count_fn, dropout: float):
+    """The fused chunk kernel ``name`` (csrc/lsh_chunks.cpp) where it applies, else None:
+    float32 on the CPU with BLAS; no padding mask, round de-duplication or dropout (the
+    blockwise path handles those)."""
+    if (valid is not None or log_count_fn is not None or dropout > 0
+            or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1):
+        return None
+    fn = _native.op(name, q_rows)
+    return fn if fn is not None and _native.blas() else None
 
 
 def _fold_round(out: torch.Tensor | None, lse: torch.Tensor | None, o_s: torch.Tensor,

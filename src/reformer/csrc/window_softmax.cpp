@@ -19,60 +19,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "softmax_row.h"
+
 namespace {
 
-// exp(x) for x <= 0: 2^n * p(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and p the degree-7
-// Taylor polynomial (relative error below 2e-7); exactly 0 below -87, where expf reaches
-// the subnormals.
-inline float exp_nonpositive(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (Cody-Waite)
-  r = r + n * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  return underflow ? 0.0f : p * two_n;
-}
-
-struct Masks {
-  float scale, invalid, self_value;
-  bool causal, self_mask;
-};
-
-// One row: x (K logits) -> probabilities in place; returns the log-sum-exp.
-inline float softmax_row(float* __restrict x, const float* __restrict kpos, float qpos,
-                         int K, Masks m) {
-  const float scale = m.scale, invalid = m.invalid, self_value = m.self_value;
-  const float later = m.causal ? invalid : 0.0f, same = m.self_mask ? self_value : 0.0f;
-  float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-  for (int j = 0; j < K; ++j) {
-    const float d = kpos[j] - qpos;
-    const float bias = d > 0.0f ? later : (d == 0.0f ? same : 0.0f);
-    const float s = x[j] * scale + bias;
-    x[j] = s;
-    top = std::max(top, s);
-  }
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < K; ++j) {
-    const float e = exp_nonpositive(x[j] - top);
-    x[j] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / sum;
-#pragma omp simd
-  for (int j = 0; j < K; ++j) x[j] *= inv;
-  return top + std::log(sum);
-}
+using reformer::Masks;
+using reformer::softmax_row;
 
 at::Tensor window_softmax_(at::Tensor logits, const at::Tensor& qpos, const at::Tensor& kpos,
                            double scale, bool causal, bool self_mask, double invalid,

@@ -1,0 +1,359 @@
+// The LSH kernel (attention/_sorted.py) fused end to end, one chunk of the sorted order at a
+// time, for the common case: float32, no padding mask, no round de-duplication, no dropout.
+//
+// The blockwise kernel in Python gathers a block of 64 chunks' rows (a few MiB), then runs
+// batched matmuls, the softmax and the scatters over the whole block, each pass reading the
+// block back from memory. Here each thread walks its own run of consecutive chunks and keeps
+// one chunk's work in cache: the window's rows are gathered (keys normalised) into a ring of
+// W chunk slots, so each chunk is gathered once; the scores (M x K), softmax and output
+// (M x E) never leave the thread's buffers. The matrix products are BLAS sgemm calls on
+// these small blocks (single-threaded inside the parallel region).
+//
+// lsh_forward_: for every chunk c of the sorted order, its M queries attend to the W*M keys
+//   of chunks c+lo .. c+lo+W-1 (circular), keys = the queries' rows normalised, with the
+//   causal and self masks of softmax_row.h. Round by round, each chunk's output rows and
+//   log-sum-exps are folded straight into the result in position order (a position occurs
+//   once per round, so no two chunks of a round write the same row):
+//   Z' = logaddexp(Z, z), o' = exp(Z - Z') o + exp(z - Z') o_r. Python: the blocks of
+//   SortedWindowAttention.forward and _fold_round.
+// lsh_backward_: the gradients of q and v rows, flash-attention style from the final
+//   log-sum-exp Z: per chunk the probabilities P are recomputed, share = exp(z - Z),
+//   dO_s = share dO, dS = P (dO_s V^T - share row), dQ = dS K, dK = dS^T Q (carried through
+//   the normalisation), dV = P^T dO_s. Within a round a thread adds straight into the rows
+//   of the chunks it owns; gradients for rows of chunks outside its run (its first chunk's
+//   predecessor, the previous round's last chunk) are kept aside and added after the round.
+//   Python: _block_backward.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "softmax_row.h"
+
+// BLAS's single-precision matrix product (Fortran interface, column-major). PyTorch's CPU
+// library exports one (MKL's on x86-64 wheels). Declared weak, so that the other kernels
+// still load where it is missing; lsh_chunks_available() says whether it is there.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace {
+
+using reformer::Masks;
+using reformer::softmax_row;
+
+// C (m x n) = op(A) op(B) for row-major matrices, op(X) = X^T when trans_x: the
+// column-major product C^T = op(B)^T op(A)^T.
+void matmul(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda,
+            const float* b, int ldb, float* c, int ldc) {
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &one, b, &ldb, a, &lda, &zero,
+         c, &ldc);
+}
+
+// The kernel's inputs as raw pointers. Sorted slot j of sequence g holds row
+// row[g * slots + j] of q and v (its position, as a float, in pos).
+struct Sorted {
+  const float *q, *v;
+  int64_t q_stride, v_stride, E;
+  const int64_t* row;
+  const float* pos;
+  int64_t G, slots, M, lo, W, n;  // n = slots / M chunks; chunk c sees c+lo .. c+lo+W-1
+  Masks masks;
+  float eps;  // the keys' norm floor (F.normalize's eps)
+
+  int64_t wrap(int64_t chunk) const { return ((chunk % n) + n) % n; }
+};
+
+// The rows of the W chunks that one chunk attends to, in a ring of W chunk slots: moving to
+// the next chunk replaces one slot. Keys and values share the ring's row order, so the order
+// of the window's rows does not matter to the attention.
+class Window {
+ public:
+  explicit Window(const Sorted& s)
+      : s_(s), K_(s.W * s.M), raw(K_ * s.E), unit(K_ * s.E), value(K_ * s.E), norm(K_),
+        pos(K_), row(K_), chunk(s.W), held_(s.W, kNone) {}
+
+  int64_t slot(int64_t w) const { return ((w % s_.W) + s_.W) % s_.W; }
+
+  // Make the ring hold the window of chunk c of sequence g.
+  void load(int64_t g, int64_t c) {
+    if (g != g_) {
+      std::fill(held_.begin(), held_.end(), kNone);
+      g_ = g;
+    }
+    const int64_t M = s_.M, E = s_.E;
+    for (int64_t w = c + s_.lo; w < c + s_.lo + s_.W; ++w) {
+      const int64_t sl = slot(w);
+      if (held_[sl] == w) continue;
+      held_[sl] = w;
+      chunk[sl] = s_.wrap(w);
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t j = g * s_.slots + chunk[sl] * M + i, at = sl * M + i, r = s_.row[j];
+        const float* __restrict from = s_.q + r * s_.q_stride;
+        const float* __restrict v_from = s_.v + r * s_.v_stride;
+        float* __restrict to = raw.data() + at * E;
+        float* __restrict u = unit.data() + at * E;
+        float* __restrict v_to = value.data() + at * E;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t e = 0; e < E; ++e) {
+          to[e] = from[e];
+          squares += from[e] * from[e];
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) v_to[e] = v_from[e];
+        norm[at] = std::sqrt(squares);
+        const float d = std::max(norm[at], s_.eps);
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) u[e] = to[e] / d;
+        pos[at] = s_.pos[j];
+        row[at] = r;
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::min();
+  const Sorted& s_;
+  const int64_t K_;
+
+ public:
+  std::vector<float> raw, unit, value, norm, pos;  // (K, E) rows; (K,) norms and positions
+  std::vector<int64_t> row, chunk;                 // (K,) rows of q and v; (W,) slot chunks
+
+ private:
+  std::vector<int64_t> held_;  // the unwrapped chunk index in each slot
+  int64_t g_ = -1;
+};
+
+// The probabilities of chunk c's M queries over its window (scores, (M, K), in place) and
+// their log-sum-exps z (M,); returns the ring slot of the queries' own chunk.
+int64_t chunk_probs(const Sorted& s, Window& win, int64_t c, float* scores, float* z) {
+  const int M = static_cast<int>(s.M), K = static_cast<int>(s.W * s.M),
+            E = static_cast<int>(s.E);
+  const int64_t own = win.slot(c);
+  const float* q = win.raw.data() + own * s.M * s.E;
+  matmul(false, true, M, K, E, q, E, win.unit.data(), E, scores, K);  // Q K^T
+  for (int64_t i = 0; i < s.M; ++i)
+    z[i] = softmax_row(scores + i * K, win.pos.data(), win.pos[own * s.M + i], K, s.masks);
+  return own;
+}
+
+Sorted sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& row,
+                     const at::Tensor& pos, int64_t M, int64_t lo, int64_t W, bool causal,
+                     double invalid, double self_value, double eps, const char* op) {
+  for (const at::Tensor* t : {&q, &v})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->stride(1) == 1 &&
+                    t->device().is_cpu() && t->sizes() == q.sizes(),
+                op, ": q and v must be (N, E) float32 CPU rows of one shape, unit column "
+                "stride");
+  TORCH_CHECK(row.dim() == 2 && row.is_contiguous() && row.scalar_type() == at::kLong &&
+                  pos.sizes() == row.sizes() && pos.is_contiguous() &&
+                  pos.scalar_type() == at::kFloat,
+              op, ": row (G, slots) int64 and pos (G, slots) float32 must be contiguous");
+  TORCH_CHECK(M >= 1 && row.size(1) % M == 0 && W >= 1 && lo <= 0 && lo + W > 0, op,
+              ": slots must be a multiple of M and the window chunks lo .. lo+W-1 must "
+              "include 0");
+  TORCH_CHECK(sgemm_ != nullptr, op, ": no BLAS sgemm in this PyTorch build");
+  const int64_t N = q.size(0);
+  const int64_t* r = row.data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(r, r + row.numel());
+  TORCH_CHECK(row.numel() == 0 || (*low >= 0 && *high < N), op, ": row out of range [0, ", N,
+              ")");
+  const Masks masks{1.0f, static_cast<float>(invalid), static_cast<float>(self_value), causal,
+                    true};
+  return Sorted{q.data_ptr<float>(), v.data_ptr<float>(), q.stride(0), v.stride(0), q.size(1),
+                r, pos.data_ptr<float>(), row.size(0), row.size(1), M, lo, W,
+                row.size(1) / M, masks, static_cast<float>(eps)};
+}
+
+void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at::Tensor& v,
+                  const at::Tensor& row, const at::Tensor& pos, int64_t rounds, int64_t M,
+                  int64_t lo, int64_t W, bool causal, double invalid, double self_value,
+                  double eps) {
+  const Sorted s = sorted_inputs(q, v, row, pos, M, lo, W, causal, invalid, self_value, eps,
+                                 "lsh_forward_");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && lse.is_contiguous() &&
+                  lse.numel() == q.size(0) && out.scalar_type() == at::kFloat &&
+                  lse.scalar_type() == at::kFloat,
+              "lsh_forward_: out (N, E) and lse (N,) must be contiguous float32");
+  TORCH_CHECK(rounds >= 1 && s.n % rounds == 0, "lsh_forward_: the chunks must split evenly "
+              "into the rounds");
+  const int64_t E = s.E, K = W * M, nr = s.n / rounds;
+  float *o = out.data_ptr<float>(), *z_all = lse.data_ptr<float>();
+  for (int64_t r = 0; r < rounds; ++r) {
+    at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
+      Window win(s);
+      std::vector<float> scores(M * K), o_r(M * E), z(M);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / nr, c = r * nr + t % nr;
+        win.load(g, c);
+        const int64_t own = chunk_probs(s, win, c, scores.data(), z.data());
+        matmul(false, false, M, E, K, scores.data(), K, win.value.data(), E, o_r.data(), E);
+        for (int64_t i = 0; i < M; ++i) {  // fold into the result (own rows: this chunk's)
+          const int64_t p = win.row[own * M + i];
+          float* __restrict to = o + p * E;
+          const float* __restrict from = o_r.data() + i * E;
+          if (r == 0) {
+            std::copy(from, from + E, to);
+            z_all[p] = z[i];
+            continue;
+          }
+          const float z_old = z_all[p], z_r = z[i];
+          const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
+          const float a = std::exp(z_old - total), b = std::exp(z_r - total);
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) to[e] = a * to[e] + b * from[e];
+          z_all[p] = total;
+        }
+      }
+    });
+  }
+}
+
+void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
+                   const at::Tensor& v, const at::Tensor& row, const at::Tensor& pos,
+                   const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& lse,
+                   int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
+                   double self_value, double eps) {
+  const Sorted s = sorted_inputs(q, v, row, pos, M, lo, W, causal, invalid, self_value, eps,
+                                 "lsh_backward_");
+  const int64_t N = q.size(0), E = s.E, K = W * M;
+  for (const at::Tensor* t : {&grad_q, &grad_v})
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == q.sizes() &&
+                    t->scalar_type() == at::kFloat,
+                "lsh_backward_: grad_q and grad_v must be contiguous float32 (N, E)");
+  TORCH_CHECK(d_out.dim() == 2 && d_out.sizes() == q.sizes() && d_out.stride(1) == 1 &&
+                  d_out.scalar_type() == at::kFloat,
+              "lsh_backward_: d_out must be (N, E) float32 rows with unit column stride");
+  TORCH_CHECK(row_dot.is_contiguous() && lse.is_contiguous() && row_dot.numel() == N &&
+                  lse.numel() == N && row_dot.scalar_type() == at::kFloat &&
+                  lse.scalar_type() == at::kFloat,
+              "lsh_backward_: row_dot and lse need one contiguous float32 value per row");
+  TORCH_CHECK(rounds >= 1 && s.n % rounds == 0, "lsh_backward_: the chunks must split evenly "
+              "into the rounds");
+  const int64_t nr = s.n / rounds, d_stride = d_out.stride(0);
+  float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
+  const float *g_out = d_out.data_ptr<float>(), *rd = row_dot.data_ptr<float>(),
+              *z_final = lse.data_ptr<float>();
+  const int m = static_cast<int>(M), k = static_cast<int>(K), e_ = static_cast<int>(E);
+  for (int64_t r = 0; r < rounds; ++r) {
+    std::mutex aside_lock;
+    std::vector<int64_t> aside_rows;  // rows of chunks outside the run that produced them
+    std::vector<float> aside_q, aside_v;
+    at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
+      Window win(s);
+      std::vector<float> probs(M * K), z(M), d_o(M * E), share_row(M), grad_s(M * K),
+          grad_own(M * E), grad_k(K * E), grad_val(K * E);
+      std::vector<int64_t> rows;
+      std::vector<float> keep_q, keep_v;
+      // whether (g, chunk) is one of this run's chunks (only this thread adds to its rows)
+      auto owned = [&](int64_t g, int64_t chunk) {
+        const int64_t t = g * nr + (chunk - r * nr);
+        return chunk >= r * nr && chunk < (r + 1) * nr && t >= begin && t < end;
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / nr, c = r * nr + t % nr;
+        win.load(g, c);
+        const int64_t own = chunk_probs(s, win, c, probs.data(), z.data());
+        const float* q_own = win.raw.data() + own * M * E;
+        for (int64_t i = 0; i < M; ++i) {  // share = this round's weight in the final softmax
+          const int64_t p = win.row[own * M + i];
+          const float share = std::exp(z[i] - z_final[p]);
+          const float* __restrict from = g_out + p * d_stride;
+          float* __restrict to = d_o.data() + i * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) to[e] = share * from[e];
+          share_row[i] = share * rd[p];
+        }
+        matmul(false, true, m, k, e_, d_o.data(), e_, win.value.data(), e_, grad_s.data(), k);
+        for (int64_t i = 0; i < M; ++i) {  // dS = P (share dP - share row)
+          float* __restrict gs = grad_s.data() + i * K;
+          const float* __restrict pr = probs.data() + i * K;
+          const float sr = share_row[i];
+#pragma omp simd
+          for (int64_t j = 0; j < K; ++j) gs[j] = (gs[j] - sr) * pr[j];
+        }
+        matmul(false, false, m, e_, k, grad_s.data(), k, win.unit.data(), e_, grad_own.data(),
+               e_);  // dQ = dS K
+        matmul(true, false, k, e_, m, grad_s.data(), k, q_own, e_, grad_k.data(), e_);
+        matmul(true, false, k, e_, m, probs.data(), k, d_o.data(), e_, grad_val.data(), e_);
+        for (int64_t i = 0; i < M; ++i) {
+          float* __restrict to = gq + win.row[own * M + i] * E;
+          const float* __restrict from = grad_own.data() + i * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) to[e] += from[e];
+        }
+        for (int64_t j = 0; j < K; ++j) {  // the keys: through k = q / max(|q|, eps)
+          float* __restrict gk = grad_k.data() + j * E;
+          const float* __restrict u = win.unit.data() + j * E;
+          float radial = 0.0f;
+#pragma omp simd reduction(+ : radial)
+          for (int64_t e = 0; e < E; ++e) radial += u[e] * gk[e];
+          radial = win.norm[j] > s.eps ? radial : 0.0f;
+          const float d = std::max(win.norm[j], s.eps);
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) gk[e] = (gk[e] - u[e] * radial) / d;
+        }
+        for (int64_t sl = 0; sl < W; ++sl) {
+          const bool direct = owned(g, win.chunk[sl]);
+          for (int64_t i = 0; i < M; ++i) {
+            const int64_t j = sl * M + i, p = win.row[j];
+            const float *fk = grad_k.data() + j * E, *fv = grad_val.data() + j * E;
+            if (!direct) {
+              rows.push_back(p);
+              keep_q.insert(keep_q.end(), fk, fk + E);
+              keep_v.insert(keep_v.end(), fv, fv + E);
+              continue;
+            }
+            float* __restrict tq = gq + p * E;
+            float* __restrict tv = gv + p * E;
+#pragma omp simd
+            for (int64_t e = 0; e < E; ++e) {
+              tq[e] += fk[e];
+              tv[e] += fv[e];
+            }
+          }
+        }
+      }
+      std::lock_guard<std::mutex> hold(aside_lock);
+      aside_rows.insert(aside_rows.end(), rows.begin(), rows.end());
+      aside_q.insert(aside_q.end(), keep_q.begin(), keep_q.end());
+      aside_v.insert(aside_v.end(), keep_v.begin(), keep_v.end());
+    });
+    for (size_t i = 0; i < aside_rows.size(); ++i) {  // after the round: no thread is adding
+      float *tq = gq + aside_rows[i] * E, *tv = gv + aside_rows[i] * E;
+      for (int64_t e = 0; e < E; ++e) {
+        tq[e] += aside_q[i * E + e];
+        tv[e] += aside_v[i * E + e];
+      }
+    }
+  }
+}
+
+bool lsh_chunks_available() { return sgemm_ != nullptr; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(reformer, m) {
+  m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor v, Tensor row, "
+        "Tensor pos, int rounds, int M, int lo, int W, bool causal, float invalid, "
+        "float self_value, float eps) -> ()");
+  m.def("lsh_backward_(Tensor(a!) grad_q, Tensor(b!) grad_v, Tensor q, Tensor v, Tensor row, "
+        "Tensor pos, Tensor d_out, Tensor row_dot, Tensor lse, int rounds, int M, int lo, "
+        "int W, bool causal, float invalid, float self_value, float eps) -> ()");
+  m.def("lsh_chunks_available() -> bool", &lsh_chunks_available);
+}
+
+TORCH_LIBRARY_IMPL(reformer, CPU, m) {
+  m.impl("lsh_forward_", &lsh_forward_);
+  m.impl("lsh_backward_", &lsh_backward_);
+}
