@@ -359,18 +359,20 @@ def test_fused_sorted_kernel_checks_its_inputs(monkeypatch):
     q, vr = qk.view(32, 4), v.view(32, 4)
     out, lse = torch.empty(32, 4), torch.empty(32)
     args = (2, 8, -1, 2, True, _chunked.MASK_VALUE, _chunked.SELF_VALUE, 1e-12)
-    with pytest.raises(RuntimeError, match="row out of range"):
-        forward(out, lse, q, vr, s_pos + 32, s_pos.float(), *args)
+    with pytest.raises(RuntimeError, match="position out of range"):
+        forward(out, lse, q, vr, s_pos + 32, *args)
     with pytest.raises(RuntimeError, match="must include 0"):
-        forward(out, lse, q, vr, s_pos, s_pos.float(), 2, 8, 1, 2, *args[4:])
+        forward(out, lse, q, vr, s_pos, 2, 8, 1, 2, *args[4:])
 
 
 def test_fused_sorted_kernel_leaves_masks_dedup_and_dropout_to_pytorch():
     from reformer.attention._sorted import _fused
 
-    q = torch.zeros(1, 8, 4)
-    assert _fused("lsh_forward_", q, q, torch.ones(1, 8, dtype=torch.bool), None, 0.0) is None
-    assert _fused("lsh_forward_", q, q, None, lambda *a: None, 0.0) is None
-    assert _fused("lsh_forward_", q, q, None, None, 0.1) is None
-    assert _fused("lsh_forward_", q, q.transpose(1, 2).contiguous().transpose(1, 2), None,
-                  None, 0.0) is None
+    q, pos = torch.zeros(1, 8, 4), torch.arange(8).view(1, 8)
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert _fused("lsh_forward_", q, q, pos, torch.ones(1, 8, dtype=torch.bool), None,
+                  0.0) is None
+    assert _fused("lsh_forward_", q, q, pos, None, lambda *a: None, 0.0) is None
+    assert _fused("lsh_forward_", q, q, pos, None, None, 0.1) is None
+    assert _fused("lsh_forward_", q, strided, pos, None, None, 0.0) is None
+    assert _fused("lsh_forward_", q, q, pos.int(), None, None, 0.0) is None

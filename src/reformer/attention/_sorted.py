@@ -161,14 +161,13 @@ class SortedWindowAttention(torch.autograd.Function):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
-        ctx.spec, ctx.fused = spec, _fused("lsh_forward_", q_rows, v_rows, valid, log_count_fn,
-                                        dropout)
+        ctx.spec, ctx.fused = spec, _fused("lsh_forward_", q_rows, v_rows, s_pos, valid,
+                                        log_count_fn, dropout)
         if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
-            seq = _Sequence(q_rows, v_rows, s_pos, valid)
             out, lse = q_rows.new_empty(G, Lp, E), q_rows.new_empty(G, Lp)
-            ctx.fused(out.view(G * Lp, E), lse.view(-1), seq.q, seq.v, seq.row.contiguous(),
-                      seq.pos_f, R, M, offsets[0], len(offsets), causal,
-                      *_chunked.mask_values(q_rows.dtype), NORM_EPS)
+            ctx.fused(out.view(G * Lp, E), lse.view(-1), q_rows.reshape(G * Lp, E),
+                      v_rows.reshape(G * Lp, E), s_pos.contiguous(), R, M, offsets[0],
+                      len(offsets), causal, *_chunked.mask_values(q_rows.dtype), NORM_EPS)
             ctx.blocks = None
             ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
             return out, lse
@@ -213,10 +212,9 @@ class SortedWindowAttention(torch.autograd.Function):
         grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
                           for _ in range(2))
         if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
-            seq = _Sequence(q_rows, v_rows, s_pos, valid)
             _native.op("lsh_backward_", q_rows)(
-                grad_q, grad_v, seq.q, seq.v, seq.row.contiguous(), seq.pos_f,
-                d_out if d_out.stride(1) == 1 else d_out.contiguous(), row, lse,
+                grad_q, grad_v, q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E),
+                s_pos.contiguous(), d_out if d_out.stride(1) == 1 else d_out.contiguous(), row, lse,
                 R, M, offsets[0], len(offsets), ctx.spec[2], *_chunked.mask_values(q_rows.dtype),
                 NORM_EPS)
             return _grads(grad_q, grad_v, q_rows.shape)
@@ -238,13 +236,13 @@ def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tup
             None, None)
 
 
-def _fused(name: str, q_rows: torch.Tensor, v_rows: torch.Tensor, valid: torch.Tensor | None,
-           log_count_fn, dropout: float):
+def _fused(name: str, q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
+           valid: torch.Tensor | None, log_count_fn, dropout: float):
     """The fused chunk kernel ``name`` (csrc/lsh_chunks.cpp) where it applies, else None:
-    float32 on the CPU with BLAS; no padding mask, round de-duplication or dropout (the
-    blockwise path handles those)."""
+    float32 rows on the CPU with BLAS, int64 positions; no padding mask, round
+    de-duplication or dropout (the blockwise path handles those)."""
     if (valid is not None or log_count_fn is not None or dropout > 0
-            or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1):
+            or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1 or s_pos.dtype != torch.int64):
         return None
     fn = _native.op(name, q_rows)
     return fn if fn is not None and _native.blas() else None

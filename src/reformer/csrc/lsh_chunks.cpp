@@ -58,14 +58,13 @@ void matmul(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int
          c, &ldc);
 }
 
-// The kernel's inputs as raw pointers. Sorted slot j of sequence g holds row
-// row[g * slots + j] of q and v (its position, as a float, in pos).
+// The kernel's inputs as raw pointers. Sorted slot j of sequence g holds position
+// pos[g * slots + j], row g * Lp + pos of q and v.
 struct Sorted {
   const float *q, *v;
   int64_t q_stride, v_stride, E;
-  const int64_t* row;
-  const float* pos;
-  int64_t G, slots, M, lo, W, n;  // n = slots / M chunks; chunk c sees c+lo .. c+lo+W-1
+  const int64_t* pos;
+  int64_t G, Lp, slots, M, lo, W, n;  // n = slots / M chunks; chunk c sees c+lo .. c+lo+W-1
   Masks masks;
   float eps;  // the keys' norm floor (F.normalize's eps)
 
@@ -96,7 +95,8 @@ class Window {
       held_[sl] = w;
       chunk[sl] = s_.wrap(w);
       for (int64_t i = 0; i < M; ++i) {
-        const int64_t j = g * s_.slots + chunk[sl] * M + i, at = sl * M + i, r = s_.row[j];
+        const int64_t j = g * s_.slots + chunk[sl] * M + i, at = sl * M + i;
+        const int64_t r = g * s_.Lp + s_.pos[j];
         const float* __restrict from = s_.q + r * s_.q_stride;
         const float* __restrict v_from = s_.v + r * s_.v_stride;
         float* __restrict to = raw.data() + at * E;
@@ -114,7 +114,7 @@ class Window {
         const float d = std::max(norm[at], s_.eps);
 #pragma omp simd
         for (int64_t e = 0; e < E; ++e) u[e] = to[e] / d;
-        pos[at] = s_.pos[j];
+        pos[at] = static_cast<float>(s_.pos[j]);  // exact: positions are < 2**24
         row[at] = r;
       }
     }
@@ -147,39 +147,39 @@ int64_t chunk_probs(const Sorted& s, Window& win, int64_t c, float* scores, floa
   return own;
 }
 
-Sorted sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& row,
-                     const at::Tensor& pos, int64_t M, int64_t lo, int64_t W, bool causal,
+Sorted sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
+                     int64_t M, int64_t lo, int64_t W, bool causal,
                      double invalid, double self_value, double eps, const char* op) {
   for (const at::Tensor* t : {&q, &v})
     TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->stride(1) == 1 &&
                     t->device().is_cpu() && t->sizes() == q.sizes(),
                 op, ": q and v must be (N, E) float32 CPU rows of one shape, unit column "
                 "stride");
-  TORCH_CHECK(row.dim() == 2 && row.is_contiguous() && row.scalar_type() == at::kLong &&
-                  pos.sizes() == row.sizes() && pos.is_contiguous() &&
-                  pos.scalar_type() == at::kFloat,
-              op, ": row (G, slots) int64 and pos (G, slots) float32 must be contiguous");
-  TORCH_CHECK(M >= 1 && row.size(1) % M == 0 && W >= 1 && lo <= 0 && lo + W > 0, op,
+  TORCH_CHECK(pos.dim() == 2 && pos.is_contiguous() && pos.scalar_type() == at::kLong, op,
+              ": pos must be a contiguous (G, slots) int64 tensor");
+  const int64_t G = pos.size(0), N = q.size(0), Lp = G ? N / G : 0;
+  TORCH_CHECK(G * Lp == N && Lp <= (1 << 24), op, ": q must hold G sequences of at most 2**24 "
+              "positions");
+  TORCH_CHECK(M >= 1 && pos.size(1) % M == 0 && W >= 1 && lo <= 0 && lo + W > 0, op,
               ": slots must be a multiple of M and the window chunks lo .. lo+W-1 must "
               "include 0");
   TORCH_CHECK(sgemm_ != nullptr, op, ": no BLAS sgemm in this PyTorch build");
-  const int64_t N = q.size(0);
-  const int64_t* r = row.data_ptr<int64_t>();
-  const auto [low, high] = std::minmax_element(r, r + row.numel());
-  TORCH_CHECK(row.numel() == 0 || (*low >= 0 && *high < N), op, ": row out of range [0, ", N,
-              ")");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const auto [low, high] = std::minmax_element(p, p + pos.numel());
+  TORCH_CHECK(pos.numel() == 0 || (*low >= 0 && *high < Lp), op, ": position out of range [0, ",
+              Lp, ")");
   const Masks masks{1.0f, static_cast<float>(invalid), static_cast<float>(self_value), causal,
                     true};
   return Sorted{q.data_ptr<float>(), v.data_ptr<float>(), q.stride(0), v.stride(0), q.size(1),
-                r, pos.data_ptr<float>(), row.size(0), row.size(1), M, lo, W,
-                row.size(1) / M, masks, static_cast<float>(eps)};
+                p, G, Lp, pos.size(1), M, lo, W, pos.size(1) / M, masks,
+                static_cast<float>(eps)};
 }
 
 void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at::Tensor& v,
-                  const at::Tensor& row, const at::Tensor& pos, int64_t rounds, int64_t M,
+                  const at::Tensor& pos, int64_t rounds, int64_t M,
                   int64_t lo, int64_t W, bool causal, double invalid, double self_value,
                   double eps) {
-  const Sorted s = sorted_inputs(q, v, row, pos, M, lo, W, causal, invalid, self_value, eps,
+  const Sorted s = sorted_inputs(q, v, pos, M, lo, W, causal, invalid, self_value, eps,
                                  "lsh_forward_");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && lse.is_contiguous() &&
                   lse.numel() == q.size(0) && out.scalar_type() == at::kFloat &&
@@ -220,11 +220,11 @@ void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at:
 }
 
 void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
-                   const at::Tensor& v, const at::Tensor& row, const at::Tensor& pos,
+                   const at::Tensor& v, const at::Tensor& pos,
                    const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& lse,
                    int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
                    double self_value, double eps) {
-  const Sorted s = sorted_inputs(q, v, row, pos, M, lo, W, causal, invalid, self_value, eps,
+  const Sorted s = sorted_inputs(q, v, pos, M, lo, W, causal, invalid, self_value, eps,
                                  "lsh_backward_");
   const int64_t N = q.size(0), E = s.E, K = W * M;
   for (const at::Tensor* t : {&grad_q, &grad_v})
@@ -344,11 +344,11 @@ bool lsh_chunks_available() { return sgemm_ != nullptr; }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
-  m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor v, Tensor row, "
-        "Tensor pos, int rounds, int M, int lo, int W, bool causal, float invalid, "
+  m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor v, Tensor pos, "
+        "int rounds, int M, int lo, int W, bool causal, float invalid, "
         "float self_value, float eps) -> ()");
-  m.def("lsh_backward_(Tensor(a!) grad_q, Tensor(b!) grad_v, Tensor q, Tensor v, Tensor row, "
-        "Tensor pos, Tensor d_out, Tensor row_dot, Tensor lse, int rounds, int M, int lo, "
+  m.def("lsh_backward_(Tensor(a!) grad_q, Tensor(b!) grad_v, Tensor q, Tensor v, Tensor pos, "
+        "Tensor d_out, Tensor row_dot, Tensor lse, int rounds, int M, int lo, "
         "int W, bool causal, float invalid, float self_value, float eps) -> ()");
   m.def("lsh_chunks_available() -> bool", &lsh_chunks_available);
 }
