@@ -6,8 +6,10 @@ makes the LSH kernel's forward about a quarter faster on CPU. The LSH kernel's r
 are fused with the work that follows them the same way (``csrc/sorted_rows.cpp``), and so
 are the hash's argmax over [x, -x] (``csrc/hashing.cpp``) and the feed-forward's bias and
 ReLU (``csrc/feed_forward.cpp``); the sort by bucket is a counting sort
-(``csrc/hashing.cpp``). The kernels are optional: every caller keeps its PyTorch path, which
-the tests hold the native one against.
+(``csrc/hashing.cpp``). Where it applies, the whole LSH kernel runs chunk by chunk
+(``csrc/lsh_chunks.cpp``), its small matrix products through the BLAS that PyTorch links.
+The kernels are optional: every caller keeps its PyTorch path, which the tests hold the
+native one against.
 
 Decisions:
 - Compiled on first use (``torch.utils.cpp_extension.load``, 55 s once on 2 busy cores; the
@@ -16,6 +18,12 @@ Decisions:
   the build fails, a warning says so once and the PyTorch path runs.
 - ``-march=native``: the build is for this CPU. Its name carries a hash of the CPU's feature
   flags, so a cache shared between different machines never loads another CPU's build.
+- Shared inline code lives in headers (``csrc/*.h``). The builder's cache key covers the
+  sources and the flags only, so a hash of the headers is passed as a ``-D`` flag: a changed
+  header rebuilds.
+- ``csrc/lsh_chunks.cpp`` calls BLAS's ``sgemm_``, which PyTorch's CPU library exports (MKL
+  on x86-64). It is declared weak: where it is missing the other kernels still load, and
+  :func:`blas` tells the LSH kernel to run blockwise.
 - ``REFORMER_NATIVE=off`` skips the native kernels (``on``, the default, uses them when they
   build).
 """

@@ -33,9 +33,16 @@ Decisions:
   key/query and value gradients with one scatter-add each: a per-round sorted buffer
   unsorted by a gather measured no faster, its zeroing and random reads of a whole round
   costing what the scatters did.
-- Below ``SAVE_ELEMENTS`` the forward keeps each block's gathered rows and probabilities for
-  the backward (the reversible backward runs this forward right before its backward); above
-  it, the backward recomputes them.
+- Where it applies (float32 on the CPU with BLAS, no padding mask, round de-duplication or
+  dropout) the whole kernel runs chunk by chunk in C++ (``csrc/lsh_chunks.cpp``, see its
+  header): a thread walks consecutive chunks with their windows' rows in a ring, so one
+  chunk's rows, scores and output stay in cache, and the backward recomputes each chunk's
+  probabilities from the final log-sum-exp instead of keeping them. One head, forward +
+  backward: 27.6 -> 20.9 ms at 4K, 366 -> 318 ms at 64K. The blocks below are its reference
+  and run every other case.
+- Below ``SAVE_ELEMENTS`` the blockwise forward keeps each block's gathered rows and
+  probabilities for the backward (the reversible backward runs this forward right before its
+  backward); above it, the backward recomputes them.
 - Masks and the score arithmetic are shared with the chunk kernel (``window_probs``).
 """
 
