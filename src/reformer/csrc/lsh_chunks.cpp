@@ -207,12 +207,7 @@ void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at:
             z_all[p] = z[i];
             continue;
           }
-          const float z_old = z_all[p], z_r = z[i];
-          const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
-          const float a = std::exp(z_old - total), b = std::exp(z_r - total);
-#pragma omp simd
-          for (int64_t e = 0; e < E; ++e) to[e] = a * to[e] + b * from[e];
-          z_all[p] = total;
+          reformer::fold_row(to, z_all + p, from, z[i], E);
         }
       }
     });

@@ -1,5 +1,6 @@
 // The masked softmax of one row of window scores, shared by window_softmax.cpp (a block of
-// rows) and lsh_chunks.cpp (one chunk at a time). A header: _native.py hashes it into the
+// rows) and lsh_chunks.cpp (one chunk at a time), and the fold of one round's output row into
+// the result (sorted_rows.cpp and lsh_chunks.cpp). A header: _native.py hashes it into the
 // build flags, so that editing it rebuilds the kernels.
 #pragma once
 
@@ -60,6 +61,18 @@ inline float softmax_row(float* __restrict x, const float* __restrict kpos, floa
 #pragma omp simd
   for (int j = 0; j < K; ++j) x[j] *= inv;
   return top + std::log(sum);
+}
+
+// Fold round r's output row o_r (E values) with log-sum-exp z_r into the result so far
+// (row o, log-sum-exp *z): Z' = logaddexp(Z, z_r), o = exp(Z - Z') o + exp(z_r - Z') o_r.
+inline void fold_row(float* __restrict o, float* z, const float* __restrict o_r, float z_r,
+                     int64_t E) {
+  const float z_old = *z;
+  const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
+  const float a = std::exp(z_old - total), b = std::exp(z_r - total);
+#pragma omp simd
+  for (int64_t j = 0; j < E; ++j) o[j] = a * o[j] + b * o_r[j];
+  *z = total;
 }
 
 }  // namespace reformer

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "softmax_row.h"
+
 namespace {
 
 void check_index(const at::Tensor& index, int64_t n, const char* op) {
@@ -103,12 +105,7 @@ void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at
         z[p] = z_r;
         continue;
       }
-      const float z_old = z[p];
-      const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
-      const float a = std::exp(z_old - total), b = std::exp(z_r - total);
-#pragma omp simd
-      for (int64_t j = 0; j < E; ++j) to[j] = a * to[j] + b * from[j];
-      z[p] = total;
+      reformer::fold_row(to, z + p, from, z_r, E);
     }
   });
 }
