@@ -97,23 +97,9 @@ class Window {
       for (int64_t i = 0; i < M; ++i) {
         const int64_t j = g * s_.slots + chunk[sl] * M + i, at = sl * M + i;
         const int64_t r = g * s_.Lp + s_.pos[j];
-        const float* __restrict from = s_.q + r * s_.q_stride;
-        const float* __restrict v_from = s_.v + r * s_.v_stride;
-        float* __restrict to = raw.data() + at * E;
-        float* __restrict u = unit.data() + at * E;
-        float* __restrict v_to = value.data() + at * E;
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t e = 0; e < E; ++e) {
-          to[e] = from[e];
-          squares += from[e] * from[e];
-        }
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) v_to[e] = v_from[e];
-        norm[at] = std::sqrt(squares);
-        const float d = std::max(norm[at], s_.eps);
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) u[e] = to[e] / d;
+        norm[at] = reformer::gather_key_row(s_.q + r * s_.q_stride, s_.v + r * s_.v_stride,
+                                            raw.data() + at * E, unit.data() + at * E,
+                                            value.data() + at * E, E, s_.eps);
         pos[at] = static_cast<float>(s_.pos[j]);  // exact: positions are < 2**24
         row[at] = r;
       }

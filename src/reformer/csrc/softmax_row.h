@@ -1,6 +1,7 @@
 // The masked softmax of one row of window scores, shared by window_softmax.cpp (a block of
 // rows) and lsh_chunks.cpp (one chunk at a time), and the fold of one round's output row into
-// the result (sorted_rows.cpp and lsh_chunks.cpp). A header: _native.py hashes it into the
+// the result, and the gather of one key row with its norm, unit row and value row (both in
+// sorted_rows.cpp and lsh_chunks.cpp). A header: _native.py hashes it into the
 // build flags, so that editing it rebuilds the kernels.
 #pragma once
 
@@ -73,6 +74,26 @@ inline void fold_row(float* __restrict o, float* z, const float* __restrict o_r,
 #pragma omp simd
   for (int64_t j = 0; j < E; ++j) o[j] = a * o[j] + b * o_r[j];
   *z = total;
+}
+
+// One key row gathered: raw = q_row, unit = q_row / max(|q_row|, eps), value = v_row (E
+// values each); returns |q_row| (F.normalize's division).
+inline float gather_key_row(const float* __restrict q_row, const float* __restrict v_row,
+                            float* __restrict raw, float* __restrict unit,
+                            float* __restrict value, int64_t E, float eps) {
+  float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t j = 0; j < E; ++j) {
+    raw[j] = q_row[j];
+    squares += q_row[j] * q_row[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < E; ++j) value[j] = v_row[j];
+  const float norm = std::sqrt(squares);
+  const float d = std::max(norm, eps);
+#pragma omp simd
+  for (int64_t j = 0; j < E; ++j) unit[j] = raw[j] / d;
+  return norm;
 }
 
 }  // namespace reformer

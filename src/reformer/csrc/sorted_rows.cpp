@@ -57,24 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_span_rows(
   const float floor_value = static_cast<float>(eps);
   at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* __restrict from = src + idx[i] * stride;
-      const float* __restrict v_from = v_src + idx[i] * v_stride;
-      float* __restrict to = r + i * E;
-      float* __restrict unit_row = u + i * E;
-      float* __restrict v_to = vr + i * E;
-      float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t j = 0; j < E; ++j) {
-        to[j] = from[j];
-        squares += from[j] * from[j];
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < E; ++j) v_to[j] = v_from[j];
-      const float n = std::sqrt(squares);
-      nm[i] = n;
-      const float d = std::max(n, floor_value);
-#pragma omp simd
-      for (int64_t j = 0; j < E; ++j) unit_row[j] = to[j] / d;
+      nm[i] = reformer::gather_key_row(src + idx[i] * stride, v_src + idx[i] * v_stride,
+                                       r + i * E, u + i * E, vr + i * E, E, floor_value);
     }
   });
   return {raw, unit, norm, value_rows};
