@@ -329,8 +329,9 @@ def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offset
     native(monkeypatch, "lsh_forward_")
     assert _native.blas(), "PyTorch's BLAS sgemm was not found"
     calls = []
-    fused = _sorted._fused
-    monkeypatch.setattr(_sorted, "_fused", lambda *a: calls.append(a[0]) or fused(*a))
+    applies = _sorted._fused_applies
+    monkeypatch.setattr(_sorted, "_fused_applies", lambda *a: calls.append(applies(*a)) or
+                        calls[-1])
     qk0, v0, s_pos = _sorted_case(G, Lp, E, R, seed=Lp + M + R)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -347,7 +348,7 @@ def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offset
             results.append((out, lse, *torch.autograd.grad(loss, [qk, v])))
     finally:
         torch.set_num_threads(threads_before)
-    assert calls == ["lsh_forward_", "lsh_forward_"]  # asked in both settings, ran when "on"
+    assert calls == [True, False]  # the chunkwise kernel ran when "on", the blocks when "off"
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
@@ -366,13 +367,12 @@ def test_fused_sorted_kernel_checks_its_inputs(monkeypatch):
 
 
 def test_fused_sorted_kernel_leaves_masks_dedup_and_dropout_to_pytorch():
-    from reformer.attention._sorted import _fused
+    from reformer.attention._sorted import _fused_applies
 
     q, pos = torch.zeros(1, 8, 4), torch.arange(8).view(1, 8)
     strided = q.transpose(1, 2).contiguous().transpose(1, 2)
-    assert _fused("lsh_forward_", q, q, pos, torch.ones(1, 8, dtype=torch.bool), None,
-                  0.0) is None
-    assert _fused("lsh_forward_", q, q, pos, None, lambda *a: None, 0.0) is None
-    assert _fused("lsh_forward_", q, q, pos, None, None, 0.1) is None
-    assert _fused("lsh_forward_", q, strided, pos, None, None, 0.0) is None
-    assert _fused("lsh_forward_", q, q, pos.int(), None, None, 0.0) is None
+    assert not _fused_applies(q, q, pos, torch.ones(1, 8, dtype=torch.bool), None, 0.0)
+    assert not _fused_applies(q, q, pos, None, lambda *a: None, 0.0)
+    assert not _fused_applies(q, q, pos, None, None, 0.1)
+    assert not _fused_applies(q, strided, pos, None, None, 0.0)
+    assert not _fused_applies(q, q, pos.int(), None, None, 0.0)

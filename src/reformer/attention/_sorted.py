@@ -168,14 +168,12 @@ class SortedWindowAttention(torch.autograd.Function):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         spec = (M, offsets, causal, log_count_fn, dropout)
-        ctx.spec, ctx.fused = spec, _fused("lsh_forward_", q_rows, v_rows, s_pos, valid,
-                                        log_count_fn, dropout)
-        if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
+        ctx.spec, ctx.blocks = spec, None
+        ctx.fused = _fused_applies(q_rows, v_rows, s_pos, valid, log_count_fn, dropout)
+        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
             out, lse = q_rows.new_empty(G, Lp, E), q_rows.new_empty(G, Lp)
-            ctx.fused(out.view(G * Lp, E), lse.view(-1), q_rows.reshape(G * Lp, E),
-                      v_rows.reshape(G * Lp, E), s_pos.contiguous(), R, M, offsets[0],
-                      len(offsets), causal, *_chunked.mask_values(q_rows.dtype), NORM_EPS)
-            ctx.blocks = None
+            _native.op("lsh_forward_", q_rows)(
+                out.view(G * Lp, E), lse.view(-1), *_fused_args(q_rows, v_rows, s_pos, spec))
             ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
             return out, lse
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
@@ -218,12 +216,11 @@ class SortedWindowAttention(torch.autograd.Function):
             row -= grad_lse.reshape(-1)  # dS = P * (dP - row)
         grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
                           for _ in range(2))
-        if ctx.fused is not None:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
+        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
+            q, v, pos, *rest = _fused_args(q_rows, v_rows, s_pos, ctx.spec)
             _native.op("lsh_backward_", q_rows)(
-                grad_q, grad_v, q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E),
-                s_pos.contiguous(), d_out if d_out.stride(1) == 1 else d_out.contiguous(), row, lse,
-                R, M, offsets[0], len(offsets), ctx.spec[2], *_chunked.mask_values(q_rows.dtype),
-                NORM_EPS)
+                grad_q, grad_v, q, v, pos, d_out if d_out.stride(1) == 1 else d_out.contiguous(),
+                row, lse, *rest)
             return _grads(grad_q, grad_v, q_rows.shape)
         saved, ctx.blocks = ctx.blocks, None
         seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
@@ -243,16 +240,25 @@ def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tup
             None, None)
 
 
-def _fused(name: str, q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
-           valid: torch.Tensor | None, log_count_fn, dropout: float):
-    """The fused chunk kernel ``name`` (csrc/lsh_chunks.cpp) where it applies, else None:
-    float32 rows on the CPU with BLAS, int64 positions; no padding mask, round
-    de-duplication or dropout (the blockwise path handles those)."""
+def _fused_applies(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
+                   valid: torch.Tensor | None, log_count_fn, dropout: float) -> bool:
+    """Whether the chunkwise C++ kernel (csrc/lsh_chunks.cpp) runs this call: float32 rows on
+    the CPU with BLAS, int64 positions; no padding mask, round de-duplication or dropout (the
+    blockwise path handles those)."""
     if (valid is not None or log_count_fn is not None or dropout > 0
             or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1 or s_pos.dtype != torch.int64):
-        return None
-    fn = _native.op(name, q_rows)
-    return fn if fn is not None and _native.blas() else None
+        return False
+    return _native.op("lsh_forward_", q_rows) is not None and _native.blas()
+
+
+def _fused_args(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
+                spec: tuple) -> tuple:
+    """The arguments that lsh_forward_ and lsh_backward_ share, after their outputs (and,
+    for the backward, dO, the row sums and the log-sum-exp)."""
+    (G, Lp, E), (M, offsets, causal) = q_rows.shape, spec[:3]
+    return (q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E), s_pos.contiguous(),
+            s_pos.shape[1] // Lp, M, offsets[0], len(offsets), causal,
+            *_chunked.mask_values(q_rows.dtype), NORM_EPS)
 
 
 def _fold_round(out: torch.Tensor | None, lse: torch.Tensor | None, o_s: torch.Tensor,

@@ -134,7 +134,7 @@ int64_t chunk_probs(const Sorted& s, Window& win, int64_t c, float* scores, floa
 }
 
 Sorted sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
-                     int64_t M, int64_t lo, int64_t W, bool causal,
+                     int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal,
                      double invalid, double self_value, double eps, const char* op) {
   for (const at::Tensor* t : {&q, &v})
     TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->stride(1) == 1 &&
@@ -149,6 +149,8 @@ Sorted sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor&
   TORCH_CHECK(M >= 1 && pos.size(1) % M == 0 && W >= 1 && lo <= 0 && lo + W > 0, op,
               ": slots must be a multiple of M and the window chunks lo .. lo+W-1 must "
               "include 0");
+  TORCH_CHECK(rounds >= 1 && pos.size(1) % (rounds * M) == 0, op, ": the chunks must split "
+              "evenly into the rounds");
   TORCH_CHECK(sgemm_ != nullptr, op, ": no BLAS sgemm in this PyTorch build");
   const int64_t* p = pos.data_ptr<int64_t>();
   const auto [low, high] = std::minmax_element(p, p + pos.numel());
@@ -165,14 +167,12 @@ void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at:
                   const at::Tensor& pos, int64_t rounds, int64_t M,
                   int64_t lo, int64_t W, bool causal, double invalid, double self_value,
                   double eps) {
-  const Sorted s = sorted_inputs(q, v, pos, M, lo, W, causal, invalid, self_value, eps,
+  const Sorted s = sorted_inputs(q, v, pos, rounds, M, lo, W, causal, invalid, self_value, eps,
                                  "lsh_forward_");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && lse.is_contiguous() &&
                   lse.numel() == q.size(0) && out.scalar_type() == at::kFloat &&
                   lse.scalar_type() == at::kFloat,
               "lsh_forward_: out (N, E) and lse (N,) must be contiguous float32");
-  TORCH_CHECK(rounds >= 1 && s.n % rounds == 0, "lsh_forward_: the chunks must split evenly "
-              "into the rounds");
   const int64_t E = s.E, K = W * M, nr = s.n / rounds;
   float *o = out.data_ptr<float>(), *z_all = lse.data_ptr<float>();
   for (int64_t r = 0; r < rounds; ++r) {
@@ -205,7 +205,7 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                    const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& lse,
                    int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
                    double self_value, double eps) {
-  const Sorted s = sorted_inputs(q, v, pos, M, lo, W, causal, invalid, self_value, eps,
+  const Sorted s = sorted_inputs(q, v, pos, rounds, M, lo, W, causal, invalid, self_value, eps,
                                  "lsh_backward_");
   const int64_t N = q.size(0), E = s.E, K = W * M;
   for (const at::Tensor* t : {&grad_q, &grad_v})
@@ -219,8 +219,6 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                   lse.numel() == N && row_dot.scalar_type() == at::kFloat &&
                   lse.scalar_type() == at::kFloat,
               "lsh_backward_: row_dot and lse need one contiguous float32 value per row");
-  TORCH_CHECK(rounds >= 1 && s.n % rounds == 0, "lsh_backward_: the chunks must split evenly "
-              "into the rounds");
   const int64_t nr = s.n / rounds, d_stride = d_out.stride(0);
   float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
   const float *g_out = d_out.data_ptr<float>(), *rd = row_dot.data_ptr<float>(),
