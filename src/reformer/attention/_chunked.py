@@ -246,7 +246,7 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
         return probs, lse, dropout_keep(probs, dropout)
     logits = _masked_logits(q3, k3, qpos, kpos, valid, causal=causal, self_mask=self_mask,
                             scale=scale, log_count_fn=log_count_fn).view(G, nb, M, K)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1).to(logits.dtype)  # CUDA autocast's softmax is fp32
     lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
     del logits
     return probs, lse, dropout_keep(probs, dropout)

@@ -130,7 +130,8 @@ class _SortedBlock:
         else:
             self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)
             self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
-            self.k_span = self.k_raw / self.k_norm.clamp_min(NORM_EPS)
+            # in the rows' dtype: under CUDA autocast the norm is fp32, the rows maybe bf16
+            self.k_span = (self.k_raw / self.k_norm.clamp_min(NORM_EPS)).to(self.k_raw.dtype)
             self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
         self.q_in_span = slice(-offsets[0] * M, (nb - offsets[0]) * M)  # offset 0's chunks
         self.q = self.k_raw[:, self.q_in_span].view(G, nb, M, E)

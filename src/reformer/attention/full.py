@@ -43,7 +43,7 @@ def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
     """
     B, H, L, E = qk.shape
     invalid_value, self_value = mask_values(qk.dtype)
-    k = F.normalize(qk, dim=-1)
+    k = F.normalize(qk, dim=-1).to(qk.dtype)  # CUDA autocast computes norms in fp32
     mask = padded_mask(attention_mask, B, L, L, qk.device)
     block = max(1, min(L, _BIAS_ELEMENTS // L))
     keys = torch.arange(L, device=qk.device)
