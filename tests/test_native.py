@@ -1,6 +1,8 @@
 """The native CPU kernels (csrc/) against the PyTorch ops they replace."""
 
+import fnmatch
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,3 +378,16 @@ def test_fused_sorted_kernel_leaves_masks_dedup_and_dropout_to_pytorch():
     assert not _fused_applies(q, q, pos, None, None, 0.1)
     assert not _fused_applies(q, strided, pos, None, None, 0.0)
     assert not _fused_applies(q, q, pos.int(), None, None, 0.0)
+
+
+def test_the_wheel_ships_every_kernel_source():
+    # The kernels compile on the user's machine from the installed package's csrc/: a file
+    # that pyproject's package-data misses (softmax_row.h once was) breaks every build there.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["reformer"]
+    sources = sorted(p.name for p in (root / "src" / "reformer" / "csrc").iterdir())
+    assert {"softmax_row.h", "lsh_chunks.cpp"} <= set(sources)
+    missed = [s for s in sources if not any(fnmatch.fnmatch(f"csrc/{s}", p) for p in patterns)]
+    assert not missed, f"add {missed} to [tool.setuptools.package-data] in pyproject.toml"
