@@ -2,8 +2,8 @@
 
 A record is one point: ``sweep`` (matmul, lengths, depth, hashes, bf16, million), ``system``,
 ``length``, ``n_layers``, ``n_hashes``, ``status`` (ok, too_slow, timeout, oom, error) and, when
-ok, ``step_seconds`` (median), ``peak_rss_gib``, ``losses``. When a point was measured more
-than once, the last record wins.
+ok, ``step_seconds`` (median), ``peak_rss_gib``, ``losses``; points run on a GPU add
+``peak_device_gib``. When a point was measured more than once, the last record wins.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class Results:
     def any_smoke(self) -> bool:
         return any(r.get("smoke") for r in self.records)
 
+    def on_gpu(self) -> bool:
+        return any(r.get("device", "cpu") != "cpu" for r in self.records)
+
 
 def key(r: dict) -> Key:
     return (r["sweep"], r["system"], r["length"], r["n_layers"], r["n_hashes"])
@@ -64,6 +67,11 @@ def seconds_lower_bound(r: dict | None) -> float | None:
     return None
 
 
+def memory_gib(r: dict) -> float:
+    """The point's peak memory: allocated GPU memory on a GPU, else the process's RSS."""
+    return r.get("peak_device_gib", r.get("peak_rss_gib", 0.0))
+
+
 def length_label(n: int) -> str:
     """1024 -> '1K', 1048576 -> '1M', 1000 -> '1000'."""
     for unit, scale in (("M", 2**20), ("K", 2**10)):
@@ -79,13 +87,13 @@ def cell(r: dict | None) -> str:
     status = r["status"]
     if status == "ok":
         busy = " ⚠" if r.get("cpu_share", 1.0) < BUSY_SHARE else ""
-        return f"{r['step_seconds']:.3g} s / {r['peak_rss_gib']:.2f} GiB{busy}"
+        return f"{r['step_seconds']:.3g} s / {memory_gib(r):.2f} GiB{busy}"
     if status == "too_slow":
         return f"too slow ({r['step_seconds']:.0f} s step)"
     if status == "timeout":
         return f"timeout (> {r.get('seconds_before_stop', 0):.0f} s)"
     if status == "oom":
-        return f"out of memory (> {r.get('peak_rss_gib', 0):.1f} GiB)"
+        return f"out of memory (> {memory_gib(r):.1f} GiB)"
     return status
 
 

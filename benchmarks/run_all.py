@@ -17,6 +17,7 @@ Each point runs ``train_step.py`` in a fresh interpreter (the anchors' venv by d
 watchdog that kills it when its resident memory passes --max-gib (status ``oom``) or a step
 runs past --max-seconds (status ``timeout``). Every point, failed or not, is appended as one
 JSON line to benchmarks/results/<name>.jsonl with the sweep, the run name and the date.
+``--device cuda`` runs every point on the GPU instead (benchmarks/README.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Runner:
         what = {"mode": mode} if mode == "matmul" else {
             "mode": mode, "system": system, "length": length, "n_layers": layers,
             "n_hashes": hashes}
-        cmd = [a.python, str(HERE / "train_step.py"), "--mode", mode]
+        cmd = [a.python, str(HERE / "train_step.py"), "--mode", mode, "--device", a.device]
         if mode == "step":
             cmd += ["--system", system, "--length", str(length), "--layers", str(layers),
                     "--hashes", str(hashes), "--steps", str(steps or a.steps),
@@ -263,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retry-busy", type=int, default=1,
                    help="measure a point again (up to this many times) when its process got "
                         f"less than {round(BUSY_SHARE * 100)}%% of its CPUs")
+    p.add_argument("--device", default="cpu",
+                   help="where the points run: cpu (default) or cuda (GPU memory is then "
+                        "recorded as peak_device_gib; --max-gib still watches host memory)")
     p.add_argument("--smoke", action="store_true", help="tag the records as smoke-test data")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--python", default=str(ANCHORS_PYTHON if ANCHORS_PYTHON.exists()

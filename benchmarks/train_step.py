@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --system ours --length 4096 [--layers 6 --hashes 4]
     python benchmarks/train_step.py --mode matmul
+    python benchmarks/train_step.py --system ours --length 65536 --device cuda
 
 A step is forward + backward + AdamW step at batch 1 on random bytes (seed 0, so every
 system sees the same tokens). One warm-up step, then ``--steps`` timed steps (fewer when they
@@ -13,11 +14,16 @@ Prints JSON lines on stdout: ``{"event": "step", ...}`` as each step ends (the d
 watchdog), then one ``{"event": "result", ...}``. ``--mode matmul`` measures the machine's
 fp32 and bf16 torch.mm rate instead.
 
+``--device cuda`` runs the same step on a GPU: the timers wait for the device
+(``torch.cuda.synchronize``) and the record adds the GPU's peak allocated memory
+(``peak_device_gib``, ``torch.cuda.max_memory_allocated``), which is the number that matters
+there; ``peak_rss_gib`` stays the host process's.
+
 Decisions:
 - A step slower than ``--max-seconds`` ends the point with status ``too_slow`` (the issue's
   stopping rule); the driver also kills a step that runs past it.
-- bf16 is ``torch.autocast("cpu", torch.bfloat16)`` around the forward; weights, gradients and
-  AdamW state stay fp32.
+- bf16 is ``torch.autocast(device, torch.bfloat16)`` around the forward; weights, gradients
+  and AdamW state stay fp32.
 """
 
 from __future__ import annotations
@@ -55,32 +61,53 @@ def library_version(system: str) -> str:
     package = {"ours": "reformer", "hf": "transformers", "lucidrains": "reformer-pytorch"}
     try:
         return version(package.get(system, "torch"))
-    except PackageNotFoundError:
+    except PackageNotFoundError:  # ours, run from a source tree (PYTHONPATH=src)
+        if system == "ours":
+            import reformer
+
+            return reformer.__version__
         return "unknown"
+
+
+def device_memory(device: torch.device) -> dict:
+    """The GPU's peak allocated and reserved memory so far, GiB ({} on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_device_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def wait(device: torch.device) -> float:
+    """perf_counter() once the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def run_steps(args: argparse.Namespace) -> dict:
     """Build the system, run warm-up and timed steps, return the result record."""
     base, bf16 = split_system(args.system)
+    device = torch.device(args.device)
     shape = Shape(seq_len=args.length, n_layers=args.layers, n_hashes=args.hashes)
     torch.manual_seed(args.seed)
     model, loss_fn = build(base, shape)
-    model.train()
+    model.to(device).train()
     optimizer = None if args.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len))
+    ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len)).to(device)
     rss_built = peak_rss_gib()
 
     def step() -> tuple[float, float, float, float]:
-        c0, t0 = time.process_time(), time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        c0, t0 = time.process_time(), wait(device)
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+               else contextlib.nullcontext())
         with ctx:
             loss = loss_fn(ids)
-        t1 = time.perf_counter()
+        t1 = wait(device)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        t2 = wait(device)
         # The share of its threads' CPUs the process got: low when the machine was busy.
         share = (time.process_time() - c0) / ((t2 - t0) * torch.get_num_threads())
         return t1 - t0, t2 - t1, float(loss.detach()), share
@@ -92,18 +119,24 @@ def run_steps(args: argparse.Namespace) -> dict:
         "n_params": sum(p.numel() for p in model.parameters()),
         "version": library_version(base), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "rss_built_gib": rss_built,
+        "device": device.type, **gpu_name(device),
     }
     fwd, bwd, total, losses, shares = [], [], [], [], []
     n_timed = args.steps
     for i in range(args.warmup + args.steps):
         if i >= args.warmup + n_timed:
             break
-        f, b, loss, share = step()
+        try:
+            f, b, loss, share = step()
+        except torch.OutOfMemoryError:  # the GPU's memory (the host's ends in the watchdog)
+            record.update(status="oom", losses=losses, peak_rss_gib=peak_rss_gib(),
+                          **device_memory(device))
+            return record
         losses.append(loss)
         emit({"event": "step", "index": i, "seconds": f + b, "loss": loss})
         if f + b > args.max_seconds:
             record.update(status="too_slow", step_seconds=f + b, losses=losses,
-                          peak_rss_gib=peak_rss_gib())
+                          peak_rss_gib=peak_rss_gib(), **device_memory(device))
             return record
         if i < args.warmup:
             record["warmup_seconds"] = f + b
@@ -117,21 +150,28 @@ def run_steps(args: argparse.Namespace) -> dict:
     record.update(
         status="ok", steps=total, step_seconds=statistics.median(total),
         fwd_seconds=statistics.median(fwd), bwd_seconds=statistics.median(bwd),
-        cpu_share=statistics.median(shares), load_avg=os.getloadavg(),
-        losses=losses, final_loss=losses[-1], peak_rss_gib=peak_rss_gib())
+        load_avg=os.getloadavg(),
+        losses=losses, final_loss=losses[-1], peak_rss_gib=peak_rss_gib(),
+        **device_memory(device))
+    if device.type == "cpu":  # a GPU step's host threads mostly wait: no busy-machine signal
+        record["cpu_share"] = statistics.median(shares)
     return record
 
 
-def matmul_rate(size: int, dtype: torch.dtype, repeats: int) -> float:
+def gpu_name(device: torch.device) -> dict:
+    return {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+
+
+def matmul_rate(size: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
     """Median GFLOP/s of a (size x size) @ (size x size) torch.mm in ``dtype``."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size).to(device, dtype)
+    b = torch.randn(size, size).to(device, dtype)
     torch.mm(a, b)  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = wait(device)
         torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
+        times.append(wait(device) - t0)
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
@@ -154,11 +194,15 @@ def machine() -> dict:
 
 
 def run_matmul(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+
+    def rate(dtype: torch.dtype) -> float:
+        return matmul_rate(args.matmul_size, dtype, args.matmul_repeats, device)
+
     return {
-        "machine": machine(),
+        "machine": {**machine(), **gpu_name(device)}, "device": device.type,
         "event": "result", "mode": "matmul", "status": "ok", "size": args.matmul_size,
-        "fp32_gflops": matmul_rate(args.matmul_size, torch.float32, args.matmul_repeats),
-        "bf16_gflops": matmul_rate(args.matmul_size, torch.bfloat16, args.matmul_repeats),
+        "fp32_gflops": rate(torch.float32), "bf16_gflops": rate(torch.bfloat16),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "peak_rss_gib": peak_rss_gib(), "python": platform.python_version(),
     }
@@ -180,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time the timed steps may take; fewer steps (>= 1) when exceeded")
     p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--matmul-repeats", type=int, default=5)
     return p.parse_args(argv)
