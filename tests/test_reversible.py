@@ -348,3 +348,40 @@ def test_keep_freed_memory_works_exactly_where_glibc_is(monkeypatch):
     monkeypatch.delenv("REFORMER_MALLOC", raising=False)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory.__wrapped__() is glibc
+
+
+def test_release_fragments_trims_only_when_free_pages_pile_up(monkeypatch):
+    from reformer import _memory
+
+    trims, resident = [], [0]
+    info = _memory._MallInfo2(uordblks=100 << 20, hblkhd=50 << 20)
+    monkeypatch.setattr(_memory, "_trim_functions", lambda: (lambda: info, trims.append))
+    monkeypatch.setattr(_memory, "_resident_bytes", lambda: resident[0])
+    monkeypatch.setattr(_memory, "_lowest_unallocated", [None])
+    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: True)
+    mib = 1 << 20
+    for total, trimmed in [(400, False),  # 250 MiB not handed out: the lowest so far
+                           (380, False),  # 230: a new lowest
+                           (230 + 150 + 128, False),  # 128 MiB above it: tolerated
+                           (230 + 150 + 129, True),  # past FRAGMENT_BYTES: trim
+                           (300, False)]:  # below the lowest again
+        resident[0] = total * mib
+        assert _memory.release_fragments() is trimmed
+    assert trims == [0]
+    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: False)  # REFORMER_MALLOC=default
+    resident[0] = 10_000 * mib
+    assert _memory.release_fragments() is False and trims == [0]
+
+
+def test_the_stack_releases_fragments_between_half_layers_on_cpu(make_model, ids, monkeypatch):
+    from reformer import reversible
+
+    calls = []
+    monkeypatch.setattr(reversible, "release_fragments", lambda: calls.append(1))
+    model = make_model(n_layers=3)
+    tokens = ids(2, 24)
+    with torch.no_grad():
+        model(tokens)  # the plain forward (inference) does not
+    assert calls == []
+    model(tokens, labels=tokens, return_logits=False).loss.backward()
+    assert len(calls) == 2 * 3 * 2  # after each half, forward and backward
