@@ -327,7 +327,8 @@ def test_training_step_makes_glibc_keep_freed_memory(make_model, ids, monkeypatc
     _memory.keep_freed_memory.cache_clear()
 
 
-@pytest.mark.parametrize("setting, changed", [("default", False), ("reuse", True)])
+@pytest.mark.parametrize("setting, changed", [("default", False), ("reuse", True),
+                                              ("trim", True)])
 def test_keep_freed_memory_obeys_the_environment(monkeypatch, setting, changed):
     from reformer import _memory
 
@@ -357,22 +358,25 @@ def test_release_fragments_trims_only_when_free_pages_pile_up(monkeypatch):
     info = _memory._MallInfo2(uordblks=100 << 20, hblkhd=50 << 20)
     monkeypatch.setattr(_memory, "_trim_functions", lambda: (lambda: info, trims.append))
     monkeypatch.setattr(_memory, "_resident_bytes", lambda: resident[0])
-    monkeypatch.setattr(_memory, "_reference", [None])
+    monkeypatch.setattr(_memory, "_lowest_unallocated", [None])
     monkeypatch.setattr(_memory, "keep_freed_memory", lambda: True)
+    monkeypatch.setenv("REFORMER_MALLOC", "trim")
     mib = 1 << 20
-    for total, trimmed in [(400, False),  # 250 MiB not handed out: the reference
-                           (380, False),  # 230: a new, lower reference
+    for total, trimmed in [(400, False),  # 250 MiB not handed out: the lowest so far
+                           (380, False),  # 230: a new lowest
                            (230 + 150 + 128, False),  # 128 MiB above it: tolerated
                            (230 + 150 + 129, True),  # past FRAGMENT_BYTES: trim
-                           (600, False),  # after a trim: the refilled level, a new reference
-                           (600 + 128, False),
-                           (600 + 129, True)]:
+                           (300, False)]:  # below the lowest again
         resident[0] = total * mib
         assert _memory.release_fragments() is trimmed, total
-    assert trims == [0, 0]
-    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: False)  # REFORMER_MALLOC=default
+    assert trims == [0]
     resident[0] = 10_000 * mib
-    assert _memory.release_fragments() is False and trims == [0, 0]
+    for setting in ("reuse", "default"):  # trimming is opt-in
+        monkeypatch.setenv("REFORMER_MALLOC", setting)
+        assert _memory.release_fragments() is False
+    monkeypatch.setenv("REFORMER_MALLOC", "trim")
+    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: False)  # not glibc
+    assert _memory.release_fragments() is False and trims == [0]
 
 
 def test_the_stack_releases_fragments_between_half_layers_on_cpu(make_model, ids, monkeypatch):

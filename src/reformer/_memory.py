@@ -17,23 +17,27 @@ returned and faulted back. Within a step the heap grows where long-lived allocat
 between temporaries, so the reversible backward allocates all parameter gradients before its
 first layer. The heap still fragments, layer after layer: free chunks that no later request
 fits stay resident. At 64K (benchmark shape) the heap held 0.15 GiB free at the 2-layer
-step's peak and 0.25 GiB at the 12-layer one's, and the 12-layer peak grew over the first
-step's layers from 0.87 to 1.12 GiB after each attention half (rising further in spikes).
-:func:`release_fragments`, called by the reversible stack after each half-layer, hands the
-free pages back (``malloc_trim``) once the memory resident beyond what malloc has handed out
-has grown by ``FRAGMENT_BYTES`` since its lowest reading. At 64K, 4 steps: 12 layers peaked
-at 1.15 GiB with it against 1.27-1.42 without, 2 layers at 1.00 against 1.05, 6 layers at
-1.06 against 1.20; the 6-layer step took 24 trims in 4 steps (0.45 s of trimming in all).
+step's peak and 0.25 GiB at the 12-layer one's, and the 12-layer step's resident memory after
+each attention half grew from 0.87 to 1.12 GiB over its first step's layers.
+
+``REFORMER_MALLOC=trim`` trades speed for that memory: :func:`release_fragments`, called by
+the reversible stack after each half-layer, then hands the free pages back (``malloc_trim``)
+once the memory resident beyond what malloc has handed out has grown by ``FRAGMENT_BYTES``
+since its lowest reading. The benchmark's depth sweep at 64K peaked at 1.01 / 1.08 / 1.14 GiB
+with 2 / 6 / 12 layers with it (1.03 / 1.15 / 1.30 without, in an earlier run), but the
+6-layer step was 7% slower (medians 25.4 and 25.5 s against 23.5 and 23.8, interleaved),
+since each trim's pages are faulted in again by the next half-layer.
 
 Decisions:
 - It changes the allocator of the whole process, once, at the first reversible training
   step on CPU (nothing changes for inference, on GPUs, or off glibc). ``REFORMER_MALLOC=
-  default`` leaves glibc's settings alone.
-- Trim only past a threshold: trimming after every half-layer (when over 64 MiB of the heap
-  was free by ``mallinfo2``, which also counts pages already given back) trimmed at 92 of
-  96 calls and made the 6-layer 64K step 7% slower (27.6 s against 25.8), since every
-  layer's pages were faulted in again. Measuring resident memory instead (``/proc/self/
-  statm``) trims when fragments have actually accumulated.
+  default`` leaves glibc's settings alone; ``reuse`` (the default) raises the thresholds;
+  ``trim`` also trims.
+- Trimming is not the default: speed is (the issue's speed targets have thin margins). Two
+  other policies were measured and dropped: trimming when mallinfo2 counted over 64 MiB free
+  (it counts pages already given back too, so it trimmed at 92 of 96 half-layers; 6 layers
+  took 27.6 s against 25.8, one pair), and measuring growth from the level refilled after
+  each trim (fewer trims, but 12 layers still peaked at 1.26 GiB against 1.00 for 2).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ FRAGMENT_BYTES = 128 << 20  # resident free heap tolerated before release_fragme
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit on 64-bit systems
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 ENV = "REFORMER_MALLOC"
+SETTINGS = ("reuse", "trim", "default")
 
 
 @functools.cache
@@ -87,31 +92,36 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-_reference = [None]  # (resident - handed out by malloc) after a half-layer: the working set
+_lowest_unallocated = [None]  # the lowest (resident - handed out by malloc) seen
 
 
 def release_fragments() -> bool:
     """Give the heap's free pages back to the kernel when they have piled up (see the module
-    docstring); a no-op unless :func:`keep_freed_memory` changed the settings. Returns
-    whether it trimmed."""
-    fns = _trim_functions() if keep_freed_memory() else None
+    docstring); a no-op unless ``REFORMER_MALLOC=trim`` and :func:`keep_freed_memory` changed
+    the settings. Returns whether it trimmed."""
+    fns = _trim_functions() if keep_freed_memory() and _setting() == "trim" else None
     if fns is None:
         return False
     mallinfo2, trim = fns
     info = mallinfo2()
     # resident memory that no live allocation holds: libraries, interpreter, free heap pages
     unallocated = _resident_bytes() - info.uordblks - info.hblkhd
-    reference = _reference[0]
-    if reference is None or unallocated < reference:
-        _reference[0] = unallocated
-        return False
-    if unallocated - reference <= FRAGMENT_BYTES:
+    lowest = _lowest_unallocated[0]
+    if lowest is None or unallocated < lowest:
+        _lowest_unallocated[0] = lowest = unallocated
+    if unallocated - lowest <= FRAGMENT_BYTES:
         return False
     trim(0)
-    # the next half faults its working set back in: measure growth from there, not from the
-    # trimmed level (that made every half trim and re-fault its temporaries: 7% slower)
-    _reference[0] = None
     return True
+
+
+def _setting() -> str:
+    setting = os.environ.get(ENV, "reuse")
+    if setting not in SETTINGS:
+        raise ValueError(f"{ENV}={setting!r} is not understood; use 'reuse' (the default), "
+                         "'trim' (also give fragments back between layers: less memory, "
+                         "slower) or 'default' (leave glibc's allocator settings alone)")
+    return setting
 
 
 @functools.cache
@@ -121,10 +131,7 @@ def keep_freed_memory() -> bool:
     Returns whether the settings were changed: False off glibc or with ``REFORMER_MALLOC=
     default`` in the environment.
     """
-    setting = os.environ.get(ENV, "reuse")
-    if setting not in ("reuse", "default"):
-        raise ValueError(f"{ENV}={setting!r} is not understood; use 'reuse' (the default) or "
-                         "'default' (leave glibc's allocator settings alone)")
+    setting = _setting()
     mallopt = _mallopt()
     if setting == "default" or mallopt is None:
         return False
