@@ -9,8 +9,6 @@ path). One test runs everywhere: CUDA's autocast dtypes emulated on the CPU.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,10 +17,11 @@ from conftest import TINY, random_ids
 from reformer import ReformerConfig, ReformerLM
 from reformer.cli import main
 from reformer.generation import sample
-from reformer.training import checkpoint as ckpt
-from reformer.training.config import RunConfig, TrainConfig
 from reformer.training.trainer import Callback, Trainer
+from training import test_trainer
+from training.test_trainer import MODEL, make_run, train_losses
 
+corpus = test_trainer.corpus  # its fixture
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 
@@ -110,39 +109,15 @@ def test_seeded_sampling_is_the_same_on_cuda_and_cpu():
     assert runs[0] == runs[1]
 
 
-# The trainer's model: LSH rotations from the global (CUDA) RNG and dropout, so that an exact
-# resume must restore the CUDA generator too.
-MODEL = ReformerConfig(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_layers=2,
-                       attn_layers=("local", "lsh"), n_hashes=2, chunk_length=16,
-                       local_chunk_length=16, max_seq_len=64, dropout=0.1)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_bytes(b"Now is the winter of our discontent made glorious summer. " * 40)
-    return path
-
-
-def make_run(corpus, **changes) -> RunConfig:
-    train = dict(data=(str(corpus),), seq_len=64, batch_size=2, grad_accum=2, steps=6,
-                 warmup_steps=2, eval_every=3, eval_windows=2, checkpoint_every=100, seed=3,
-                 device="cuda")
-    return RunConfig(MODEL, TrainConfig(**{**train, **changes}), preset=None)
-
-
-def train_losses(run_dir) -> list[float]:
-    records = ckpt.Path(run_dir, ckpt.METRICS_FILE).read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, records) if r["kind"] == "train"]
-
-
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_resumes(tmp_path, corpus, precision):
     # The resumed run replays the same batches, dropout and LSH rotations; only the last bits
     # may differ, since some CUDA kernels (index_add_, the embedding's backward) add with
     # atomics in no fixed order: two uninterrupted runs differ the same way.
-    run = make_run(corpus, precision=precision)
+    # test_trainer's model: LSH rotations from the global RNG (CUDA's here) and dropout, so
+    # that a resume must restore the CUDA generator too
+    run = make_run(corpus, precision=precision, batch_size=2, device="cuda")
     straight = Trainer.create(tmp_path / "a", run).run_loop()
     assert straight.step == 6 and str(Trainer.resume(tmp_path / "a").device) == "cuda"
 
