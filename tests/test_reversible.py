@@ -391,3 +391,18 @@ def test_the_stack_releases_fragments_between_half_layers_on_cpu(make_model, ids
     assert calls == []
     model(tokens, labels=tokens, return_logits=False).loss.backward()
     assert len(calls) == 2 * 3 * 2  # after each half, forward and backward
+
+
+def test_release_fragments_calls_the_real_glibc(monkeypatch):
+    # The ctypes bindings (struct mallinfo2, malloc_trim) against the process's own libc:
+    # with no threshold, the first call in trim mode must trim.
+    from reformer import _memory
+
+    if _memory._trim_functions() is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    monkeypatch.setenv("REFORMER_MALLOC", "trim")
+    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(_memory, "_lowest_unallocated", [-(1 << 40)])
+    info = _memory._trim_functions()[0]()
+    assert 0 < info.uordblks < _memory._resident_bytes() < 1 << 40
+    assert _memory.release_fragments() is True
