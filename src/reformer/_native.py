@@ -43,7 +43,8 @@ import torch
 ENV = "REFORMER_NATIVE"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("window_softmax.cpp", "sorted_rows.cpp", "lsh_chunks.cpp",
-                                    "hashing.cpp", "feed_forward.cpp")]
+                                    "hashing.cpp", "feed_forward.cpp",
+                                    "cpu_allocator.cpp")]
 HEADERS = [CSRC / "softmax_row.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
@@ -106,11 +107,16 @@ def _load() -> bool:
         return False
 
 
+def available() -> bool:
+    """Whether the native kernels are enabled and built (building them on first call)."""
+    return enabled() and _load()
+
+
 def op(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
     """``torch.ops.reformer.<name>`` when it applies to ``t`` (on the CPU, of one of the
     ``dtypes`` the kernel takes) and the kernels are available, else None (the caller runs its
     PyTorch ops)."""
-    if t.dtype not in dtypes or t.device.type != "cpu" or not enabled() or not _load():
+    if t.dtype not in dtypes or t.device.type != "cpu" or not available():
         return None
     return _resolve(name)
 

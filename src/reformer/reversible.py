@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from reformer._memory import keep_freed_memory, release_fragments
+from reformer._memory import keep_freed_memory
 from reformer._rng import capture_rng, replay_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.attention.base import LayerCache
@@ -395,17 +395,9 @@ class ReversibleBlock(nn.Module):
         """The same in place: x1 becomes y1 and x2 becomes y2 (no autograd)."""
         f_rec = self.record(self.f, x2, call)
         self.f.add_forward_(x2, x1, f_rec, call)
-        _release_fragments(x1)
         g_rec = self.record(self.g, x1, call)
         self.g.add_forward_(x1, x2, g_rec, call)
-        _release_fragments(x2)
         return f_rec, g_rec
-
-
-def _release_fragments(x: torch.Tensor) -> None:
-    """Between half-layers on CPU: return piled-up free heap pages (see _memory.py)."""
-    if x.device.type == "cpu":
-        release_fragments()
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -448,10 +440,8 @@ class _ReversibleFunction(torch.autograd.Function):
                                              strict=True):
                 with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
                     block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, ctx.call, grads)
-                _release_fragments(y1)
                 with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
                     block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call, grads)
-                _release_fragments(y1)
         ctx.records = None
         return (grad_y1.add_(grad_y2), None, None, *(grads[p] for p in params))  # x1 = x2 = x
 
