@@ -10,18 +10,21 @@ it: a 2-layer 64K step took 328K page faults and 0.9 s of system time, and a 12-
 :func:`keep_freed_memory` changes that, for the whole process, at the first reversible
 training step on CPU. ``REFORMER_MALLOC`` chooses how:
 
-- ``cache`` (the default): PyTorch's CPU allocator is replaced, for requests of
-  ``CACHE_MIN_BYTES`` and more, by a cache of page-aligned mappings kept by exact size
-  (``csrc/cpu_allocator.cpp``). A freed block waits for the next request of its size, whose
-  pages are then already resident: no faults. Each block is its own mapping, so nothing
-  fragments. At 64K (benchmark shape) 2 / 6 / 12 layers peaked at 0.96 / 1.03 / 1.11 GiB.
-  It needs the native kernels (``_native.py``); without them it falls back to ``reuse``.
+- ``cache`` (the default): PyTorch's CPU allocator is replaced, for requests from
+  ``CACHE_MIN_BYTES`` to ``CACHE_MAX_BYTES``, by a cache of page-aligned mappings kept by
+  exact size (``csrc/cpu_allocator.cpp``). A freed block waits for the next request of its
+  size, whose pages are then already resident: no faults. Each block is its own mapping, so
+  nothing fragments. In the benchmark's depth sweep at 64K, 2 / 6 / 12 layers peaked at
+  0.97 / 1.03 / 1.12 GiB (``reuse``: 1.03 / 1.15 / 1.30), and the million-token step at
+  6.50 GiB (6.68). The 6-layer 64K step took as long as with ``reuse`` within this machine's
+  noise (interleaved medians 20.3 and 27.4 s against 20.3 and 20.4). It needs the native
+  kernels (``_native.py``); without them it falls back to ``reuse``.
 - ``reuse``: glibc's mmap threshold is raised to its largest value (32 MiB) and its trim
   threshold to 2 GiB, so that temporaries come from the heap and their pages are reused.
   The heap fragments, though: long-lived tensors land between temporaries, and free chunks
   that no later request fits stay resident. At 64K the 12-layer step's resident memory after
-  each attention half grew from 0.87 to 1.12 GiB over its first step, and 2 / 6 / 12 layers
-  peaked at 1.05 / 1.19 / 1.27 GiB.
+  each attention half grew from 0.87 to 1.12 GiB over its first step, and 12 layers peaked
+  at 1.27 to 1.42 GiB in different runs against 1.03 to 1.05 for 2.
 - ``default``: leave both allocators alone.
 
 Decisions:
@@ -29,8 +32,12 @@ Decisions:
   and memory allocated outside PyTorch's allocator (BLAS buffers) still come from the heap.
 - The reversible backward allocates all parameter gradients before its first layer, so
   that in ``reuse`` mode they do not sit between the temporaries of later layers.
-- Cached free blocks are capped at ``CACHE_LIMIT_BYTES``; a block freed over the cap is
-  unmapped, and a miss with a full cache unmaps other sizes' blocks first.
+- Requests over ``CACHE_MAX_BYTES`` (whole (L, d_model) tensors beyond L = 32K at d_model 256)
+  still go to glibc, which maps them and unmaps them when freed: cached, the million-token
+  step's 1 GiB tensors would be held between uses. Cached free blocks are capped at
+  ``CACHE_LIMIT_BYTES`` (a 64K step caches about 0.2 GiB); a block freed over the cap is
+  unmapped, and a miss with a full cache unmaps other sizes' blocks first, so that training
+  on changing lengths cannot pile up blocks no request fits.
 - Trimming the heap between half-layers (``malloc_trim`` once the resident free heap grew by
   128 MiB, commit 6c7ea12, then opt-in as ``REFORMER_MALLOC=trim``) was replaced by the
   cache: it peaked at 1.01 / 1.08 / 1.14 GiB with 2 / 6 / 12 layers but made the 6-layer
