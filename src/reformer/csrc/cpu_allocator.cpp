@@ -39,7 +39,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   // The data pointer is its own context (PyTorch's raw_allocate, used by oneDNN's scratch
   // buffers, requires that), so the sizes of live blocks are looked up by address.
   c10::DataPtr allocate(size_t n) override {
-    if (n < min_bytes_.load() || n > max_bytes_.load()) return fallback_.load()->allocate(n);
+    if (n == 0 || n < min_bytes_.load() || n > max_bytes_.load()) {
+      return fallback_.load()->allocate(n);  // (mmap cannot map 0 bytes)
+    }
     const size_t size = (n + kPage - 1) / kPage * kPage;
     void* data = take(size);
     if (data == nullptr) data = map(size);
