@@ -4,10 +4,15 @@ threads waiting for each other make every small op several times slower than one
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler to build the native kernels")
 
 TINY = dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=3,
             attn_layers=("lsh", "local", "full"), n_hashes=2, n_buckets=4, chunk_length=4,

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -15,12 +14,10 @@ import time
 import pytest
 import torch
 
+from conftest import needs_compiler
 from reformer import _memory, _native
 
 MIB = 1 << 20
-needs_native = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None,
-    reason="no C++ compiler to build the native kernels (the allocator is one of them)")
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
@@ -113,7 +110,7 @@ def floats(nbytes: int) -> torch.Tensor:
 A, B = 3 * MIB + 7 * 4096, 5 * MIB + 3 * 4096
 
 
-@needs_native
+@needs_compiler
 def test_a_freed_block_serves_the_next_request_of_its_size(cache):
     before = cache.stats()
     t = floats(A)
@@ -132,7 +129,7 @@ def test_a_freed_block_serves_the_next_request_of_its_size(cache):
     assert again[-1].item() == again.numel() - 1
 
 
-@needs_native
+@needs_compiler
 def test_requests_are_rounded_to_pages_and_small_ones_pass_through(cache):
     before = cache.stats()
     small = floats(_memory.CACHE_MIN_BYTES - 4)  # below the minimum: PyTorch's allocator
@@ -144,7 +141,7 @@ def test_requests_are_rounded_to_pages_and_small_ones_pass_through(cache):
     assert cache.stats()["cached"] == A
 
 
-@needs_native
+@needs_compiler
 def test_the_cap_unmaps_what_it_cannot_keep(cache):
     cache.limit(A + MIB)  # room for one A block
     base = cache.stats()
@@ -160,7 +157,7 @@ def test_the_cap_unmaps_what_it_cannot_keep(cache):
     assert s["cached"] == 0 and s["mapped"] == base["mapped"]
 
 
-@needs_native
+@needs_compiler
 def test_release_hands_every_cached_block_back(cache):
     blocks = [floats(A), floats(B)]
     del blocks
@@ -170,7 +167,7 @@ def test_release_hands_every_cached_block_back(cache):
     assert s["cached"] == 0 and s["mapped"] == s["live"]
 
 
-@needs_native
+@needs_compiler
 def test_the_profiler_sees_cached_allocations(cache):
     from torch.profiler import ProfilerActivity, profile
 
@@ -181,7 +178,7 @@ def test_the_profiler_sees_cached_allocations(cache):
     assert max(e.cpu_memory_usage for e in prof.events()) >= B
 
 
-@needs_native
+@needs_compiler
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_can_allocate(cache):
     # The fork handlers must leave the child's lock free: a child that inherits it locked
@@ -208,7 +205,7 @@ def test_a_forked_child_can_allocate(cache):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-@needs_native
+@needs_compiler
 def test_training_runs_on_the_cache(make_model, ids, monkeypatch):
     # After a training step the allocator serves large temporaries from its lists.
     monkeypatch.delenv(_memory.ENV, raising=False)
@@ -223,7 +220,7 @@ def test_training_runs_on_the_cache(make_model, ids, monkeypatch):
     assert after[4] > before[4]  # hits
 
 
-@needs_native
+@needs_compiler
 @pytest.mark.parametrize("n", [16, 1024])  # scratch below and above the cache's minimum
 def test_raw_allocations_are_freed_through_it(cache, n):
     # oneDNN's bf16 matmul takes scratch through PyTorch's raw_allocate / raw_deallocate,

@@ -1,19 +1,16 @@
 """The native CPU kernels (csrc/) against the PyTorch ops they replace."""
 
 import fnmatch
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import needs_compiler
 from reformer import _native
 from reformer.attention import _chunked
 from reformer.attention._chunked import chunk_window_attention, window_probs
 from reformer.attention._sorted import sorted_window_attention
-
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                    reason="no C++ compiler to build the native kernels")
 
 
 def native(monkeypatch, name):
