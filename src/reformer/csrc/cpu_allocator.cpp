@@ -78,7 +78,6 @@ class CachingCpuAllocator final : public c10::Allocator {
         cached_bytes_ += size;
         return;
       }
-      mapped_bytes_ -= size;
     }
     munmap(data, size);
   }
@@ -105,7 +104,6 @@ class CachingCpuAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       blocks.swap(free_);
-      mapped_bytes_ -= cached_bytes_;
       cached_bytes_ = 0;
     }
     size_t bytes = 0;
@@ -119,7 +117,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
     return {static_cast<int64_t>(live_bytes_), static_cast<int64_t>(cached_bytes_),
-            static_cast<int64_t>(mapped_bytes_), maps_, hits_};
+            static_cast<int64_t>(live_bytes_ + cached_bytes_), maps_, hits_};
   }
 
   bool installed() const { return c10::GetCPUAllocator() == this; }
@@ -149,7 +147,6 @@ class CachingCpuAllocator final : public c10::Allocator {
         while (!list.empty() && cached_bytes_ + size > limit_bytes_) {
           spill.emplace_back(list.back(), it->first);
           cached_bytes_ -= it->first;
-          mapped_bytes_ -= it->first;
           list.pop_back();
         }
         it = list.empty() ? free_.erase(it) : std::next(it);
@@ -171,16 +168,15 @@ class CachingCpuAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     live_.emplace(data, size);
     live_bytes_ += size;
-    mapped_bytes_ += size;
     return data;
   }
 
   void report(void* data, int64_t delta) {
-    size_t live, mapped;
+    size_t live, mapped;  // every mapped block is either live or cached
     {
       std::lock_guard<std::mutex> lock(mutex_);
       live = live_bytes_;
-      mapped = mapped_bytes_;
+      mapped = live_bytes_ + cached_bytes_;
     }
     c10::reportMemoryUsageToProfiler(data, delta, live, mapped,
                                      c10::Device(c10::DeviceType::CPU));
@@ -192,7 +188,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   size_t limit_bytes_ = 0;
   std::unordered_map<void*, size_t> live_;  // address -> bytes mapped
   std::unordered_map<size_t, std::vector<void*>> free_;  // bytes -> cached blocks
-  size_t live_bytes_ = 0, cached_bytes_ = 0, mapped_bytes_ = 0;
+  size_t live_bytes_ = 0, cached_bytes_ = 0;
   int64_t maps_ = 0, hits_ = 0;
 };
 
