@@ -157,3 +157,14 @@ def test_sort_by_bucket_orders_by_round_bucket_position_and_inverts():
     items = torch.arange(rounds * length).expand(batch, heads, -1)
     assert torch.equal(s_items.gather(-1, undo), items)  # unsort(sort(x)) = x
     assert torch.equal(undo.gather(-1, s_items), items)
+
+
+def test_autocast_does_not_change_the_buckets():
+    """Hashing projects in float32 under bf16 autocast too (autocast would run the matmul in
+    bf16, moving vectors near a boundary into other buckets)."""
+    g = torch.Generator().manual_seed(0)
+    qk = torch.randn(1, 2, 4096, 16, generator=g)
+    rotations = sample_rotations(2, 16, 4, 32, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = hash_vectors(qk, rotations)
+    assert under.equal(hash_vectors(qk, rotations))

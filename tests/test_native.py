@@ -353,6 +353,58 @@ def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offset
 
 
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_sorted_kernel_takes_bfloat16_rows(monkeypatch, threads):
+    """bf16 rows (autocast's projections): products in bf16 with float32 results, the rest
+    in float32. Held against the float32 blocks on the same (bf16-valued) rows: within the
+    rounding of the probabilities and gradients to bf16 as product operands (2**-9)."""
+    from reformer.attention import _sorted
+
+    native(monkeypatch, "lsh_forward_")
+    if not _native.blas(torch.bfloat16):
+        pytest.skip("this PyTorch build exports no bf16 matrix product (MKL)")
+    calls = []
+    applies = _sorted._fused_applies
+    monkeypatch.setattr(_sorted, "_fused_applies", lambda *a: calls.append(applies(*a)) or
+                        calls[-1])
+    qk0, v0, s_pos = _sorted_case(2, 256, 32, 3, seed=5)
+    qk0, v0 = qk0.bfloat16(), v0.bfloat16()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results = []
+    try:
+        for setting, dtype in (("on", torch.bfloat16), ("off", torch.float32)):
+            monkeypatch.setenv(_native.ENV, setting)
+            qk, v = (t.to(dtype).requires_grad_(True) for t in (qk0, v0))
+            out, lse = sorted_window_attention(qk, v, s_pos, chunk_length=16, offsets=[-1, 0],
+                                               causal=True)
+            assert out.dtype == dtype and lse.dtype == torch.float32
+            loss = (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+            grads = torch.autograd.grad(loss, [qk, v])
+            assert all(g.dtype == dtype for g in grads)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert calls == [True, False]
+    for got, expect in zip(*results, strict=True):
+        error = (got.float() - expect).abs().max() / expect.abs().max()
+        assert error < 1e-2, error
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])  # the fused kernel, the blocks
+def test_a_query_that_sees_only_itself_keeps_its_value_in_bfloat16(monkeypatch, setting):
+    """Position 0 under the causal mask sees only itself (the self value, -1e5) in each of
+    its R rounds, so the rounds fold to weights 1/R. With bf16 log-sum-exps, log R vanished
+    next to -1e5 (bf16 spacing there: 512), each round got weight 1: out = R * v."""
+    monkeypatch.setenv(_native.ENV, setting)
+    qk, v, s_pos = _sorted_case(1, 64, 8, 4, seed=11)
+    out, lse = sorted_window_attention(qk.bfloat16(), v.bfloat16(), s_pos, chunk_length=8,
+                                       offsets=[-1, 0], causal=True)
+    torch.testing.assert_close(out[0, 0].float(), v[0, 0].bfloat16().float(), rtol=1e-2,
+                               atol=1e-2)
+
+
+@needs_compiler
 def test_fused_sorted_kernel_checks_its_inputs(monkeypatch):
     forward = native(monkeypatch, "lsh_forward_")
     qk, v, s_pos = _sorted_case(1, 32, 4, 2, seed=3)

@@ -21,9 +21,10 @@ Decisions:
 - Shared inline code lives in headers (``csrc/*.h``). The builder's cache key covers the
   sources and the flags only, so a hash of the headers is passed as a ``-D`` flag: a changed
   header rebuilds.
-- ``csrc/lsh_chunks.cpp`` calls BLAS's ``sgemm_``, which PyTorch's CPU library exports (MKL
-  on x86-64). It is declared weak: where it is missing the other kernels still load, and
-  :func:`blas` tells the LSH kernel to run blockwise.
+- ``csrc/lsh_chunks.cpp`` calls BLAS's ``sgemm_`` and, for bfloat16 rows, MKL's
+  ``cblas_gemm_bf16bf16f32``, which PyTorch's CPU library exports (MKL on x86-64). They are
+  declared weak: where one is missing the other kernels still load, and :func:`blas` tells
+  the LSH kernel to run blockwise for that type.
 - ``REFORMER_NATIVE=off`` skips the native kernels (``on``, the default, uses them when they
   build).
 """
@@ -122,9 +123,12 @@ def op(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.floa
 
 
 @functools.cache
-def blas() -> bool:
-    """Whether the kernels that call BLAS (csrc/lsh_chunks.cpp) found PyTorch's sgemm."""
-    return bool(torch.ops.reformer.lsh_chunks_available())
+def blas(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernels that call BLAS (csrc/lsh_chunks.cpp) found PyTorch's matrix product
+    for ``dtype``: sgemm for float32, MKL's gemm_bf16bf16f32 for bfloat16."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.reformer.lsh_chunks_bf16_available())
+    return dtype == torch.float32 and bool(torch.ops.reformer.lsh_chunks_available())
 
 
 @functools.cache

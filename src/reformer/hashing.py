@@ -109,15 +109,18 @@ def hash_vectors(qk: torch.Tensor, rotations: Rotations,
     R = rots[0].shape[2]
     work = torch.float64 if qk.dtype == torch.float64 else torch.float32
     buckets = torch.zeros(B, H, R, L, dtype=torch.long, device=qk.device)
-    for start in range(0, L, _HASH_SLICE):
-        x = qk[:, :, start:start + _HASH_SLICE].to(work)  # (B, H, l, E)
-        scale = 1
-        for rot in rots:
-            rot_hren = rot.to(work).permute(0, 2, 1, 3)  # (H, R, E, f/2)
-            proj = torch.matmul(x.unsqueeze(2), rot_hren)  # (B, H, R, l, f/2)
-            b = _signed_argmax(proj)
-            buckets[:, :, :, start:start + _HASH_SLICE] += b * scale
-            scale *= 2 * proj.shape[-1]
+    # in ``work`` under autocast too (it would project in bf16): bf16 training hashes as
+    # float32 does, and the C++ argmax (float32) applies
+    with torch.autocast(qk.device.type, enabled=False):
+        for start in range(0, L, _HASH_SLICE):
+            x = qk[:, :, start:start + _HASH_SLICE].to(work)  # (B, H, l, E)
+            scale = 1
+            for rot in rots:
+                rot_hren = rot.to(work).permute(0, 2, 1, 3)  # (H, R, E, f/2)
+                proj = torch.matmul(x.unsqueeze(2), rot_hren)  # (B, H, R, l, f/2)
+                b = _signed_argmax(proj)
+                buckets[:, :, :, start:start + _HASH_SLICE] += b * scale
+                scale *= 2 * proj.shape[-1]
     if attention_mask is not None:
         pad = ~attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         buckets = buckets.masked_fill(pad, n_buckets_of(rots))

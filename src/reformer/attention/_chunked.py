@@ -50,6 +50,12 @@ def mask_values(dtype: torch.dtype) -> tuple[float, float]:
     return MASK_VALUE, SELF_VALUE
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type of log-sum-exps for scores in ``dtype``: at least float32 (16-bit types cannot
+    hold log R next to the masked logits' -1e5, see _sorted.py)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
     """Zero-pad ``x`` along ``dim`` up to a multiple of ``multiple``."""
     extra = -x.shape[dim] % multiple
@@ -247,7 +253,8 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     logits = _masked_logits(q3, k3, qpos, kpos, valid, causal=causal, self_mask=self_mask,
                             scale=scale, log_count_fn=log_count_fn).view(G, nb, M, K)
     probs = torch.softmax(logits, dim=-1).to(logits.dtype)  # CUDA autocast's softmax is fp32
-    lse = logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (G, nb, M)
+    work = lse_dtype(logits.dtype)
+    lse = logits.amax(dim=-1).to(work).sub_(probs.amax(dim=-1).to(work).log_())  # (G, nb, M)
     del logits
     return probs, lse, dropout_keep(probs, dropout)
 

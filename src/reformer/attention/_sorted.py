@@ -33,13 +33,19 @@ Decisions:
   key/query and value gradients with one scatter-add each: a per-round sorted buffer
   unsorted by a gather measured no faster, its zeroing and random reads of a whole round
   costing what the scatters did.
-- Where it applies (float32 on the CPU with BLAS, no padding mask, round de-duplication or
-  dropout) the whole kernel runs chunk by chunk in C++ (``csrc/lsh_chunks.cpp``, see its
-  header): a thread walks consecutive chunks with their windows' rows in a ring, so one
-  chunk's rows, scores and output stay in cache, and the backward recomputes each chunk's
-  probabilities from the final log-sum-exp instead of keeping them. One head, forward +
-  backward: 27.6 -> 20.9 ms at 4K, 366 -> 318 ms at 64K. The blocks below are its reference
-  and run every other case.
+- Where it applies (float32 or bfloat16 rows on the CPU with BLAS, no padding mask, round
+  de-duplication or dropout) the whole kernel runs chunk by chunk in C++
+  (``csrc/lsh_chunks.cpp``, see its header): a thread walks consecutive chunks with their
+  windows' rows in a ring, so one chunk's rows, scores and output stay in cache, and the
+  backward recomputes each chunk's probabilities from the final log-sum-exp instead of
+  keeping them. One head, forward + backward: 27.6 -> 20.9 ms at 4K, 366 -> 318 ms at 64K.
+  The blocks below are its reference and run every other case. For bfloat16 rows it
+  computes in float32 (keeping its float32 output for the backward) and returns the output
+  in the rows' type, like the blocks.
+- Log-sum-exps are at least float32 whatever the rows' type. A query that sees only itself
+  has z = SELF_VALUE (-1e5) in each of its R rounds, and its rounds must fold to weights 1/R:
+  in bfloat16, whose spacing at 1e5 is 512, Z = z + log R rounded back to z, so every round
+  got weight 1 and the output was R times too large.
 - Below ``SAVE_ELEMENTS`` the blockwise forward keeps each block's gathered rows and
   probabilities for the backward (the reversible backward runs this forward right before its
   backward); above it, the backward recomputes them.
@@ -58,6 +64,7 @@ from reformer.hashing import inverse_permutation
 
 NORM_EPS = 1e-12  # F.normalize's default eps
 _ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the rows' types that lsh_chunks.cpp takes
 
 
 def _windows(span: torch.Tensor, nb: int, W: int, M: int) -> torch.Tensor:
@@ -171,12 +178,13 @@ class SortedWindowAttention(torch.autograd.Function):
         spec = (M, offsets, causal, log_count_fn, dropout)
         ctx.spec, ctx.blocks = spec, None
         ctx.fused = _fused_applies(q_rows, v_rows, s_pos, valid, log_count_fn, dropout)
-        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
-            out, lse = q_rows.new_empty(G, Lp, E), q_rows.new_empty(G, Lp)
-            _native.op("lsh_forward_", q_rows)(
+        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp), float32 out and lse
+            out, lse = (q_rows.new_empty(size, dtype=torch.float32) for size in ((G, Lp, E),
+                                                                                 (G, Lp)))
+            _native.op("lsh_forward_", q_rows, FUSED_DTYPES)(
                 out.view(G * Lp, E), lse.view(-1), *_fused_args(q_rows, v_rows, s_pos, spec))
             ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
-            return out, lse
+            return out.to(q_rows.dtype), lse
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
         # per sorted item: K probabilities and its raw, unit and value rows
         keep_blocks = grad_follows and G * R * Lp * (K + 3 * E) <= _chunked.SAVE_ELEMENTS
@@ -185,7 +193,7 @@ class SortedWindowAttention(torch.autograd.Function):
         seq = _Sequence(q_rows, v_rows, s_pos, valid)
         unsort = _unsort_rows(s_pos, s_slot, Lp)
         o_s = q_rows.new_empty(G, Lp, E)  # a round's output in sorted order
-        z_s = q_rows.new_empty(G, Lp)
+        z_s = q_rows.new_empty(G, Lp, dtype=_chunked.lse_dtype(q_rows.dtype))
         for r in range(R):
             for start, stop in _round_blocks(G, r, nr, M, K):
                 blk = _SortedBlock(seq, start, stop, spec)
@@ -215,14 +223,17 @@ class SortedWindowAttention(torch.autograd.Function):
             row[block] = (d_out[block] * o_flat[block]).sum(dim=-1)
         if grad_lse is not None:
             row -= grad_lse.reshape(-1)  # dS = P * (dP - row)
-        grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=q_rows.dtype, device=q_rows.device)
+        # float32 in the fused kernel whatever the rows' type
+        grad_dtype = torch.float32 if ctx.fused else q_rows.dtype
+        grad_q, grad_v = (torch.zeros(G * Lp, E, dtype=grad_dtype, device=q_rows.device)
                           for _ in range(2))
         if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
             q, v, pos, *rest = _fused_args(q_rows, v_rows, s_pos, ctx.spec)
-            _native.op("lsh_backward_", q_rows)(
+            d_out = d_out.float()  # the output was cast to the rows' type
+            _native.op("lsh_backward_", q_rows, FUSED_DTYPES)(
                 grad_q, grad_v, q, v, pos, d_out if d_out.stride(1) == 1 else d_out.contiguous(),
                 row, lse, *rest)
-            return _grads(grad_q, grad_v, q_rows.shape)
+            return _grads(grad_q.to(q_rows.dtype), grad_v.to(v_rows.dtype), q_rows.shape)
         saved, ctx.blocks = ctx.blocks, None
         seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
         with replay_rng(None if saved else ctx.rng, q_rows.device):
@@ -243,13 +254,15 @@ def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tup
 
 def _fused_applies(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
                    valid: torch.Tensor | None, log_count_fn, dropout: float) -> bool:
-    """Whether the chunkwise C++ kernel (csrc/lsh_chunks.cpp) runs this call: float32 rows on
-    the CPU with BLAS, int64 positions; no padding mask, round de-duplication or dropout (the
-    blockwise path handles those)."""
+    """Whether the chunkwise C++ kernel (csrc/lsh_chunks.cpp) runs this call: float32 or
+    bfloat16 rows (one type) on the CPU with BLAS for that type, int64 positions; no padding
+    mask, round de-duplication or dropout (the blockwise path handles those)."""
     if (valid is not None or log_count_fn is not None or dropout > 0
-            or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1 or s_pos.dtype != torch.int64):
+            or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1 or s_pos.dtype != torch.int64
+            or v_rows.dtype != q_rows.dtype):
         return False
-    return _native.op("lsh_forward_", q_rows) is not None and _native.blas()
+    return (_native.op("lsh_forward_", q_rows, FUSED_DTYPES) is not None
+            and _native.blas(q_rows.dtype))
 
 
 def _fused_args(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,

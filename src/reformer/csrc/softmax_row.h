@@ -5,11 +5,37 @@
 // build flags, so that editing it rebuilds the kernels.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace reformer {
+
+// float <-> the kernels' row types (float, c10::BFloat16), written so that loops over them
+// vectorise: c10::BFloat16's own conversion branches on NaN, which keeps gcc from it. A
+// bfloat16 is the top half of a float; rounding is to nearest even, and NaN stays NaN.
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
+}
+
+template <typename T>
+inline T round_to(float x);
+
+template <>
+inline float round_to<float>(float x) {
+  return x;
+}
+
+template <>
+inline c10::BFloat16 round_to<c10::BFloat16>(float x) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, x);
+  const uint32_t nearest = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(nearest);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
 
 // exp(x) for x <= 0: 2^n * p(r) with r = x - n ln 2 in [-ln2/2, ln2/2] and p the degree-7
 // Taylor polynomial (relative error below 2e-7); exactly 0 below -87, where expf reaches
@@ -77,22 +103,21 @@ inline void fold_row(float* __restrict o, float* z, const float* __restrict o_r,
 }
 
 // One key row gathered: raw = q_row, unit = q_row / max(|q_row|, eps), value = v_row (E
-// values each); returns |q_row| (F.normalize's division).
-inline float gather_key_row(const float* __restrict q_row, const float* __restrict v_row,
-                            float* __restrict raw, float* __restrict unit,
-                            float* __restrict value, int64_t E, float eps) {
+// values each); returns |q_row| (F.normalize's division). T is float or c10::BFloat16: the
+// norm and the division are in float, the unit row is rounded to T once.
+template <typename T>
+inline float gather_key_row(const T* __restrict q_row, const T* __restrict v_row,
+                            T* __restrict raw, T* __restrict unit, T* __restrict value,
+                            int64_t E, float eps) {
+  std::copy(q_row, q_row + E, raw);
+  std::copy(v_row, v_row + E, value);
   float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
-  for (int64_t j = 0; j < E; ++j) {
-    raw[j] = q_row[j];
-    squares += q_row[j] * q_row[j];
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < E; ++j) value[j] = v_row[j];
+  for (int64_t j = 0; j < E; ++j) squares += to_float(q_row[j]) * to_float(q_row[j]);
   const float norm = std::sqrt(squares);
   const float d = std::max(norm, eps);
 #pragma omp simd
-  for (int64_t j = 0; j < E; ++j) unit[j] = raw[j] / d;
+  for (int64_t j = 0; j < E; ++j) unit[j] = round_to<T>(to_float(raw[j]) / d);
   return norm;
 }
 
