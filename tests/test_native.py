@@ -251,6 +251,19 @@ def test_bias_relu_matches_pytorch(monkeypatch):
 
 
 @needs_compiler
+def test_bias_relu_of_bfloat16_rounds_the_float32_sum_once(monkeypatch):
+    """Under autocast pre is bf16 and the bias float32: the sum is taken in float32 and
+    rounded to bf16 once (to nearest even), as PyTorch's mixed-type add_ does; NaN stays."""
+    bias_relu = native(monkeypatch, "bias_relu_")
+    g = torch.Generator().manual_seed(12)
+    pre, bias = torch.randn(37, 19, generator=g).bfloat16(), torch.randn(19, generator=g)
+    pre[3, 4] = float("nan")
+    expect = torch.relu(pre.float() + bias).bfloat16()
+    assert bias_relu(pre, bias) is pre
+    torch.testing.assert_close(pre, expect, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_compiler
 def test_feed_forward_hidden_native_matches_autograd_path(monkeypatch):
     from reformer import ReformerConfig
     from reformer.layers import FeedForward

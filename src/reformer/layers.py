@@ -58,7 +58,7 @@ class FeedForward(nn.Module):
         if not self.relu or torch.is_grad_enabled():
             return self.activate(self.w_in(x))
         pre = F.linear(x, self.w_in.weight)
-        fused = _native.op("bias_relu_", pre)
+        fused = _native.op("bias_relu_", pre, (torch.float32, torch.bfloat16))
         if fused is None:
             return pre.add_(self.w_in.bias).relu_()
         return fused(pre, self.w_in.bias)

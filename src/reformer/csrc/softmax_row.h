@@ -1,8 +1,9 @@
 // The masked softmax of one row of window scores, shared by window_softmax.cpp (a block of
 // rows) and lsh_chunks.cpp (one chunk at a time), and the fold of one round's output row into
 // the result, and the gather of one key row with its norm, unit row and value row (both in
-// sorted_rows.cpp and lsh_chunks.cpp). A header: _native.py hashes it into the
-// build flags, so that editing it rebuilds the kernels.
+// sorted_rows.cpp and lsh_chunks.cpp), and the float <-> bfloat16 conversions of the
+// kernels that take bf16 (lsh_chunks.cpp, feed_forward.cpp). A header: _native.py hashes it
+// into the build flags, so that editing it rebuilds the kernels.
 #pragma once
 
 #include <c10/util/BFloat16.h>
