@@ -18,6 +18,9 @@ Decisions:
   the build fails, a warning says so once and the PyTorch path runs.
 - ``-march=native``: the build is for this CPU. Its name carries a hash of the CPU's feature
   flags, so a cache shared between different machines never loads another CPU's build.
+  ``-mprefer-vector-width=512``: on AVX-512 CPUs gcc otherwise vectorises with 256-bit
+  registers; with 512 the LSH kernel's bf16 forward at 64K went from 69 to 54 ms (one head,
+  medians of 7 calls; no effect where there is no AVX-512).
 - Shared inline code lives in headers (``csrc/*.h``). The builder's cache key covers the
   sources and the flags only, so a hash of the headers is passed as a ``-D`` flag: a changed
   header rebuilds.
@@ -47,7 +50,7 @@ SOURCES = [CSRC / name for name in ("window_softmax.cpp", "sorted_rows.cpp", "ls
                                     "hashing.cpp", "feed_forward.cpp",
                                     "cpu_allocator.cpp")]
 HEADERS = [CSRC / "softmax_row.h"]
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def _cpu_tag() -> str:
