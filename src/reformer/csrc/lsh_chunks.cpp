@@ -322,6 +322,16 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const float* g_ou
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t / nr, c = r * nr + t % nr;
         win.load(g, c);
+        if (t + 1 < end) {  // chunk c1's rows: its gathers, its dO rows and its gradients' rows
+          const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
+          win.prefetch(g1, c1);
+          for (int64_t i = 0; i < M; ++i) {
+            const int64_t p = g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i];
+            prefetch_row(g_out + p * d_stride, E);
+            prefetch_row(gq + p * E, E);
+            prefetch_row(gv + p * E, E);
+          }
+        }
         const int64_t own = chunk_probs(s, win, c, probs.data(), z.data());
         const T* q_own = win.raw.data() + own * M * E;
         for (int64_t i = 0; i < M; ++i) {  // share = this round's weight in the final softmax
