@@ -50,7 +50,8 @@ SOURCES = [CSRC / name for name in ("window_softmax.cpp", "sorted_rows.cpp", "ls
                                     "hashing.cpp", "feed_forward.cpp",
                                     "cpu_allocator.cpp")]
 HEADERS = [CSRC / "softmax_row.h"]
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-trapping-math",
+          "-fno-math-errno"]
 
 
 def _cpu_tag() -> str:
