@@ -168,3 +168,12 @@ def test_autocast_does_not_change_the_buckets():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = hash_vectors(qk, rotations)
     assert under.equal(hash_vectors(qk, rotations))
+
+
+def test_meta_tensors_hash_to_meta_buckets():
+    """Shape inference on the meta device (no data) runs the hash too; autocast has no meta
+    backend, so the hash must not ask for it there."""
+    qk = torch.empty(1, 2, 64, 16, device="meta")
+    rotations = sample_rotations(2, 16, 4, 8, seed=1, device="meta")
+    buckets = hash_vectors(qk, rotations)
+    assert buckets.device.type == "meta" and buckets.shape == (1, 2, 4, 64)

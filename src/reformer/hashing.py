@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -110,8 +111,11 @@ def hash_vectors(qk: torch.Tensor, rotations: Rotations,
     work = torch.float64 if qk.dtype == torch.float64 else torch.float32
     buckets = torch.zeros(B, H, R, L, dtype=torch.long, device=qk.device)
     # in ``work`` under autocast too (it would project in bf16): bf16 training hashes as
-    # float32 does, and the C++ argmax (float32) applies
-    with torch.autocast(qk.device.type, enabled=False):
+    # float32 does, and the C++ argmax (float32) applies. (No autocast on e.g. meta tensors.)
+    device = qk.device.type
+    no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+                   else contextlib.nullcontext())
+    with no_autocast:
         for start in range(0, L, _HASH_SLICE):
             x = qk[:, :, start:start + _HASH_SLICE].to(work)  # (B, H, l, E)
             scale = 1
