@@ -204,8 +204,8 @@ bool gemm_available(at::ScalarType dtype) {
 
 template <typename T>
 Sorted<T> sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
-                        int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal,
-                        double invalid, double self_value, double eps, const char* op) {
+                        int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
+                        double self_value, double eps, const char* op) {
   TORCH_CHECK(gemm_available(q.scalar_type()), op, ": no BLAS matrix product for ",
               q.scalar_type(), " in this PyTorch build");
   const int64_t* p = pos.data_ptr<int64_t>();
@@ -218,6 +218,18 @@ Sorted<T> sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tens
   return Sorted<T>{q.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), v.stride(0), q.size(1),
                    p, G, Lp, pos.size(1), M, lo, W, pos.size(1) / M, masks,
                    static_cast<float>(eps)};
+}
+
+// run(sorted_inputs<T>(...)) with T the rows' type (checked by check_sorted).
+template <typename Run>
+void with_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos, int64_t M,
+                 int64_t lo, int64_t W, bool causal, double invalid, double self_value,
+                 double eps, const char* op, Run&& run) {
+  if (q.scalar_type() == at::kBFloat16) {
+    run(sorted_inputs<BFloat16>(q, v, pos, M, lo, W, causal, invalid, self_value, eps, op));
+  } else {
+    run(sorted_inputs<float>(q, v, pos, M, lo, W, causal, invalid, self_value, eps, op));
+  }
 }
 
 // The checks that lsh_forward_ and lsh_backward_ share; the rows' type picks the kernel.
@@ -287,15 +299,8 @@ void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at:
                   lse.scalar_type() == at::kFloat,
               "lsh_forward_: out (N, E) and lse (N,) must be contiguous float32");
   float *o = out.data_ptr<float>(), *z_all = lse.data_ptr<float>();
-  if (q.scalar_type() == at::kBFloat16) {
-    forward_chunks(sorted_inputs<BFloat16>(q, v, pos, rounds, M, lo, W, causal, invalid,
-                                           self_value, eps, "lsh_forward_"),
-                   o, z_all, rounds);
-  } else {
-    forward_chunks(sorted_inputs<float>(q, v, pos, rounds, M, lo, W, causal, invalid,
-                                        self_value, eps, "lsh_forward_"),
-                   o, z_all, rounds);
-  }
+  with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_forward_",
+              [&](const auto& s) { forward_chunks(s, o, z_all, rounds); });
 }
 
 template <typename T>
@@ -432,15 +437,10 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
   float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
   const float *g_out = d_out.data_ptr<float>(), *rd = row_dot.data_ptr<float>(),
               *z_final = lse.data_ptr<float>();
-  if (q.scalar_type() == at::kBFloat16) {
-    backward_chunks(sorted_inputs<BFloat16>(q, v, pos, rounds, M, lo, W, causal, invalid,
-                                            self_value, eps, "lsh_backward_"),
-                    gq, gv, g_out, d_out.stride(0), rd, z_final, rounds);
-  } else {
-    backward_chunks(sorted_inputs<float>(q, v, pos, rounds, M, lo, W, causal, invalid,
-                                         self_value, eps, "lsh_backward_"),
-                    gq, gv, g_out, d_out.stride(0), rd, z_final, rounds);
-  }
+  with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_backward_",
+              [&](const auto& s) {
+                backward_chunks(s, gq, gv, g_out, d_out.stride(0), rd, z_final, rounds);
+              });
 }
 
 bool lsh_chunks_available() { return sgemm_ != nullptr; }
