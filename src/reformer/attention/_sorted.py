@@ -229,7 +229,7 @@ class SortedWindowAttention(torch.autograd.Function):
                           for _ in range(2))
         if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp)
             q, v, pos, *rest = _fused_args(q_rows, v_rows, s_pos, ctx.spec)
-            d_out = d_out.float()  # the output was cast to the rows' type
+            # d_out in float32 or the rows' type (the output was cast to it): read as is
             _native.op("lsh_backward_", q_rows, FUSED_DTYPES)(
                 grad_q, grad_v, q, v, pos, d_out if d_out.stride(1) == 1 else d_out.contiguous(),
                 row, lse, *rest)

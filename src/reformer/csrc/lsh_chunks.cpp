@@ -21,15 +21,21 @@
 //   causal and self masks of softmax_row.h. Round by round, each chunk's output rows and
 //   log-sum-exps are folded straight into the result in position order (a position occurs
 //   once per round, so no two chunks of a round write the same row):
-//   Z' = logaddexp(Z, z), o' = exp(Z - Z') o + exp(z - Z') o_r. Python: the blocks of
-//   SortedWindowAttention.forward and _fold_round.
+//   Z' = logaddexp(Z, z), o' = exp(Z - Z') o + exp(z - Z') o_r. The weights are left
+//   unnormalised (exp(s - max)); the rows' 1 / sum scales the M x E output in the fold rather
+//   than the M x K weights. Python: the blocks of SortedWindowAttention.forward and
+//   _fold_round.
 // lsh_backward_: the gradients of q and v rows, flash-attention style from the final
 //   log-sum-exp Z: per chunk the probabilities P are recomputed, share = exp(z - Z),
 //   dO_s = share dO, dS = P (dO_s V^T - share row), dQ = dS K, dK = dS^T Q (carried through
-//   the normalisation), dV = P^T dO_s. Within a round a thread adds straight into the rows
-//   of the chunks it owns; gradients for rows of chunks outside its run (its first chunk's
-//   predecessor, the previous round's last chunk) are kept aside and added after the round.
-//   Python: _block_backward.
+//   the normalisation), dV = P^T dO_s. Each ring slot's gradients (its rows as queries, keys
+//   and values) are summed in the thread's buffers while the slot is in the ring, and added
+//   to the rows once, when it leaves (the keys' part carried through the normalisation then:
+//   it is linear and the same for every chunk that saw the row), so a row of the gradients
+//   is read and written once per round, not once per chunk that sees it. A thread adds
+//   straight into the rows of the chunks it owns; rows of chunks outside its run (its first
+//   chunk's predecessor, the previous round's last chunk) are kept aside and added after the
+//   round. dO may be float32 or the rows' type. Python: _block_backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -62,41 +68,24 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m
 namespace {
 
 using reformer::Masks;
-using reformer::softmax_row;
 using BFloat16 = c10::BFloat16;
 
-// C (m x n, float) = op(A) op(B) for row-major matrices, op(X) = X^T when trans_x. float: the
-// column-major product C^T = op(B)^T op(A)^T; bfloat16: MKL's row-major CBLAS call.
+// C (m x n, float) = op(A) op(B) + beta C for row-major matrices, op(X) = X^T when trans_x
+// (beta 0: C is overwritten; 1: the product is added). float: the column-major product
+// C^T = op(B)^T op(A)^T; bfloat16: MKL's row-major CBLAS call.
 void matmul(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda,
-            const float* b, int ldb, float* c, int ldc) {
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &one, b, &ldb, a, &lda, &zero,
+            const float* b, int ldb, float* c, int ldc, float beta = 0.0f) {
+  const float one = 1.0f;
+  sgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta,
          c, &ldc);
 }
 
 void matmul(bool trans_a, bool trans_b, int m, int n, int k, const BFloat16* a, int lda,
-            const BFloat16* b, int ldb, float* c, int ldc) {
+            const BFloat16* b, int ldb, float* c, int ldc, float beta = 0.0f) {
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
   cblas_gemm_bf16bf16f32(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
                          m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(a), lda,
-                         reinterpret_cast<const uint16_t*>(b), ldb, 0.0f, c, ldc);
-}
-
-// A float buffer as the operand type T of the products: itself for float, else rounded into
-// ``buffer`` (the probabilities and gradients are computed in float, multiplied in T).
-template <typename T>
-const T* operand(const std::vector<float>& x, std::vector<T>& buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.data();
-  } else {
-    buffer.resize(x.size());
-    T* __restrict to = buffer.data();
-    const float* __restrict from = x.data();
-    const int64_t n = static_cast<int64_t>(x.size());
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) to[i] = reformer::round_to<T>(from[i]);
-    return to;
-  }
+                         reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 }
 
 // The kernel's inputs as raw pointers. Sorted slot j of sequence g holds position
@@ -113,11 +102,17 @@ struct Sorted {
   int64_t wrap(int64_t chunk) const { return ((chunk % n) + n) % n; }
 };
 
-// Prefetch one row of E values of T (or of float, for output rows written next).
+// Prefetch one row of E values of T; for_write: a row that will be added to (fetched ready
+// to be written, not shared and then upgraded).
 template <typename T>
-void prefetch_row(const T* row, int64_t E) {
+void prefetch_row(const T* row, int64_t E, bool for_write = false) {
   constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t j = 0; j < E; j += kLine) __builtin_prefetch(row + j);
+  for (int64_t j = 0; j < E; j += kLine) {
+    if (for_write)
+      __builtin_prefetch(row + j, 1);
+    else
+      __builtin_prefetch(row + j);
+  }
 }
 
 // The rows of the W chunks that one chunk attends to, in a ring of W chunk slots: moving to
@@ -132,28 +127,30 @@ class Window {
 
   int64_t slot(int64_t w) const { return ((w % s_.W) + s_.W) % s_.W; }
 
-  // Ask the caches for the rows that load(g, c) will gather after load(g, c - 1): those of
-  // the window's last chunk. The rows sit at random positions (sorted by bucket), so each
-  // gather otherwise waits on memory; fetched one chunk ahead, they arrive during its work.
-  void prefetch(int64_t g, int64_t c) const {
-    const int64_t first = g * s_.slots + s_.wrap(c + s_.lo + s_.W - 1) * s_.M;
-    for (int64_t i = 0; i < s_.M; ++i) {
-      const int64_t r = g * s_.Lp + s_.pos[first + i];
-      prefetch_row(s_.q + r * s_.q_stride, s_.E);
-      prefetch_row(s_.v + r * s_.v_stride, s_.E);
-    }
+  // Ask the caches for row i of those that load(g, c) will gather after load(g, c - 1): the
+  // rows of the window's last chunk. The rows sit at random positions (sorted by bucket), so
+  // each gather otherwise waits on memory; fetched one chunk ahead, they arrive during its
+  // work. Callers ask for one row at a time, spread over a loop of their own: a burst of a
+  // chunk's rows at once filled the core's queue of misses and stalled on it.
+  void prefetch(int64_t g, int64_t c, int64_t i) const {
+    const int64_t r = g * s_.Lp + s_.pos[g * s_.slots + s_.wrap(c + s_.lo + s_.W - 1) * s_.M + i];
+    prefetch_row(s_.q + r * s_.q_stride, s_.E);
+    prefetch_row(s_.v + r * s_.v_stride, s_.E);
   }
 
-  // Make the ring hold the window of chunk c of sequence g.
-  void load(int64_t g, int64_t c) {
+  // Make the ring hold the window of chunk c of sequence g. evict(sl) is called for each slot
+  // about to be overwritten while its rows, chunk and sequence() are still those it held.
+  template <typename Evict>
+  void load(int64_t g, int64_t c, Evict&& evict) {
     if (g != g_) {
-      std::fill(held_.begin(), held_.end(), kNone);
+      release(evict);
       g_ = g;
     }
     const int64_t M = s_.M, E = s_.E;
     for (int64_t w = c + s_.lo; w < c + s_.lo + s_.W; ++w) {
       const int64_t sl = slot(w);
       if (held_[sl] == w) continue;
+      if (held_[sl] != kNone) evict(sl);
       held_[sl] = w;
       chunk[sl] = s_.wrap(w);
       for (int64_t i = 0; i < M; ++i) {
@@ -167,6 +164,21 @@ class Window {
       }
     }
   }
+
+  void load(int64_t g, int64_t c) {
+    load(g, c, [](int64_t) {});
+  }
+
+  // Empty the ring, calling evict(sl) for each slot that holds a chunk.
+  template <typename Evict>
+  void release(Evict&& evict) {
+    for (int64_t sl = 0; sl < s_.W; ++sl) {
+      if (held_[sl] != kNone) evict(sl);
+      held_[sl] = kNone;
+    }
+  }
+
+  int64_t sequence() const { return g_; }
 
  private:
   static constexpr int64_t kNone = std::numeric_limits<int64_t>::min();
@@ -183,17 +195,26 @@ class Window {
   int64_t g_ = -1;
 };
 
-// The probabilities of chunk c's M queries over its window (scores, (M, K), in place) and
-// their log-sum-exps z (M,); returns the ring slot of the queries' own chunk.
-template <typename T>
-int64_t chunk_probs(const Sorted<T>& s, Window<T>& win, int64_t c, float* scores, float* z) {
+// The attention weights of chunk c's M queries over its window, unnormalised, in weights
+// (M, K): exp(scores - the row's maximum); their log-sum-exps z (M,) and the normalisers
+// inv = 1 / (the rows' sums of weights) (M,); each_row(i) after row i (the callers'
+// prefetches). Returns the ring slot of the queries' own chunk.
+template <typename T, typename Row>
+int64_t chunk_weights(const Sorted<T>& s, Window<T>& win, int64_t c, float* weights, float* z,
+                      float* inv, Row&& each_row) {
   const int M = static_cast<int>(s.M), K = static_cast<int>(s.W * s.M),
             E = static_cast<int>(s.E);
   const int64_t own = win.slot(c);
   const T* q = win.raw.data() + own * s.M * s.E;
-  matmul(false, true, M, K, E, q, E, win.unit.data(), E, scores, K);  // Q K^T
-  for (int64_t i = 0; i < s.M; ++i)
-    z[i] = softmax_row(scores + i * K, win.pos.data(), win.pos[own * s.M + i], K, s.masks);
+  matmul(false, true, M, K, E, q, E, win.unit.data(), E, weights, K);  // Q K^T
+  for (int64_t i = 0; i < s.M; ++i) {
+    float top;
+    const float sum = reformer::exp_row(weights + i * K, win.pos.data(),
+                                        win.pos[own * s.M + i], K, s.masks, &top);
+    z[i] = top + std::log(sum);
+    inv[i] = 1.0f / sum;
+    each_row(i);
+  }
   return own;
 }
 
@@ -259,30 +280,44 @@ void forward_chunks(const Sorted<T>& s, float* o, float* z_all, int64_t rounds) 
   for (int64_t r = 0; r < rounds; ++r) {
     at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
       Window<T> win(s);
-      std::vector<float> scores(M * K), o_r(M * E), z(M);
-      std::vector<T> probs;
+      std::vector<float> scores(M * K), o_r(M * E), z(M), inv(M);
+      std::vector<T> weights_t(std::is_same_v<T, float> ? 0 : M * K);
+      // the weights as the product's operand: for float, the scores' buffer itself
+      T* weights = std::is_same_v<T, float> ? reinterpret_cast<T*>(scores.data())
+                                            : weights_t.data();
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t / nr, c = r * nr + t % nr;
         win.load(g, c);
-        if (t + 1 < end) {
-          const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
-          win.prefetch(g1, c1);
-          for (int64_t i = 0; i < M; ++i)  // the output rows that chunk c1 folds into
-            prefetch_row(o + (g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i]) * E, E);
+        const bool ahead = t + 1 < end;  // prefetch for the next chunk, c1 of sequence g1
+        const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
+        const int64_t own = chunk_weights(s, win, c, scores.data(), z.data(), inv.data(),
+                                          [&](int64_t i) {
+                                            if (ahead) win.prefetch(g1, c1, i);
+                                          });
+        if constexpr (!std::is_same_v<T, float>) {  // a pass of its own: rounding inside
+          const float* __restrict from = scores.data();  // exp_row's loop made it slower
+          T* __restrict to = weights;
+#pragma omp simd
+          for (int64_t j = 0; j < M * K; ++j) to[j] = reformer::round_to<T>(from[j]);
         }
-        const int64_t own = chunk_probs(s, win, c, scores.data(), z.data());
-        matmul(false, false, M, E, K, operand(scores, probs), K, win.value.data(), E,
-               o_r.data(), E);
+        matmul(false, false, M, E, K, weights, K, win.value.data(), E, o_r.data(), E);
         for (int64_t i = 0; i < M; ++i) {  // fold into the result (own rows: this chunk's)
+          if (ahead) {  // the row that chunk c1 folds into, and its log-sum-exp
+            const int64_t p1 = g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i];
+            prefetch_row(o + p1 * E, E, true);
+            __builtin_prefetch(z_all + p1, 1);
+          }
           const int64_t p = win.row[own * M + i];
           float* __restrict to = o + p * E;
           const float* __restrict from = o_r.data() + i * E;
+          const float normalise = inv[i];
           if (r == 0) {
-            std::copy(from, from + E, to);
+#pragma omp simd
+            for (int64_t e = 0; e < E; ++e) to[e] = from[e] * normalise;
             z_all[p] = z[i];
             continue;
           }
-          reformer::fold_row(to, z_all + p, from, z[i], E);
+          reformer::fold_row(to, z_all + p, from, z[i], E, normalise);
         }
       }
     });
@@ -303,20 +338,47 @@ void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at:
               [&](const auto& s) { forward_chunks(s, o, z_all, rounds); });
 }
 
+// Row j of the ring leaves it: its gradients as a query (dq), as a key (dk, with respect to
+// the unit key: the normalisation is linear and the same for every chunk that saw the row,
+// so it is carried through once, here) and as a value (dv), summed over every chunk that saw
+// it, are added to the rows to_q and to_v, and the sums are zeroed for the slot's next chunk.
 template <typename T>
-void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const float* g_out,
+void flush_row(const Sorted<T>& s, const Window<T>& win, int64_t j, float* __restrict dq,
+               float* __restrict dk, float* __restrict dv, float* __restrict to_q,
+               float* __restrict to_v) {
+  const int64_t E = s.E;
+  const T* __restrict u = win.unit.data() + j * E;
+  float radial = 0.0f;  // k = q / max(|q|, eps): dq += (dk - k (k . dk)) / max(|q|, eps)
+#pragma omp simd reduction(+ : radial)
+  for (int64_t e = 0; e < E; ++e) radial += reformer::to_float(u[e]) * dk[e];
+  radial = win.norm[j] > s.eps ? radial : 0.0f;
+  const float inv = 1.0f / std::max(win.norm[j], s.eps);
+#pragma omp simd
+  for (int64_t e = 0; e < E; ++e) {
+    to_q[e] += dq[e] + (dk[e] - reformer::to_float(u[e]) * radial) * inv;
+    to_v[e] += dv[e];
+    dq[e] = dk[e] = dv[e] = 0.0f;
+  }
+}
+
+template <typename T, typename D>  // D: dO's type, float or T
+void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
                      int64_t d_stride, const float* rd, const float* z_final, int64_t rounds) {
-  const int64_t M = s.M, E = s.E, K = s.W * M, W = s.W, nr = s.n / rounds;
+  const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds;
   const int m = static_cast<int>(M), k = static_cast<int>(K), e_ = static_cast<int>(E);
+  constexpr bool kFloat = std::is_same_v<T, float>;
   for (int64_t r = 0; r < rounds; ++r) {
     std::mutex aside_lock;
     std::vector<int64_t> aside_rows;  // rows of chunks outside the run that produced them
     std::vector<float> aside_q, aside_v;
     at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
       Window<T> win(s);
-      std::vector<float> probs(M * K), z(M), d_o(M * E), share_row(M), grad_s(M * K),
-          grad_own(M * E), grad_k(K * E), grad_val(K * E);
-      std::vector<T> probs_t, d_o_t, grad_s_t;  // operands in T (unused for float)
+      // Per ring slot row: the gradients of q and v collected while the slot is in the ring
+      // (flush_row), added to the rows' gradients once, when the slot leaves it.
+      std::vector<float> acc_q(K * E, 0.0f), acc_k(K * E, 0.0f), acc_v(K * E, 0.0f);
+      std::vector<float> probs(M * K), z(M), inv(M), grad_s(M * K), share_row(M);
+      // the product operands in T: for float, d_o, grad_s and probs themselves
+      std::vector<T> probs_t(kFloat ? 0 : M * K), d_o(M * E), grad_s_t(kFloat ? 0 : M * K);
       std::vector<int64_t> rows;
       std::vector<float> keep_q, keep_v;
       // whether (g, chunk) is one of this run's chunks (only this thread adds to its rows)
@@ -324,83 +386,75 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const float* g_ou
         const int64_t t = g * nr + (chunk - r * nr);
         return chunk >= r * nr && chunk < (r + 1) * nr && t >= begin && t < end;
       };
+      auto evict = [&](int64_t sl) {  // rows of chunks outside the run are kept aside
+        const bool direct = owned(win.sequence(), win.chunk[sl]);
+        for (int64_t i = 0; i < M; ++i) {
+          const int64_t j = sl * M + i, p = win.row[j];
+          float *to_q = gq + p * E, *to_v = gv + p * E;
+          if (!direct) {
+            rows.push_back(p);
+            keep_q.resize(rows.size() * E, 0.0f);
+            keep_v.resize(rows.size() * E, 0.0f);
+            to_q = keep_q.data() + (rows.size() - 1) * E;
+            to_v = keep_v.data() + (rows.size() - 1) * E;
+          }
+          flush_row(s, win, j, acc_q.data() + j * E, acc_k.data() + j * E,
+                    acc_v.data() + j * E, to_q, to_v);
+        }
+      };
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t / nr, c = r * nr + t % nr;
-        win.load(g, c);
-        if (t + 1 < end) {  // chunk c1's rows: its gathers, its dO rows and its gradients' rows
-          const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
-          win.prefetch(g1, c1);
-          for (int64_t i = 0; i < M; ++i) {
-            const int64_t p = g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i];
-            prefetch_row(g_out + p * d_stride, E);
-            prefetch_row(gq + p * E, E);
-            prefetch_row(gv + p * E, E);
-          }
-        }
-        const int64_t own = chunk_probs(s, win, c, probs.data(), z.data());
+        win.load(g, c, evict);
+        // prefetch for the next chunk, c1 of sequence g1: its gathers and dO rows, and the
+        // gradient rows of the slot that its load will flush
+        const bool ahead = t + 1 < end;
+        const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
+        const int64_t next = win.slot(c1 + s.lo + s.W - 1);
+        const int64_t own = chunk_weights(
+            s, win, c, probs.data(), z.data(), inv.data(),  // P = probs * inv (per row)
+            [&](int64_t i) {
+              if (!ahead) return;
+              win.prefetch(g1, c1, i);
+              prefetch_row(g_out + (g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i]) * d_stride,
+                           E);
+            });
         const T* q_own = win.raw.data() + own * M * E;
         for (int64_t i = 0; i < M; ++i) {  // share = this round's weight in the final softmax
           const int64_t p = win.row[own * M + i];
           const float share = std::exp(z[i] - z_final[p]);
-          const float* __restrict from = g_out + p * d_stride;
-          float* __restrict to = d_o.data() + i * E;
+          const D* __restrict from = g_out + p * d_stride;
+          T* __restrict to = d_o.data() + i * E;
 #pragma omp simd
-          for (int64_t e = 0; e < E; ++e) to[e] = share * from[e];
+          for (int64_t e = 0; e < E; ++e)
+            to[e] = reformer::round_to<T>(share * reformer::to_float(from[e]));
           share_row[i] = share * rd[p];
         }
-        const T* d_o_op = operand(d_o, d_o_t);
-        matmul(false, true, m, k, e_, d_o_op, e_, win.value.data(), e_, grad_s.data(), k);
-        for (int64_t i = 0; i < M; ++i) {  // dS = P (share dP - share row)
-          float* __restrict gs = grad_s.data() + i * K;
-          const float* __restrict pr = probs.data() + i * K;
-          const float sr = share_row[i];
+        matmul(false, true, m, k, e_, d_o.data(), e_, win.value.data(), e_, grad_s.data(), k);
+        T* grad_s_op = kFloat ? reinterpret_cast<T*>(grad_s.data()) : grad_s_t.data();
+        T* probs_op = kFloat ? reinterpret_cast<T*>(probs.data()) : probs_t.data();
+        for (int64_t i = 0; i < M; ++i) {  // dS = P (share dP - share row), rounded to T
+          if (ahead) {
+            prefetch_row(gq + win.row[next * M + i] * E, E, true);
+            prefetch_row(gv + win.row[next * M + i] * E, E, true);
+          }
+          const float* gs = grad_s.data() + i * K;
+          T* to = grad_s_op + i * K;
+          float* pr = probs.data() + i * K;
+          T* pr_t = probs_op + i * K;  // pr itself for float
+          const float sr = share_row[i], normalise = inv[i];
 #pragma omp simd
-          for (int64_t j = 0; j < K; ++j) gs[j] = (gs[j] - sr) * pr[j];
-        }
-        const T* grad_s_op = operand(grad_s, grad_s_t);
-        matmul(false, false, m, e_, k, grad_s_op, k, win.unit.data(), e_, grad_own.data(),
-               e_);  // dQ = dS K
-        matmul(true, false, k, e_, m, grad_s_op, k, q_own, e_, grad_k.data(), e_);
-        matmul(true, false, k, e_, m, operand(probs, probs_t), k, d_o_op, e_, grad_val.data(),
-               e_);
-        for (int64_t i = 0; i < M; ++i) {
-          float* __restrict to = gq + win.row[own * M + i] * E;
-          const float* __restrict from = grad_own.data() + i * E;
-#pragma omp simd
-          for (int64_t e = 0; e < E; ++e) to[e] += from[e];
-        }
-        for (int64_t j = 0; j < K; ++j) {  // the keys: through k = q / max(|q|, eps)
-          float* __restrict gk = grad_k.data() + j * E;
-          const T* __restrict u = win.unit.data() + j * E;
-          float radial = 0.0f;
-#pragma omp simd reduction(+ : radial)
-          for (int64_t e = 0; e < E; ++e) radial += reformer::to_float(u[e]) * gk[e];
-          radial = win.norm[j] > s.eps ? radial : 0.0f;
-          const float d = std::max(win.norm[j], s.eps);
-#pragma omp simd
-          for (int64_t e = 0; e < E; ++e) gk[e] = (gk[e] - reformer::to_float(u[e]) * radial) / d;
-        }
-        for (int64_t sl = 0; sl < W; ++sl) {
-          const bool direct = owned(g, win.chunk[sl]);
-          for (int64_t i = 0; i < M; ++i) {
-            const int64_t j = sl * M + i, p = win.row[j];
-            const float *fk = grad_k.data() + j * E, *fv = grad_val.data() + j * E;
-            if (!direct) {
-              rows.push_back(p);
-              keep_q.insert(keep_q.end(), fk, fk + E);
-              keep_v.insert(keep_v.end(), fv, fv + E);
-              continue;
-            }
-            float* __restrict tq = gq + p * E;
-            float* __restrict tv = gv + p * E;
-#pragma omp simd
-            for (int64_t e = 0; e < E; ++e) {
-              tq[e] += fk[e];
-              tv[e] += fv[e];
-            }
+          for (int64_t j = 0; j < K; ++j) {
+            const float p = pr[j] * normalise;
+            to[j] = reformer::round_to<T>((gs[j] - sr) * p);
+            pr_t[j] = reformer::round_to<T>(p);
           }
         }
+        matmul(false, false, m, e_, k, grad_s_op, k, win.unit.data(), e_,
+               acc_q.data() + own * M * E, e_, 1.0f);  // dQ = dS K
+        matmul(true, false, k, e_, m, grad_s_op, k, q_own, e_, acc_k.data(), e_, 1.0f);
+        matmul(true, false, k, e_, m, probs_op, k, d_o.data(), e_, acc_v.data(), e_, 1.0f);
       }
+      win.release(evict);
       std::lock_guard<std::mutex> hold(aside_lock);
       aside_rows.insert(aside_rows.end(), rows.begin(), rows.end());
       aside_q.insert(aside_q.end(), keep_q.begin(), keep_q.end());
@@ -428,18 +482,25 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                     t->scalar_type() == at::kFloat,
                 "lsh_backward_: grad_q and grad_v must be contiguous float32 (N, E)");
   TORCH_CHECK(d_out.dim() == 2 && d_out.sizes() == q.sizes() && d_out.stride(1) == 1 &&
-                  d_out.scalar_type() == at::kFloat,
-              "lsh_backward_: d_out must be (N, E) float32 rows with unit column stride");
+                  (d_out.scalar_type() == at::kFloat ||
+                   d_out.scalar_type() == q.scalar_type()),
+              "lsh_backward_: d_out must be (N, E) rows of float32 or q's type, with unit "
+              "column stride");
   TORCH_CHECK(row_dot.is_contiguous() && lse.is_contiguous() && row_dot.numel() == N &&
                   lse.numel() == N && row_dot.scalar_type() == at::kFloat &&
                   lse.scalar_type() == at::kFloat,
               "lsh_backward_: row_dot and lse need one contiguous float32 value per row");
   float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
-  const float *g_out = d_out.data_ptr<float>(), *rd = row_dot.data_ptr<float>(),
-              *z_final = lse.data_ptr<float>();
+  const float *rd = row_dot.data_ptr<float>(), *z_final = lse.data_ptr<float>();
   with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_backward_",
               [&](const auto& s) {
-                backward_chunks(s, gq, gv, g_out, d_out.stride(0), rd, z_final, rounds);
+                using T = std::remove_cv_t<std::remove_pointer_t<decltype(s.q)>>;
+                if (d_out.scalar_type() == at::kFloat)
+                  backward_chunks(s, gq, gv, d_out.data_ptr<float>(), d_out.stride(0), rd,
+                                  z_final, rounds);
+                else
+                  backward_chunks(s, gq, gv, d_out.data_ptr<T>(), d_out.stride(0), rd,
+                                  z_final, rounds);
               });
 }
 

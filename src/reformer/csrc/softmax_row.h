@@ -64,9 +64,12 @@ struct Masks {
   bool causal, self_mask;
 };
 
-// One row: x (K logits) -> probabilities in place; returns the log-sum-exp.
-inline float softmax_row(float* __restrict x, const float* __restrict kpos, float qpos,
-                         int K, Masks m) {
+// The first two passes of softmax_row: x (K logits) -> exp(s_j - top) in place, where s = the
+// masked, scaled logits and top = max_j s_j; returns their sum and sets *top. The caller
+// divides by the sum where it is cheapest: after a product, on its M x E result rather than
+// on the M x K weights.
+inline float exp_row(float* __restrict x, const float* __restrict kpos, float qpos, int K,
+                     Masks m, float* top_out) {
   const float scale = m.scale, invalid = m.invalid, self_value = m.self_value;
   const float later = m.causal ? invalid : 0.0f, same = m.self_mask ? self_value : 0.0f;
   float top = -INFINITY;
@@ -85,19 +88,29 @@ inline float softmax_row(float* __restrict x, const float* __restrict kpos, floa
     x[j] = e;
     sum += e;
   }
+  *top_out = top;
+  return sum;
+}
+
+// One row: x (K logits) -> probabilities in place; returns the log-sum-exp.
+inline float softmax_row(float* __restrict x, const float* __restrict kpos, float qpos,
+                         int K, Masks m) {
+  float top;
+  const float sum = exp_row(x, kpos, qpos, K, m, &top);
   const float inv = 1.0f / sum;
 #pragma omp simd
   for (int j = 0; j < K; ++j) x[j] *= inv;
   return top + std::log(sum);
 }
 
-// Fold round r's output row o_r (E values) with log-sum-exp z_r into the result so far
-// (row o, log-sum-exp *z): Z' = logaddexp(Z, z_r), o = exp(Z - Z') o + exp(z_r - Z') o_r.
+// Fold round r's output row scale * o_r (E values) with log-sum-exp z_r into the result so
+// far (row o, log-sum-exp *z): Z' = logaddexp(Z, z_r), o = exp(Z - Z') o + exp(z_r - Z')
+// scale o_r.
 inline void fold_row(float* __restrict o, float* z, const float* __restrict o_r, float z_r,
-                     int64_t E) {
+                     int64_t E, float scale = 1.0f) {
   const float z_old = *z;
   const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
-  const float a = std::exp(z_old - total), b = std::exp(z_r - total);
+  const float a = std::exp(z_old - total), b = std::exp(z_r - total) * scale;
 #pragma omp simd
   for (int64_t j = 0; j < E; ++j) o[j] = a * o[j] + b * o_r[j];
   *z = total;
