@@ -130,10 +130,12 @@ class Window {
   // Ask the caches for row i of those that load(g, c) will gather after load(g, c - 1): the
   // rows of the window's last chunk. The rows sit at random positions (sorted by bucket), so
   // each gather otherwise waits on memory; fetched one chunk ahead, they arrive during its
-  // work. Callers ask for one row at a time, spread over a loop of their own: a burst of a
-  // chunk's rows at once filled the core's queue of misses and stalled on it.
+  // work. Callers ask for one row at a time, spread over a loop of their own (perf showed the
+  // prefetch instructions stalling when a chunk's rows were asked for at once; spread, the
+  // kernel timed the same within noise).
   void prefetch(int64_t g, int64_t c, int64_t i) const {
-    const int64_t r = g * s_.Lp + s_.pos[g * s_.slots + s_.wrap(c + s_.lo + s_.W - 1) * s_.M + i];
+    const int64_t first = g * s_.slots + s_.wrap(c + s_.lo + s_.W - 1) * s_.M;
+    const int64_t r = g * s_.Lp + s_.pos[first + i];
     prefetch_row(s_.q + r * s_.q_stride, s_.E);
     prefetch_row(s_.v + r * s_.v_stride, s_.E);
   }
