@@ -404,6 +404,32 @@ def test_fused_sorted_kernel_takes_bfloat16_rows(monkeypatch, threads):
         assert error < 1e-2, error
 
 
+@needs_compiler
+def test_fused_backward_reads_bfloat16_or_float32_d_out_alike(monkeypatch):
+    """With bf16 rows, lsh_backward_ takes dO in bf16 (autograd's, through the output cast
+    to the rows' type) or float32: the same values give exactly the same gradients."""
+    from reformer.attention._sorted import _fused_args
+
+    native(monkeypatch, "lsh_forward_")
+    if not _native.blas(torch.bfloat16):
+        pytest.skip("this PyTorch build exports no bf16 matrix product (MKL)")
+    qk, v, s_pos = _sorted_case(1, 256, 32, 2, seed=3)
+    qk, v = qk.bfloat16(), v.bfloat16()
+    args = _fused_args(qk, v, s_pos, (16, [-1, 0], True))
+    out, lse = torch.empty(256, 32), torch.empty(256)
+    torch.ops.reformer.lsh_forward_(out, lse, *args)
+    d_out = torch.randn(256, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    row = (d_out.float() * out).sum(-1)
+    grads = []
+    for d in (d_out, d_out.float()):
+        gq, gv = torch.zeros(256, 32), torch.zeros(256, 32)
+        torch.ops.reformer.lsh_backward_(gq, gv, *args[:3], d, row, lse, *args[3:])
+        grads.append((gq, gv))
+    assert grads[0][0].abs().sum() > 0
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("setting", ["on", "off"])  # the fused kernel, the blocks
 def test_a_query_that_sees_only_itself_keeps_its_value_in_bfloat16(monkeypatch, setting):
     """Position 0 under the causal mask sees only itself (the self value, -1e5) in each of

@@ -261,12 +261,12 @@ class AttentionHalf(nn.Module):
                      batch: int) -> torch.Tensor:
         """dL/do = Dropout'(dL/dy) W_o for ``heads``: (B, h, L, E), a view of (N, h*E) rows, in
         the products' dtype (autocast's, when it is on, like the outputs o it later holds)."""
-        w_o = self.attn.w_o.weight[:, self._columns(heads)]
-        grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1],
-                                   dtype=_product_dtype(gy_rows))
+        dtype = _product_dtype(gy_rows)
+        w_o = self.attn.w_o.weight[:, self._columns(heads)].to(dtype)  # cast once, not per block
+        grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1], dtype=dtype)
         for s in row_chunks(gy_rows.shape[0], ROWS):
             g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
-            torch.mm(g.to(grad_o.dtype), w_o.to(grad_o.dtype), out=grad_o[s])
+            torch.mm(g.to(dtype), w_o, out=grad_o[s])
         return self._heads_view(grad_o, batch)
 
     def _projections_backward_(self, x_rows: torch.Tensor, heads: slice, grad_in: Grads,
