@@ -146,20 +146,22 @@ def test_gather_span_rows_matches_pytorch(monkeypatch):
 
 @needs_compiler
 def test_scaled_query_rows_matches_pytorch(monkeypatch):
-    """share * dO[index] and share * row[index], share = exp(z_block - Z[index])."""
+    """share * dO[index] and share * row[index], share = exp(z_block - top[index]) /
+    total[index] (the round's weight in the fold's final softmax)."""
     scaled = native(monkeypatch, "scaled_query_rows")
     g = torch.Generator().manual_seed(14)
     N, E, S = 30, 7, 12
     d_out = torch.randn(N, 2 * E, generator=g)[:, E:]  # strided rows, as a head's columns
-    row, lse = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    row, top = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    total = 1 + torch.rand(N, generator=g) * 3
     index = torch.randperm(N, generator=g)[:S]
-    block_lse = lse[index] - torch.rand(S, generator=g) * 3
-    d_o, share_row = scaled(d_out, row, lse, index, block_lse)
-    share = (block_lse - lse[index]).exp()
+    block_lse = top[index] - torch.rand(S, generator=g) * 3
+    d_o, share_row = scaled(d_out, row, top, total, index, block_lse)
+    share = (block_lse - top[index]).exp() / total[index]
     torch.testing.assert_close(d_o, d_out[index] * share[:, None], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(share_row, row[index] * share, rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="out of range"):
-        scaled(d_out, row, lse, torch.tensor([N]), block_lse[:1])
+        scaled(d_out, row, top, total, torch.tensor([N]), block_lse[:1])
 
 
 @needs_compiler
@@ -180,28 +182,35 @@ def test_index_add_rows_matches_index_add(monkeypatch, E):
 
 @needs_compiler
 def test_fold_round_matches_pytorch(monkeypatch):
-    """Rounds folded by the native op equal the gather + logaddexp fold, round by round."""
+    """Rounds folded by the native op equal the PyTorch fold, round by round, and their
+    log-sum-exp equals logsumexp_r z_r; log-sum-exps near the self value (-1e5), where
+    float32's spacing is 0.0078, give weights that still sum to one."""
+    from reformer.attention._sorted import _fold_round
+
     fold = native(monkeypatch, "fold_round_")
     g = torch.Generator().manual_seed(9)
     N, E, R = 37, 6, 3
-    out, lse = torch.empty(N, E), torch.empty(N)
-    expect_out = expect_lse = None
+    out, top, total = torch.empty(N, E), torch.empty(N), torch.empty(N)
+    expect, zs = None, []
     for r in range(R):
         o_s, z_s = torch.randn(N, E, generator=g), torch.randn(N, generator=g) * 3
+        z_s[:5] = -1e5 + torch.rand(5, generator=g)  # some queries see only themselves
+        o_s[:5] = 1.0  # and the same value in every round (the keys are permuted alike)
         unsort = torch.randperm(N, generator=g)
-        fold(out, lse, o_s, z_s, unsort, r == 0)
-        o_r, z_r = o_s[unsort], z_s[unsort]
-        if expect_out is None:
-            expect_out, expect_lse = o_r, z_r
-        else:
-            total = torch.logaddexp(expect_lse, z_r)
-            expect_out = (expect_out * (expect_lse - total).exp()[:, None]
-                          + o_r * (z_r - total).exp()[:, None])
-            expect_lse = total
-        torch.testing.assert_close(out, expect_out, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lse, expect_lse, rtol=1e-6, atol=1e-6)
+        unsort[:5] = torch.arange(5)
+        unsort[5:] = 5 + torch.randperm(N - 5, generator=g)
+        fold(out, top, total, o_s, z_s, unsort, r == 0)
+        monkeypatch.setenv(_native.ENV, "off")
+        expect = _fold_round(expect, o_s.view(1, N, E), z_s.view(1, N), unsort)
+        monkeypatch.setenv(_native.ENV, "on")
+        for got, want in zip((out, top, total), expect, strict=True):
+            torch.testing.assert_close(got, want.view_as(got), rtol=1e-6, atol=1e-6)
+        zs.append(z_s[unsort].double())
+        lse = top.double() + total.double().log()
+        torch.testing.assert_close(lse, torch.stack(zs).logsumexp(0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[:5], torch.ones(5, E), rtol=0, atol=2e-7)
     with pytest.raises(RuntimeError, match="out of range"):
-        fold(out, lse, o_s, z_s, torch.full((N,), -1), False)
+        fold(out, top, total, o_s, z_s, torch.full((N,), -1), False)
 
 
 @needs_compiler
@@ -416,14 +425,14 @@ def test_fused_backward_reads_bfloat16_or_float32_d_out_alike(monkeypatch):
     qk, v, s_pos = _sorted_case(1, 256, 32, 2, seed=3)
     qk, v = qk.bfloat16(), v.bfloat16()
     args = _fused_args(qk, v, s_pos, (16, [-1, 0], True))
-    out, lse = torch.empty(256, 32), torch.empty(256)
-    torch.ops.reformer.lsh_forward_(out, lse, *args)
+    out, top, total = torch.empty(256, 32), torch.empty(256), torch.empty(256)
+    torch.ops.reformer.lsh_forward_(out, top, total, *args)
     d_out = torch.randn(256, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
     row = (d_out.float() * out).sum(-1)
     grads = []
     for d in (d_out, d_out.float()):
         gq, gv = torch.zeros(256, 32), torch.zeros(256, 32)
-        torch.ops.reformer.lsh_backward_(gq, gv, *args[:3], d, row, lse, *args[3:])
+        torch.ops.reformer.lsh_backward_(gq, gv, *args[:3], d, row, top, total, *args[3:])
         grads.append((gq, gv))
     assert grads[0][0].abs().sum() > 0
     for a, b in zip(*grads, strict=True):
@@ -448,12 +457,14 @@ def test_fused_sorted_kernel_checks_its_inputs(monkeypatch):
     forward = native(monkeypatch, "lsh_forward_")
     qk, v, s_pos = _sorted_case(1, 32, 4, 2, seed=3)
     q, vr = qk.view(32, 4), v.view(32, 4)
-    out, lse = torch.empty(32, 4), torch.empty(32)
+    out, top, total = torch.empty(32, 4), torch.empty(32), torch.empty(32)
     args = (2, 8, -1, 2, True, _chunked.MASK_VALUE, _chunked.SELF_VALUE, 1e-12)
     with pytest.raises(RuntimeError, match="position out of range"):
-        forward(out, lse, q, vr, s_pos + 32, *args)
+        forward(out, top, total, q, vr, s_pos + 32, *args)
     with pytest.raises(RuntimeError, match="must include 0"):
-        forward(out, lse, q, vr, s_pos, 2, 8, 1, 2, *args[4:])
+        forward(out, top, total, q, vr, s_pos, 2, 8, 1, 2, *args[4:])
+    with pytest.raises(RuntimeError, match="top and total"):
+        forward(out, top[:16], total, q, vr, s_pos, *args)
 
 
 def test_fused_sorted_kernel_leaves_masks_dedup_and_dropout_to_pytorch():

@@ -9,12 +9,13 @@ unsorted (G, Lp, E) tensors through the sort permutation.
 
 Rounds are combined on the fly: each round's output and log-sum-exp are written in sorted
 order (contiguous block by block), put back in position order by one gather per round, and
-folded into a running softmax-weighted sum, ``o = sum_r exp(z_r - Z) o_r`` with
+folded into a running softmax-weighted mean, ``o = sum_r exp(z_r - Z) o_r`` with
 ``Z = logsumexp_r z_r``, so only three (G, Lp, E) buffers exist whatever R is. The result is
 softmax attention over every key item that a query saw in any of its rounds, and the backward
-uses exactly that (flash-attention style): with the final log-sum-exp Z kept from the
-forward, each block's global probabilities are ``P = softmax_block(S) * exp(z_block - Z)``
-and ``dS = P * (dP - rowsum(dO * o))``, one block at a time, in any order.
+uses exactly that (flash-attention style): with the fold's final state kept from the
+forward, each block's global probabilities are ``P = softmax_block(S) * share`` with
+``share = exp(z_block - Z)``, and ``dS = P * (dP - rowsum(dO * o))``, one block at a time, in
+any order.
 
 Shapes: G = B*H sequences, Lp positions (a multiple of M), E head size, R rounds,
 n = R*Lp/M chunks, nr = Lp/M chunks per round, W window chunks, K = W*M keys per window,
@@ -22,6 +23,13 @@ nb chunks per block. Blocks never straddle two rounds, so a block's queries are 
 positions.
 
 Decisions:
+- The fold is an online softmax (:class:`_Fold`): per position the mean so far, the maximum
+  ``top`` of the rounds' log-sum-exps and ``total = sum_r exp(z_r - top)``, so that
+  ``Z = top + log(total)`` is never rounded before it is used: ``share = exp(z_r - top) /
+  total``, weights that sum to one in the working precision. A query that sees only itself has
+  ``z_r = |q| - 1e5`` in every round; float32's spacing near 1e5 is 0.0078, and weights
+  ``exp(z_r - Z)`` through a rounded Z summed to 1 +- 4e-3 (its output was v (1 +- 4e-3)),
+  while ``z_r - top`` is exact there (two floats within a factor of two).
 - Keys are the queries normalised (shared-QK attention). The kernel takes qk and v only and
   normalises each block's gathered key rows itself, applying the normalisation's Jacobian in
   its backward: no separate (G, Lp, E) key tensor, nor its gradient, exists.
@@ -53,6 +61,8 @@ Decisions:
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -178,18 +188,20 @@ class SortedWindowAttention(torch.autograd.Function):
         spec = (M, offsets, causal, log_count_fn, dropout)
         ctx.spec, ctx.blocks = spec, None
         ctx.fused = _fused_applies(q_rows, v_rows, s_pos, valid, log_count_fn, dropout)
-        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp), float32 out and lse
-            out, lse = (q_rows.new_empty(size, dtype=torch.float32) for size in ((G, Lp, E),
-                                                                                 (G, Lp)))
+        if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp), float32 out and fold
+            out, top, total = (q_rows.new_empty(size, dtype=torch.float32)
+                               for size in ((G, Lp, E), (G, Lp), (G, Lp)))
             _native.op("lsh_forward_", q_rows, FUSED_DTYPES)(
-                out.view(G * Lp, E), lse.view(-1), *_fused_args(q_rows, v_rows, s_pos, spec))
-            ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
-            return out.to(q_rows.dtype), lse
+                out.view(G * Lp, E), top.view(-1), total.view(-1),
+                *_fused_args(q_rows, v_rows, s_pos, spec))
+            fold = _Fold(out, top, total)
+            ctx.save_for_backward(q_rows, v_rows, s_pos, valid, *fold)
+            return out.to(q_rows.dtype), fold.lse()
         ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
         # per sorted item: K probabilities and its raw, unit and value rows
         keep_blocks = grad_follows and G * R * Lp * (K + 3 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
-        out = lse = None
+        fold = None
         seq = _Sequence(q_rows, v_rows, s_pos, valid)
         unsort = _unsort_rows(s_pos, s_slot, Lp)
         o_s = q_rows.new_empty(G, Lp, E)  # a round's output in sorted order
@@ -202,21 +214,21 @@ class SortedWindowAttention(torch.autograd.Function):
                 z_s[:, a:b] = blk.lse.view(G, -1)
                 if keep_blocks:
                     saved.append(blk)
-            out, lse = _fold_round(out, lse, o_s, z_s, unsort[r])
+            fold = _fold_round(fold, o_s, z_s, unsort[r])
         ctx.blocks = saved
-        ctx.save_for_backward(q_rows, v_rows, s_pos, valid, out, lse)
-        return out, lse
+        ctx.save_for_backward(q_rows, v_rows, s_pos, valid, *fold)
+        return fold.out, fold.lse()
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q_rows, v_rows, s_pos, valid, out, lse = ctx.saved_tensors
+        q_rows, v_rows, s_pos, valid, out, top, total = ctx.saved_tensors
         G, Lp, E = q_rows.shape
         M, offsets = ctx.spec[0], ctx.spec[1]
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        d_out, lse = grad_out.reshape(G * Lp, E), lse.reshape(-1)
-        row = torch.empty_like(lse)  # rowsum(dO * o) = rowsum(P * dP), by blocks of rows
+        d_out, top, total = grad_out.reshape(G * Lp, E), top.reshape(-1), total.reshape(-1)
+        row = torch.empty_like(top)  # rowsum(dO * o) = rowsum(P * dP), by blocks of rows
         o_flat = out.reshape(G * Lp, E)
         for s in range(0, G * Lp, _ROW_BLOCK):
             block = slice(s, s + _ROW_BLOCK)
@@ -232,7 +244,7 @@ class SortedWindowAttention(torch.autograd.Function):
             # d_out in float32 or the rows' type (the output was cast to it): read as is
             _native.op("lsh_backward_", q_rows, FUSED_DTYPES)(
                 grad_q, grad_v, q, v, pos, d_out if d_out.stride(1) == 1 else d_out.contiguous(),
-                row, lse, *rest)
+                row, top, total, *rest)
             return _grads(grad_q.to(q_rows.dtype), grad_v.to(v_rows.dtype), q_rows.shape)
         saved, ctx.blocks = ctx.blocks, None
         seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
@@ -240,7 +252,7 @@ class SortedWindowAttention(torch.autograd.Function):
             blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
             for i, (start, stop) in enumerate(blocks):
                 blk = saved[i] if saved else _SortedBlock(seq, start, stop, ctx.spec)
-                _block_backward(blk, d_out, row, lse, grad_q, grad_v)
+                _block_backward(blk, d_out, row, _Fold(None, top, total), grad_q, grad_v)
                 if saved:
                     saved[i] = None  # free as we go
         return _grads(grad_q, grad_v, q_rows.shape)
@@ -275,28 +287,52 @@ def _fused_args(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
             *_chunked.mask_values(q_rows.dtype), NORM_EPS)
 
 
-def _fold_round(out: torch.Tensor | None, lse: torch.Tensor | None, o_s: torch.Tensor,
-                z_s: torch.Tensor, unsort: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _Fold(NamedTuple):
+    """The rounds folded so far, per position: ``out`` (G, Lp, E) their softmax-weighted
+    mean, ``top`` (G, Lp) the largest of their log-sum-exps and ``total`` (G, Lp) =
+    sum_r exp(z_r - top); the log-sum-exp over all of them is top + log(total)."""
+
+    out: torch.Tensor | None
+    top: torch.Tensor
+    total: torch.Tensor
+
+    def lse(self) -> torch.Tensor:
+        return self.top + self.total.log()
+
+    def share(self, z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """exp(z - Z) for log-sum-exps ``z`` of the positions ``index`` (flat rows of
+        top/total): their rounds' weights in the final softmax."""
+        top, total = (t.reshape(-1).index_select(0, index).view(z.shape) for t in self[1:])
+        return (z - top).exp_().div_(total)
+
+
+def _fold_round(fold: _Fold | None, o_s: torch.Tensor, z_s: torch.Tensor,
+                unsort: torch.Tensor) -> _Fold:
     """Fold a round's outputs o_s (G, Lp, E) and log-sum-exps z_s (G, Lp), in sorted order,
-    into the result so far (None before the first round): put them in position order by a
-    gather through ``unsort`` (contiguous writes in the blocks, no scatter), then
-    ``o = exp(Z - Z') o + exp(z_r - Z') o_r`` with ``Z' = logaddexp(Z, z_r)``."""
+    into the rounds so far (None before the first): put them in position order by a gather
+    through ``unsort`` (contiguous writes in the blocks, no scatter), then, online-softmax
+    style, with m = max(top, z_r), a = total exp(top - m), b = exp(z_r - m):
+    ``out = (a out + b o_r) / (a + b)``, ``top = m``, ``total = a + b`` (the weights
+    a / (a + b) and b / (a + b) sum to one by construction)."""
     G, Lp, E = o_s.shape
-    fold = _native.op("fold_round_", o_s)
-    if fold is not None:  # gather and fold in one pass (csrc/)
-        first = out is None
+    native = _native.op("fold_round_", o_s)
+    if native is not None:  # gather and fold in one pass (csrc/)
+        first = fold is None
         if first:
-            out, lse = o_s.new_empty(G, Lp, E), z_s.new_empty(G, Lp)
-        fold(out.view(G * Lp, E), lse.view(-1), o_s.view(G * Lp, E), z_s.view(-1), unsort,
-             first)
-        return out, lse
+            fold = _Fold(o_s.new_empty(G, Lp, E), *(z_s.new_empty(G, Lp) for _ in range(2)))
+        native(fold.out.view(G * Lp, E), fold.top.view(-1), fold.total.view(-1),
+               o_s.view(G * Lp, E), z_s.view(-1), unsort, first)
+        return fold
     o_r = o_s.view(G * Lp, E).index_select(0, unsort).view(G, Lp, E)
     z_r = z_s.view(-1).index_select(0, unsort).view(G, Lp)
-    if out is None:
-        return o_r, z_r
-    total = torch.logaddexp(lse, z_r)
-    out.mul_((lse - total).exp_().unsqueeze(-1))
-    return out.addcmul_(o_r, (z_r - total).exp_().unsqueeze(-1)), total
+    if fold is None:
+        return _Fold(o_r, z_r, torch.ones_like(z_r))
+    top = torch.maximum(fold.top, z_r)
+    a = (fold.top - top).exp_().mul_(fold.total)
+    b = (z_r - top).exp_()
+    total = a + b
+    out = fold.out.mul_(a.div_(total).unsqueeze(-1)).addcmul_(o_r, b.div_(total).unsqueeze(-1))
+    return _Fold(out, top, total)
 
 
 def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,
@@ -313,22 +349,24 @@ def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,
 
 
 def _block_backward(blk: _SortedBlock, d_out: torch.Tensor, row: torch.Tensor,
-                    lse: torch.Tensor, grad_q: torch.Tensor, grad_v: torch.Tensor) -> None:
+                    fold: _Fold, grad_q: torch.Tensor, grad_v: torch.Tensor) -> None:
     """Add one block's gradients to those of the (G*Lp, E) rows of q and v.
 
     With P = share * probs the block's global probabilities (share = exp(z_block - Z) per
-    query), dS = P (dP - row) = probs (share dP - share row), and share dP = (share dO) v^T:
-    the share scales the (M, E) rows of dO, not the (M, K) probabilities.
+    query, from the forward's ``fold``; its ``out`` is not read),
+    dS = P (dP - row) = probs (share dP - share row), and share dP = (share dO) v^T: the
+    share scales the (M, E) rows of dO, not the (M, K) probabilities.
     """
     G, nb, M, E = blk.q.shape
     shape = blk.lse.shape  # (G, nb, M)
     unit_stride = d_out.stride(1) == 1 and blk.q_flat.is_contiguous()
     scaled = _native.op("scaled_query_rows", d_out) if unit_stride else None
     if scaled is not None:  # one pass (csrc/)
-        d_o, share_row = scaled(d_out, row, lse, blk.q_flat, blk.lse.reshape(-1))
+        d_o, share_row = scaled(d_out, row, fold.top, fold.total, blk.q_flat,
+                                blk.lse.reshape(-1))
         d_o, share_row = d_o.view(*shape, E), share_row.view(shape)
     else:
-        share = (blk.lse - lse.index_select(0, blk.q_flat).view(shape)).exp_()
+        share = fold.share(blk.lse, blk.q_flat)
         d_o = d_out.index_select(0, blk.q_flat).view(*shape, E).mul_(share.unsqueeze(-1))
         share_row = row.index_select(0, blk.q_flat).view(shape).mul_(share)
     grad_p = torch.matmul(d_o, blk.v.transpose(-1, -2))  # share * dP, (G, nb, M, K)

@@ -20,13 +20,15 @@
 //   of chunks c+lo .. c+lo+W-1 (circular), keys = the queries' rows normalised, with the
 //   causal and self masks of softmax_row.h. Round by round, each chunk's output rows and
 //   log-sum-exps are folded straight into the result in position order (a position occurs
-//   once per round, so no two chunks of a round write the same row):
-//   Z' = logaddexp(Z, z), o' = exp(Z - Z') o + exp(z - Z') o_r. The weights are left
-//   unnormalised (exp(s - max)); the rows' 1 / sum scales the M x E output in the fold rather
-//   than the M x K weights. Python: the blocks of SortedWindowAttention.forward and
-//   _fold_round.
-// lsh_backward_: the gradients of q and v rows, flash-attention style from the final
-//   log-sum-exp Z: per chunk the probabilities P are recomputed, share = exp(z - Z),
+//   once per round, so no two chunks of a round write the same row), online-softmax style
+//   (softmax_row.h's fold_row): each row keeps the weighted mean of its rounds so far, the
+//   maximum `top` of their log-sum-exps and total = sum_r exp(z_r - top), so that the
+//   rounds' weights sum to one in float32. The weights are left unnormalised
+//   (exp(s - max)); the rows' 1 / sum scales the M x E output in the fold rather than the
+//   M x K weights. Python: the blocks of SortedWindowAttention.forward and _fold_round.
+// lsh_backward_: the gradients of q and v rows, flash-attention style from the fold's final
+//   top and total: per chunk the probabilities P are recomputed, share = exp(z - top) / total
+//   (the round's weight in the final softmax),
 //   dO_s = share dO, dS = P (dO_s V^T - share row), dQ = dS K, dK = dS^T Q (carried through
 //   the normalisation), dV = P^T dO_s. Each ring slot's gradients (its rows as queries, keys
 //   and values) are summed in the thread's buffers while the slot is in the ring, and added
@@ -43,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <type_traits>
@@ -277,7 +280,7 @@ void check_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& po
 }
 
 template <typename T>
-void forward_chunks(const Sorted<T>& s, float* o, float* z_all, int64_t rounds) {
+void forward_chunks(const Sorted<T>& s, float* o, float* top, float* total, int64_t rounds) {
   const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds;
   for (int64_t r = 0; r < rounds; ++r) {
     at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
@@ -304,10 +307,11 @@ void forward_chunks(const Sorted<T>& s, float* o, float* z_all, int64_t rounds) 
         }
         matmul(false, false, M, E, K, weights, K, win.value.data(), E, o_r.data(), E);
         for (int64_t i = 0; i < M; ++i) {  // fold into the result (own rows: this chunk's)
-          if (ahead) {  // the row that chunk c1 folds into, and its log-sum-exp
+          if (ahead) {  // the row that chunk c1 folds into, and its running top and total
             const int64_t p1 = g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i];
             prefetch_row(o + p1 * E, E, true);
-            __builtin_prefetch(z_all + p1, 1);
+            __builtin_prefetch(top + p1, 1);
+            __builtin_prefetch(total + p1, 1);
           }
           const int64_t p = win.row[own * M + i];
           float* __restrict to = o + p * E;
@@ -316,28 +320,37 @@ void forward_chunks(const Sorted<T>& s, float* o, float* z_all, int64_t rounds) 
           if (r == 0) {
 #pragma omp simd
             for (int64_t e = 0; e < E; ++e) to[e] = from[e] * normalise;
-            z_all[p] = z[i];
+            top[p] = z[i];
+            total[p] = 1.0f;
             continue;
           }
-          reformer::fold_row(to, z_all + p, from, z[i], E, normalise);
+          reformer::fold_row(to, top + p, total + p, from, z[i], E, normalise);
         }
       }
     });
   }
 }
 
-void lsh_forward_(at::Tensor out, at::Tensor lse, const at::Tensor& q, const at::Tensor& v,
-                  const at::Tensor& pos, int64_t rounds, int64_t M,
+// One contiguous float32 value per row of q, for each of `rows` (the fold's top and total).
+void check_per_row(std::initializer_list<const at::Tensor*> rows, const at::Tensor& q,
+                   const char* message) {
+  for (const at::Tensor* t : rows)
+    TORCH_CHECK(t->is_contiguous() && t->numel() == q.size(0) &&
+                    t->scalar_type() == at::kFloat, message);
+}
+
+void lsh_forward_(at::Tensor out, at::Tensor top, at::Tensor total, const at::Tensor& q,
+                  const at::Tensor& v, const at::Tensor& pos, int64_t rounds, int64_t M,
                   int64_t lo, int64_t W, bool causal, double invalid, double self_value,
                   double eps) {
   check_sorted(q, v, pos, rounds, M, lo, W, "lsh_forward_");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && lse.is_contiguous() &&
-                  lse.numel() == q.size(0) && out.scalar_type() == at::kFloat &&
-                  lse.scalar_type() == at::kFloat,
-              "lsh_forward_: out (N, E) and lse (N,) must be contiguous float32");
-  float *o = out.data_ptr<float>(), *z_all = lse.data_ptr<float>();
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == at::kFloat,
+              "lsh_forward_: out must be contiguous float32 (N, E)");
+  check_per_row({&top, &total}, q, "lsh_forward_: top and total must be contiguous float32 (N,)");
+  float *o = out.data_ptr<float>(), *m = top.data_ptr<float>(), *t = total.data_ptr<float>();
   with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_forward_",
-              [&](const auto& s) { forward_chunks(s, o, z_all, rounds); });
+              [&](const auto& s) { forward_chunks(s, o, m, t, rounds); });
 }
 
 // Row j of the ring leaves it: its gradients as a query (dq), as a key (dk, with respect to
@@ -365,7 +378,8 @@ void flush_row(const Sorted<T>& s, const Window<T>& win, int64_t j, float* __res
 
 template <typename T, typename D>  // D: dO's type, float or T
 void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
-                     int64_t d_stride, const float* rd, const float* z_final, int64_t rounds) {
+                     int64_t d_stride, const float* rd, const float* top, const float* total,
+                     int64_t rounds) {
   const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds;
   const int m = static_cast<int>(M), k = static_cast<int>(K), e_ = static_cast<int>(E);
   constexpr bool kFloat = std::is_same_v<T, float>;
@@ -423,7 +437,7 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
         const T* q_own = win.raw.data() + own * M * E;
         for (int64_t i = 0; i < M; ++i) {  // share = this round's weight in the final softmax
           const int64_t p = win.row[own * M + i];
-          const float share = std::exp(z[i] - z_final[p]);
+          const float share = std::exp(z[i] - top[p]) / total[p];
           const D* __restrict from = g_out + p * d_stride;
           T* __restrict to = d_o.data() + i * E;
 #pragma omp simd
@@ -474,8 +488,8 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
 
 void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                    const at::Tensor& v, const at::Tensor& pos,
-                   const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& lse,
-                   int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
+                   const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& top,
+                   const at::Tensor& total, int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
                    double self_value, double eps) {
   check_sorted(q, v, pos, rounds, M, lo, W, "lsh_backward_");
   const int64_t N = q.size(0);
@@ -488,21 +502,20 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                    d_out.scalar_type() == q.scalar_type()),
               "lsh_backward_: d_out must be (N, E) rows of float32 or q's type, with unit "
               "column stride");
-  TORCH_CHECK(row_dot.is_contiguous() && lse.is_contiguous() && row_dot.numel() == N &&
-                  lse.numel() == N && row_dot.scalar_type() == at::kFloat &&
-                  lse.scalar_type() == at::kFloat,
-              "lsh_backward_: row_dot and lse need one contiguous float32 value per row");
+  check_per_row({&row_dot, &top, &total}, q,
+                "lsh_backward_: row_dot, top and total need one contiguous float32 value per row");
   float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
-  const float *rd = row_dot.data_ptr<float>(), *z_final = lse.data_ptr<float>();
+  const float *rd = row_dot.data_ptr<float>(), *m = top.data_ptr<float>(),
+              *t = total.data_ptr<float>();
   with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_backward_",
               [&](const auto& s) {
                 using T = std::remove_cv_t<std::remove_pointer_t<decltype(s.q)>>;
                 if (d_out.scalar_type() == at::kFloat)
-                  backward_chunks(s, gq, gv, d_out.data_ptr<float>(), d_out.stride(0), rd,
-                                  z_final, rounds);
+                  backward_chunks(s, gq, gv, d_out.data_ptr<float>(), d_out.stride(0), rd, m,
+                                  t, rounds);
                 else
-                  backward_chunks(s, gq, gv, d_out.data_ptr<T>(), d_out.stride(0), rd,
-                                  z_final, rounds);
+                  backward_chunks(s, gq, gv, d_out.data_ptr<T>(), d_out.stride(0), rd, m, t,
+                                  rounds);
               });
 }
 
@@ -512,11 +525,11 @@ bool lsh_chunks_bf16_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
-  m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) lse, Tensor q, Tensor v, Tensor pos, "
-        "int rounds, int M, int lo, int W, bool causal, float invalid, "
+  m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) top, Tensor(c!) total, Tensor q, Tensor v, "
+        "Tensor pos, int rounds, int M, int lo, int W, bool causal, float invalid, "
         "float self_value, float eps) -> ()");
   m.def("lsh_backward_(Tensor(a!) grad_q, Tensor(b!) grad_v, Tensor q, Tensor v, Tensor pos, "
-        "Tensor d_out, Tensor row_dot, Tensor lse, int rounds, int M, int lo, "
+        "Tensor d_out, Tensor row_dot, Tensor top, Tensor total, int rounds, int M, int lo, "
         "int W, bool causal, float invalid, float self_value, float eps) -> ()");
   m.def("lsh_chunks_available() -> bool", &lsh_chunks_available);
   m.def("lsh_chunks_bf16_available() -> bool", &lsh_chunks_bf16_available);

@@ -104,16 +104,23 @@ inline float softmax_row(float* __restrict x, const float* __restrict kpos, floa
 }
 
 // Fold round r's output row scale * o_r (E values) with log-sum-exp z_r into the result so
-// far (row o, log-sum-exp *z): Z' = logaddexp(Z, z_r), o = exp(Z - Z') o + exp(z_r - Z')
-// scale o_r.
-inline void fold_row(float* __restrict o, float* z, const float* __restrict o_r, float z_r,
-                     int64_t E, float scale = 1.0f) {
-  const float z_old = *z;
-  const float total = std::max(z_old, z_r) + std::log1p(std::exp(-std::abs(z_old - z_r)));
-  const float a = std::exp(z_old - total), b = std::exp(z_r - total) * scale;
+// far: the row o, the softmax-weighted mean of the rounds folded so far, with the running
+// maximum *top of their log-sum-exps and *total = sum_r exp(z_r - top), online-softmax
+// style. With m' = max(top, z_r), a = total exp(top - m'), b = exp(z_r - m'):
+// o = (a o + b o_r) / (a + b), total = a + b. The weights a / (a + b) and b / (a + b) sum
+// to one in float32 by construction, and z_r - m' is exact where it matters (z_r and m'
+// within a factor of two): a query that sees only itself has z_r = |q| - 1e5 in every
+// round, and a log-sum-exp Z = logsumexp_r z_r rounded to float32 (spacing 0.0078 near
+// 1e5) made weights exp(z_r - Z) that summed to 1 +- 4e-3.
+inline void fold_row(float* __restrict o, float* top, float* total, const float* __restrict o_r,
+                     float z_r, int64_t E, float scale = 1.0f) {
+  const float m = *top, e = std::exp(-std::abs(m - z_r));  // exp of the smaller minus m'
+  const float a = (m >= z_r ? 1.0f : e) * *total, b = m >= z_r ? e : 1.0f;
+  const float t = a + b, wa = a / t, wb = b / t * scale;
 #pragma omp simd
-  for (int64_t j = 0; j < E; ++j) o[j] = a * o[j] + b * o_r[j];
-  *z = total;
+  for (int64_t j = 0; j < E; ++j) o[j] = wa * o[j] + wb * o_r[j];
+  *top = std::max(m, z_r);
+  *total = t;
 }
 
 // One key row gathered: raw = q_row, unit = q_row / max(|q_row|, eps), value = v_row (E

@@ -5,10 +5,10 @@
 //   its value rows: raw = rows[index], norm = |raw|, unit = raw / max(norm, eps),
 //   value_rows = values[index]. PyTorch: two index_selects, vector_norm, clamp_min, div.
 // fold_round_: round r's outputs, written in sorted order, folded into the running result in
-//   position order: with (o, Z) the result so far and (o_r, z_r) = (o_s, z_s)[unsort],
-//   Z' = logaddexp(Z, z_r), o' = exp(Z - Z') o + exp(z_r - Z') o_r. PyTorch: two
-//   index_selects, logaddexp, two exps, mul_, addcmul_ (the gathered round is written and
-//   read back once more).
+//   position order: with (o, top, total) the result so far and (o_r, z_r) =
+//   (o_s, z_s)[unsort], softmax_row.h's fold_row. PyTorch: two index_selects, a maximum,
+//   two exps, and the weights' arithmetic (the gathered round is written and read back
+//   once more).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "softmax_row.h"
@@ -64,19 +65,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gather_span_rows(
   return {raw, unit, norm, value_rows};
 }
 
-void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at::Tensor& z_s,
-                 const at::Tensor& unsort, bool first) {
+void fold_round_(at::Tensor out, at::Tensor top, at::Tensor total, const at::Tensor& o_s,
+                 const at::Tensor& z_s, const at::Tensor& unsort, bool first) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && o_s.sizes() == out.sizes() &&
                   o_s.is_contiguous() && out.scalar_type() == at::kFloat &&
                   o_s.scalar_type() == at::kFloat && out.device().is_cpu(),
               "fold_round_: out and o_s must be contiguous (N, E) float32 CPU tensors");
   const int64_t N = out.size(0), E = out.size(1);
-  TORCH_CHECK(lse.is_contiguous() && z_s.is_contiguous() && lse.numel() == N &&
-                  z_s.numel() == N && lse.scalar_type() == at::kFloat &&
-                  z_s.scalar_type() == at::kFloat && unsort.numel() == N,
-              "fold_round_: lse, z_s and unsort must hold one value per row");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&top, &total, &z_s})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == at::kFloat,
+                "fold_round_: top, total and z_s must hold one float32 value per row");
+  TORCH_CHECK(unsort.numel() == N, "fold_round_: unsort must hold one index per row");
   check_index(unsort, N, "fold_round_");
-  float *o = out.data_ptr<float>(), *z = lse.data_ptr<float>();
+  float *o = out.data_ptr<float>(), *m = top.data_ptr<float>(), *t = total.data_ptr<float>();
   const float *os = o_s.data_ptr<float>(), *zs = z_s.data_ptr<float>();
   const int64_t* slot = unsort.data_ptr<int64_t>();
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
@@ -86,10 +87,11 @@ void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at
       const float z_r = zs[slot[p]];
       if (first) {
         std::copy(from, from + E, to);
-        z[p] = z_r;
+        m[p] = z_r;
+        t[p] = 1.0f;
         continue;
       }
-      reformer::fold_row(to, z + p, from, z_r, E);
+      reformer::fold_row(to, m + p, t + p, from, z_r, E);
     }
   });
 }
@@ -99,8 +101,8 @@ void fold_round_(at::Tensor out, at::Tensor lse, const at::Tensor& o_s, const at
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
   m.def("gather_span_rows(Tensor rows, Tensor values, Tensor index, float eps) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("fold_round_(Tensor(a!) out, Tensor(b!) lse, Tensor o_s, Tensor z_s, Tensor unsort, "
-        "bool first) -> ()");
+  m.def("fold_round_(Tensor(a!) out, Tensor(b!) top, Tensor(c!) total, Tensor o_s, Tensor z_s, "
+        "Tensor unsort, bool first) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(reformer, CPU, m) {
@@ -117,9 +119,10 @@ TORCH_LIBRARY_IMPL(reformer, CPU, m) {
 //   five passes for the normalisation's backward.
 // softmax_backward_: dS = (dP - r) * P in place of dP (G, nb, M, K), r one value per query
 //   row. PyTorch: sub_ and mul_.
-// scaled_query_rows: a block's share of its queries' gradients: with share = exp(z_block - Z)
-//   per query (its rounds' weight in the final softmax), share * dO[index] and
-//   share * row[index]. PyTorch: three index_selects, sub, exp and two muls.
+// scaled_query_rows: a block's share of its queries' gradients: with
+//   share = exp(z_block - top) / total per query (its round's weight in the final softmax,
+//   from the fold's running maximum and sum, fold_row), share * dO[index] and
+//   share * row[index]. PyTorch: four index_selects, sub, exp, div and two muls.
 // index_add_rows_: dst[index[i]] += src[i] for the rows of a block's span. PyTorch's
 //   index_add_ runs it as a scatter_add_ over an expanded index, several times slower. An
 //   index may repeat (a span that wraps into another round), so the threads split the
@@ -201,29 +204,30 @@ at::Tensor softmax_backward_(at::Tensor grad_p, const at::Tensor& row, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> scaled_query_rows(const at::Tensor& d_out,
-                                                     const at::Tensor& row, const at::Tensor& lse,
+                                                     const at::Tensor& row, const at::Tensor& top,
+                                                     const at::Tensor& total,
                                                      const at::Tensor& index,
                                                      const at::Tensor& block_lse) {
   check_rows(d_out, "scaled_query_rows", "d_out");
   const int64_t N = d_out.size(0), E = d_out.size(1), S = index.numel();
   const int64_t stride = d_out.stride(0);
-  TORCH_CHECK(row.is_contiguous() && lse.is_contiguous() && block_lse.is_contiguous() &&
-                  row.numel() == N && lse.numel() == N && block_lse.numel() == S &&
-                  row.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat &&
-                  block_lse.scalar_type() == at::kFloat,
-              "scaled_query_rows: row and lse need one float32 value per row of d_out, "
-              "block_lse one per index");
+  for (const at::Tensor* t : {&row, &top, &total, &block_lse})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == (t == &block_lse ? S : N) &&
+                    t->scalar_type() == at::kFloat,
+                "scaled_query_rows: row, top and total need one float32 value per row of "
+                "d_out, block_lse one per index");
   check_index(index, N, "scaled_query_rows");
   auto d_o = at::empty({S, E}, d_out.options());
   auto share_row = at::empty({S}, d_out.options());
   const float *g = d_out.data_ptr<float>(), *rw = row.data_ptr<float>();
-  const float *z = lse.data_ptr<float>(), *zb = block_lse.data_ptr<float>();
+  const float *m = top.data_ptr<float>(), *t = total.data_ptr<float>();
+  const float* zb = block_lse.data_ptr<float>();
   const int64_t* idx = index.data_ptr<int64_t>();
   float *o = d_o.data_ptr<float>(), *sr = share_row.data_ptr<float>();
   at::parallel_for(0, S, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = idx[i];
-      const float share = std::exp(zb[i] - z[p]);
+      const float share = std::exp(zb[i] - m[p]) / t[p];
       const float* __restrict from = g + p * stride;
       float* __restrict to = o + i * E;
 #pragma omp simd
@@ -264,7 +268,7 @@ void index_add_rows_(at::Tensor dst, const at::Tensor& index, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
   m.def("unwindow(Tensor grad_windows, int W, Tensor? unit, Tensor? norm, float eps) -> Tensor");
   m.def("softmax_backward_(Tensor(a!) grad_p, Tensor row, Tensor probs) -> Tensor(a!)");
-  m.def("scaled_query_rows(Tensor d_out, Tensor row, Tensor lse, Tensor index, "
+  m.def("scaled_query_rows(Tensor d_out, Tensor row, Tensor top, Tensor total, Tensor index, "
         "Tensor block_lse) -> (Tensor, Tensor)");
   m.def("index_add_rows_(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
 }
