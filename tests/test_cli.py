@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from reformer import ReformerConfig
 from reformer.cli import main
@@ -102,33 +101,51 @@ def test_demo_trains_evaluates_and_samples(setup, capsys):
     assert (setup / "demo" / "plot.png").exists()
 
 
-def python_m_reformer(*args: str, **kwargs) -> subprocess.Popen:
+def python_m_reformer(*args: str, python_flags: tuple[str, ...] = (), **kwargs
+                      ) -> subprocess.Popen:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "reformer", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen([sys.executable, *python_flags, "-m", "reformer", *args], env=env,
+                            text=True, **streams)
 
 
 def test_python_dash_m():
-    out, _ = python_m_reformer("--help").communicate(timeout=60)
+    out, _ = python_m_reformer("--help").communicate()
     assert "train" in out and "generate" in out
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(setup):
-    """A real SIGINT to a real process: it finishes the step, saves, and exits with 130."""
-    proc = python_m_reformer(*train_args(setup, "--steps", "100000", "--eval-every", "100000"))
+    """A real SIGINT to a real process, sent once it has trained two steps (whenever that
+    is: the first native build alone can take minutes on a busy machine): it finishes the
+    step, saves, and exits with 130."""
+    log = (setup / "out.txt").open("w+"), (setup / "err.txt").open("w+")  # no pipe to fill
+    proc = python_m_reformer(*train_args(setup, "--steps", "100000", "--eval-every", "100000"),
+                             stdout=log[0], stderr=log[1])
     metrics = setup / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"train"') >= 2:
-            break
+    while proc.poll() is None and not (metrics.exists()
+                                       and metrics.read_text().count('"train"') >= 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    proc.wait()
+    out, err = ((setup / name).read_text() for name in ("out.txt", "err.txt"))
     assert proc.returncode == 130, err
     assert "stopped by SIGINT" in out and "--resume" in out
-    state = torch.load(setup / "run" / "trainer_state.pt", weights_only=True)
-    assert state["step"] >= 2
+    assert main(train_args(setup, "--resume", "--steps", "2")) == 0  # its checkpoint loads
+
+
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(setup):
+    """SIGINT while the command is still importing PyTorch: one line, exit 130. The signal
+    goes out once the import log (-X importtime) shows torch's modules loading."""
+    proc = python_m_reformer(*train_args(setup), python_flags=("-X", "importtime"))
+    for line in proc.stderr:
+        if "torch." in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == "reformer train: interrupted"
 
 
 def test_images_train_complete_eval(tmp_path, capsys):

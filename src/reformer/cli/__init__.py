@@ -22,10 +22,10 @@ import argparse
 import os
 import sys
 
-from reformer.cli import evaluate, sample, train
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from reformer.cli import evaluate, sample, train  # PyTorch: see main
+
     parser = argparse.ArgumentParser(
         prog="reformer", description="Train Reformer models on text, pictures or the paper's "
         "synthetic task; sample from them and evaluate them.")
@@ -37,17 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Everything, the import of PyTorch (1.5 s) included, runs inside the handlers below, so
+    # that Ctrl-C at any moment of start-up ends in one line and exit code 130.
+    command = (argv if argv is not None else sys.argv[1:])[:1] or [""]
+    name = f"reformer {command[0]}".rstrip()
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except BrokenPipeError:  # e.g. `reformer generate ... | head`
         sys.stdout = open(os.devnull, "w")  # silence the flush at exit
         return 0
     except (ValueError, OSError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"reformer {args.command}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nreformer {args.command}: interrupted", file=sys.stderr)
+        print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
-
