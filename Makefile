@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup kernels demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -16,10 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,data]"
 	touch $(STAMP)
 
-demo: setup
+# The native CPU kernels, built once ahead of first use (about a minute; cached in
+# $$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Without a C++ compiler it
+# fails and everything runs on PyTorch ops: ignored here.
+kernels: setup
+	-$(BIN)/reformer build-kernels
+
+demo: kernels
 	$(BIN)/reformer demo --max-minutes 3
 
-test: setup
+test: kernels
 	$(BIN)/python -m pytest
 
 # Benchmarks (issue 3): the anchors (HF transformers, reformer-pytorch) live in their own venv.

@@ -199,3 +199,23 @@ def test_synthetic_train_and_table_row(tmp_path, capsys):
     assert main(["synthetic", "train", "--attention", "lsh-x", "--out", str(tmp_path / "x"),
                  "--device", "cpu"]) == 2
     assert "attention 'lsh-x' is unknown" in capsys.readouterr().err
+
+
+def test_build_kernels_says_where_the_cache_is(capsys, monkeypatch, tmp_path):
+    from reformer import _native
+
+    if not _native.available():
+        pytest.skip("the native kernels do not build here")
+    assert main(["build-kernels"]) == 0
+    assert f"cached in {_native.build_directory()}" in capsys.readouterr().out
+    import torch.utils.cpp_extension as cpp
+
+    def broken(**kwargs):
+        raise RuntimeError("c++: not found\nmore detail")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "load", broken)
+    assert main(["build-kernels"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("reformer build-kernels: error: the native CPU kernels did not "
+                              "build (c++: not found)")

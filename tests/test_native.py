@@ -1,6 +1,8 @@
 """The native CPU kernels (csrc/) against the PyTorch ops they replace."""
 
 import fnmatch
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -105,13 +107,14 @@ def test_other_dtypes_use_pytorch():
     assert _native.op("window_softmax_", torch.zeros(1, dtype=torch.bfloat16)) is None
 
 
-def test_failed_build_warns_and_falls_back(monkeypatch):
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp
 
     def broken(**kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setenv(_native.ENV, "on")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing cached there
     monkeypatch.setattr(cpp, "load", broken)
     _native._load.cache_clear()
     try:
@@ -119,6 +122,58 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
             assert _native.op("window_softmax_", torch.zeros(1)) is None
     finally:
         _native._load.cache_clear()  # the next caller loads the real build again
+
+
+@needs_compiler
+def test_a_cached_build_is_loaded_without_the_builder(monkeypatch):
+    """Once built, the kernels load without calling the builder (and so ninja, which
+    rebuilt everything when another ninja came first on PATH)."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv(_native.ENV, "on")
+    _native.build()  # built (or found) for real
+
+    def builder(**kwargs):
+        raise AssertionError("the builder ran although a finished build is cached")
+
+    monkeypatch.setattr(cpp, "load", builder)
+    _native._load.cache_clear()
+    try:
+        assert _native.available()
+    finally:
+        _native._load.cache_clear()
+
+
+def test_a_build_is_announced_and_uses_the_wheels_ninja(monkeypatch, tmp_path, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    ninja = pytest.importorskip("ninja")
+    seen = {}
+
+    def builder(**kwargs):  # stands in for the compile: records what it was given
+        seen.update(kwargs, path=os.environ["PATH"])
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "load", builder)
+    path_before = os.environ["PATH"]
+    with caplog.at_level(logging.INFO, logger="reformer"):
+        build = _native.build()
+    assert build.directory == tmp_path / _native.build_name() == Path(seen["build_directory"])
+    assert build.seconds is not None and (build.directory / _native.BUILT_MARKER).is_file()
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 2 and "building" in notes[0] and "built" in notes[1], notes
+    assert seen["path"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert os.environ["PATH"] == path_before
+
+
+def test_the_build_key_covers_sources_flags_and_versions(monkeypatch):
+    name = _native.build_name()
+    assert name == _native.build_name()  # stable
+    monkeypatch.setattr(_native, "CFLAGS", [*_native.CFLAGS, "-DX"])
+    assert _native.build_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert _native.build_name() != name
 
 
 @needs_compiler

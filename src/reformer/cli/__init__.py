@@ -14,17 +14,39 @@ Subcommands:
     eval      held-out bits per token, optionally for several numbers of hash rounds
     synthetic the paper's duplication task: ``synthetic train`` and ``synthetic eval``
     demo      train the default preset for a few minutes, evaluate, and print a sample
+    build-kernels  build the native CPU kernels ahead of their first use
+
+The library's notes (the ``reformer`` logger: a kernel build starting and ending) are
+printed on stderr above any progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 
+class _NoteHandler(logging.Handler):
+    """The library's log lines on stderr, written through tqdm so that a bar stays whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _show_library_notes() -> None:
+    logger = logging.getLogger("reformer")
+    if not any(isinstance(h, _NoteHandler) for h in logger.handlers):  # main may run again
+        logger.addHandler(_NoteHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from reformer.cli import evaluate, sample, train  # PyTorch: see main
+    from reformer.cli import evaluate, kernels, sample, train  # PyTorch: see main
 
     parser = argparse.ArgumentParser(
         prog="reformer", description="Train Reformer models on text, pictures or the paper's "
@@ -33,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     sample.add_parsers(sub)
     evaluate.add_parsers(sub)
+    kernels.add_parsers(sub)
     return parser
 
 
@@ -41,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # that Ctrl-C at any moment of start-up ends in one line and exit code 130.
     command = (argv if argv is not None else sys.argv[1:])[:1] or [""]
     name = f"reformer {command[0]}".rstrip()
+    _show_library_notes()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
