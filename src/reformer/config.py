@@ -32,6 +32,22 @@ def _fail(name: str, value: Any, rule: str, fix: str) -> None:
     raise ValueError(f"{name}={value!r} {rule}; {fix}")
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (True would otherwise pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """An int or float that is not a bool; NaN and infinities included (compare them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """A ValueError naming ``name`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if not is_int(value) or value < 1:
+        _fail(name, value, "must be a positive integer", f"pass e.g. {name}=1 or more")
+
+
 @dataclass(frozen=True)
 class ReformerConfig:
     """Architecture of a :class:`reformer.ReformerLM`.
@@ -89,17 +105,16 @@ class ReformerConfig:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "n_hashes",
                      "chunk_length", "local_chunk_length", "max_seq_len", "ff_chunk_size",
                      "loss_chunk_size", "attn_head_chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, value, "must be a positive integer", f"pass e.g. {name}=1 or more")
+            check_positive_int(name, getattr(self, name))
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 _fail("d_model", self.d_model, f"is not divisible by n_heads={self.n_heads}",
                       "pass d_head explicitly or choose n_heads that divides d_model")
             self._derive("d_head", self.d_model // self.n_heads)
-        elif not isinstance(self.d_head, int) or self.d_head < 1:
+        elif not is_int(self.d_head) or self.d_head < 1:
             _fail("d_head", self.d_head, "must be a positive integer", "pass e.g. d_head=64")
         self._validate_choices()
+        self._validate_numbers()
         self._validate_buckets()
         self._fill_axial()
 
@@ -114,20 +129,29 @@ class ReformerConfig:
             _fail("pos_embedding", self.pos_embedding, "is unknown", f"use one of {POS_EMBEDDINGS}")
         if self.ff_activation not in ACTIVATIONS:
             _fail("ff_activation", self.ff_activation, "is unknown", f"use one of {ACTIVATIONS}")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                _fail(name, value, "must lie in [0, 1)", f"pass e.g. {name}=0.1")
-        for name in ("n_chunks_before", "n_chunks_after"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                _fail(name, value, "must be a non-negative integer", f"pass e.g. {name}=1")
+        for name in ("causal", "reversible", "dedup_rounds"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False", f"pass {name}=True")
         if self.causal and self.n_chunks_after:
             _fail("n_chunks_after", self.n_chunks_after,
                   "must be 0 for a causal model (later chunks are all masked)",
                   "pass n_chunks_after=0 or causal=False")
-        if self.hash_seed is not None and not isinstance(self.hash_seed, int):
+        if self.hash_seed is not None and not is_int(self.hash_seed):
             _fail("hash_seed", self.hash_seed, "must be an integer or None", "pass e.g. 0")
+
+    def _validate_numbers(self) -> None:
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not is_real(value) or not 0.0 <= value < 1.0:
+                _fail(name, value, "must lie in [0, 1)", f"pass e.g. {name}=0.1")
+        for name, example in (("layer_norm_eps", 1e-5), ("init_std", 0.02)):
+            value = getattr(self, name)
+            if not is_real(value) or not 0.0 < value < math.inf:
+                _fail(name, value, "must be a finite number > 0", f"pass e.g. {name}={example}")
+        for name in ("n_chunks_before", "n_chunks_after"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                _fail(name, value, "must be a non-negative integer", f"pass e.g. {name}=1")
 
     def _validate_buckets(self) -> None:
         nb = self.n_buckets
@@ -135,7 +159,7 @@ class ReformerConfig:
             return
         factors = nb if isinstance(nb, tuple) else (nb,)
         for f in factors:
-            if not isinstance(f, int) or f < 2 or f % 2:
+            if not is_int(f) or f < 2 or f % 2:
                 _fail("n_buckets", nb, "must be even integers >= 2 (each factor is hashed by "
                       "argmax over [xR, -xR])", "pass e.g. n_buckets=64 or (32, 64), or None")
 
@@ -147,7 +171,7 @@ class ReformerConfig:
             side = math.isqrt(self.max_seq_len - 1) + 1  # ceil(sqrt(max_seq_len))
             shape = (side, -(-self.max_seq_len // side))
             self._derive("axial_pos_shape", shape)
-        if any(not isinstance(s, int) or s < 1 for s in shape):
+        if any(not is_int(s) or s < 1 for s in shape):
             _fail("axial_pos_shape", shape, "must hold positive integers", "pass e.g. (128, 128)")
         if math.prod(shape) < self.max_seq_len:
             _fail("axial_pos_shape", shape, f"covers {math.prod(shape)} positions, fewer than "

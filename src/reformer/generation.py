@@ -19,18 +19,54 @@ Shapes: L prompt length, V vocab size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 
+from reformer.config import ReformerConfig, is_int, is_real
 from reformer.model import ReformerLM
+
+
+def check_filters(temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> None:
+    """A ValueError naming the value unless temperature, top_k and top_p are usable."""
+    if not is_real(temperature) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0; pass e.g. "
+                         "0.8 (lower is more conservative)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer (how many of the most "
+                         "likely tokens to keep); pass e.g. 40, or None to keep all")
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1] (the probability mass to keep); "
+                         "pass e.g. 0.9, or None to keep all")
+
+
+def check_sampling(config: ReformerConfig, max_new_tokens: int, *, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   context: int | None = None) -> int:
+    """Validate :func:`sample`'s arguments for a model with ``config``; returns the context.
+
+    Callers that print before sampling (the command line) call it first, so that a mistake
+    is reported before anything else.
+    """
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0; pass "
+                         "e.g. 500")
+    check_filters(temperature, top_k, top_p)
+    if context is None:
+        context = config.max_seq_len
+    if not is_int(context) or not 2 <= context <= config.max_seq_len:
+        raise ValueError(f"context={context!r} must lie in [2, {config.max_seq_len}] (at least "
+                         "2 tokens, at most the model's max_seq_len); pass e.g. "
+                         f"{config.max_seq_len}, or None for max_seq_len")
+    return context
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Temperature, top-k and nucleus (top-p) filtering of (V,) logits -> probabilities."""
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0; pass e.g. 0.8")
+    check_filters(temperature, top_k, top_p)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -44,28 +80,36 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return probs
 
 
-@torch.no_grad()
 def sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, *,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            context: int | None = None, generator: torch.Generator | None = None,
            use_cache: bool = True) -> Iterator[int]:
     """Yield ``max_new_tokens`` sampled token ids after ``prompt`` (L,).
 
+    The arguments are checked when it is called (see :func:`check_sampling`), not when the
+    first token is drawn.
+
     Args:
-        context: how many most recent tokens the model sees (default: max_seq_len).
+        context: how many most recent tokens the model sees, 2..max_seq_len (default:
+            max_seq_len).
         use_cache: decode incrementally (default); False recomputes every step.
     """
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty; give at least one token")
+    context = check_sampling(model.config, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, context=context)
+    return _sample(model, prompt.tolist(), max_new_tokens, temperature, top_k, top_p, context,
+                   generator, use_cache and model.supports_cache())
+
+
+@torch.no_grad()
+def _sample(model: ReformerLM, tokens: list[int], max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, context: int,
+            generator: torch.Generator | None, use_cache: bool) -> Iterator[int]:
     was_training = model.training
     model.eval()
-    context = min(context or model.config.max_seq_len, model.config.max_seq_len)
-    if context < 2:
-        raise ValueError(f"context={context} must be at least 2 tokens")
     device = next(model.parameters()).device
-    tokens = prompt.tolist()
     caches = None
-    use_cache = use_cache and model.supports_cache()
     for _ in range(max_new_tokens):
         if not use_cache:
             window = torch.tensor(tokens[-context:], device=device)[None]  # (1, l)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from reformer.attention.base import LayerCache
-from reformer.config import ReformerConfig
+from reformer.config import ReformerConfig, check_positive_int
 from reformer.layers import positional_embedding, row_chunks
 from reformer.reversible import CallInfo, ReversibleStack, _leaf_params
 
@@ -72,6 +72,10 @@ class ReformerLM(nn.Module):
                                                             torch.uint8):
             raise ValueError(f"input_ids must be an integer tensor (B, L); got dtype "
                              f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: the batch and the "
+                             "length must both be at least 1; pass at least one token per "
+                             "sequence")
         length = input_ids.shape[1]
         if length > cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len={cfg.max_seq_len}; "
@@ -147,6 +151,8 @@ class ReformerLM(nn.Module):
             ReformerOutput(logits, loss).
         """
         self._check_inputs(input_ids, attention_mask, labels)
+        if n_hashes is not None:
+            check_positive_int("n_hashes", n_hashes)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
         fused_loss = labels is not None and not return_logits

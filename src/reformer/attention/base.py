@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer.config import ReformerConfig
+from reformer.config import ReformerConfig, check_positive_int
 
 
 @dataclass
@@ -121,6 +121,7 @@ class HeadSlicedAttention(nn.Module):
             state: reuse a prepared state (recorded rotations and buckets).
             heads: compute only this slice of heads' contribution.
         """
+        self.check_input(x, attention_mask, n_hashes)
         state = self.prepare(x, n_hashes) if state is None else state
         if heads is not None:
             return self.heads_forward(x, heads, state, attention_mask)
@@ -129,6 +130,20 @@ class HeadSlicedAttention(nn.Module):
             part = self.heads_forward(x, heads, state, attention_mask)
             out = part if out is None else out + part
         return out
+
+    def check_input(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                    n_hashes: int | None) -> None:
+        """A ValueError naming the mistake unless x is (B, L, D) with B, L >= 1, the mask
+        (B, L) and n_hashes None or a positive integer."""
+        D = self.config.d_model
+        if x.dim() != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != D:
+            raise ValueError(f"x has shape {tuple(x.shape)}; it must be (batch, length, "
+                             f"d_model={D}) with batch and length at least 1")
+        if attention_mask is not None and attention_mask.shape != x.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but x "
+                             f"has {tuple(x.shape)}; pass one (batch, length) mask")
+        if n_hashes is not None:
+            check_positive_int("n_hashes", n_hashes)
 
     # ------------------------------------------------------------------ incremental decoding
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

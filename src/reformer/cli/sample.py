@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import statistics
 import sys
 import time
@@ -13,13 +14,12 @@ import numpy as np
 import torch
 
 from reformer.data import text
-from reformer.generation import sample
+from reformer.generation import check_filters, check_sampling, sample
 from reformer.model import ReformerLM
 from reformer.training import checkpoint as ckpt
+from reformer.training.config import TrainConfig, check_device
 from reformer.training.metrics import evaluate_sequences
-from reformer.training.trainer import (
-    resolve_device,
-)
+from reformer.training.trainer import resolve_device
 
 
 # -------------------------------------------------------------------------- generate
@@ -29,17 +29,19 @@ def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, 
                   max_seconds: float | None = None) -> str:
     """Print sampled text as it is produced (UTF-8 decoded incrementally); returns it.
 
-    Stops early, after whole tokens, once ``max_seconds`` have passed.
+    Stops early, after whole tokens, once ``max_seconds`` have passed. The arguments are
+    checked before anything is printed.
     """
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     torch.manual_seed(seed)  # LSH rotations of a model without hash_seed
     generator = torch.Generator().manual_seed(seed)
+    tokens = sample(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, context=context, generator=generator)  # checks the arguments
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     bold = highlight and sys.stdout.isatty()
     print("\033[1m" if bold else "", end="")
     pieces = []
-    for token in sample(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, context=context, generator=generator):
+    for token in tokens:
         pieces.append(decoder.decode(bytes([token])))
         print(pieces[-1], end="", flush=True)
         if deadline is not None and time.monotonic() > deadline:
@@ -51,22 +53,34 @@ def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, 
     return "".join(pieces)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def read_prompt(args: argparse.Namespace) -> torch.Tensor:
+    """The prompt's (L,) byte ids from --prompt or --prompt-file (default: a newline)."""
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("pass either --prompt or --prompt-file, not both")
-    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
-    if run.training.task != "text":
-        hint = "reformer complete" if run.training.task == "images" else "reformer synthetic eval"
-        raise ValueError(f"{args.checkpoint} is a {run.training.task} run, not a text model; "
-                         f"use {hint}")
     if args.prompt_file is not None:
         prompt = text.to_ids(np.frombuffer(Path(args.prompt_file).read_bytes(), np.uint8))
         if len(prompt) == 0:
             raise ValueError(f"the prompt file {args.prompt_file} is empty")
-    else:
-        prompt = text.encode(args.prompt if args.prompt is not None else "\n")
-        if len(prompt) == 0:
-            raise ValueError("the prompt is empty; pass --prompt with some text")
+        return prompt
+    prompt = text.encode(args.prompt if args.prompt is not None else "\n")
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty; pass --prompt with some text")
+    return prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    # Everything is checked before the prompt is echoed, so that an error is all one sees.
+    check_device(args.device)
+    prompt = read_prompt(args)
+    run = ckpt.read_config(args.checkpoint)
+    if run.training.task != "text":
+        hint = "reformer complete" if run.training.task == "images" else "reformer synthetic eval"
+        raise ValueError(f"{args.checkpoint} is a {run.training.task} run, not a text model; "
+                         f"use {hint}")
+    check_sampling(run.model, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, context=args.context)
+    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    if args.prompt_file is None:
         print(args.prompt or "", end="", flush=True)
     stream_sample(model, prompt, args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, context=args.context)
@@ -74,6 +88,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------- complete
+def check_output_file(out: Path) -> None:
+    """A ValueError unless a picture can be written to ``out`` (checked before any work)."""
+    from PIL import Image
+
+    folder = out.parent
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; pass a file name, e.g. "
+                         f"{out / 'completions.png'}")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {out}: the folder {folder} does not exist; create it "
+                         "or pass another --out")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {out}: the folder {folder} is not writable; pass "
+                         "another --out")
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"cannot write {out}: {out.suffix or 'no extension'!r} is not a "
+                         "picture format Pillow writes; use e.g. .png")
+
+
+def held_out_pictures(args: argparse.Namespace, cfg: TrainConfig) -> list[np.ndarray]:
+    """Up to --n pictures to complete, with a note on stderr when there are fewer."""
+    from reformer.data import images
+
+    if args.images:
+        source = images.ImageFiles(images.image_paths(args.images), cfg.image_size,
+                                   cfg.image_channels)
+        where = "given with --images"
+    else:
+        source = images.load_image_splits(cfg.replace(eval_windows=max(args.n,
+                                                                       cfg.eval_windows)))[1]
+        where = "held-out"
+    if len(source) < args.n:
+        print(f"reformer complete: note: {len(source)} {where} picture(s), fewer than --n "
+              f"{args.n}; completing {len(source)}", file=sys.stderr, flush=True)
+    return [source[i] for i in range(min(args.n, len(source)))]
+
+
+def check_complete_args(args: argparse.Namespace) -> tuple[TrainConfig, int, Path]:
+    """(the run's training config, rows kept, the grid's path), all checked before any work."""
+    check_device(args.device)
+    cfg = ckpt.read_config(args.checkpoint).training
+    if cfg.task != "images":
+        raise ValueError(f"{args.checkpoint} is a {cfg.task} run; complete needs a run trained "
+                         "with --task images")
+    if args.n < 1 or args.samples < 1:
+        raise ValueError(f"--n {args.n} and --samples {args.samples} must both be >= 1")
+    keep = args.keep_rows if args.keep_rows is not None else cfg.image_size // 2
+    if not 1 <= keep < cfg.image_size:
+        raise ValueError(f"--keep-rows {keep} must lie in [1, {cfg.image_size - 1}] for "
+                         f"{cfg.image_size}x{cfg.image_size} pictures; pass e.g. --keep-rows "
+                         f"{cfg.image_size // 2}")
+    check_filters(args.temperature, args.top_k)
+    out = args.out or Path(args.checkpoint) / "completions.png"
+    check_output_file(out)
+    return cfg, keep, out
+
+
 def cmd_complete(args: argparse.Namespace) -> int:
     """Keep the top rows of held-out pictures, sample the rest, write the grid, time it."""
     from PIL import Image
@@ -81,21 +153,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
     from reformer.completion import complete_image, completion_grid
     from reformer.data import images
 
-    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
-    cfg = run.training
-    if cfg.task != "images":
-        raise ValueError(f"{args.checkpoint} is a {cfg.task} run; complete needs a run trained "
-                         "with --task images")
-    if args.n < 1 or args.samples < 1:
-        raise ValueError(f"--n {args.n} and --samples {args.samples} must both be >= 1")
-    if args.images:
-        source = images.ImageFiles(images.image_paths(args.images), cfg.image_size,
-                                   cfg.image_channels)
-    else:
-        source = images.load_image_splits(cfg.replace(eval_windows=max(args.n,
-                                                                       cfg.eval_windows)))[1]
-    pictures = [source[i] for i in range(min(args.n, len(source)))]
-    keep = args.keep_rows if args.keep_rows is not None else cfg.image_size // 2
+    cfg, keep, out = check_complete_args(args)
+    model, _ = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    pictures = held_out_pictures(args, cfg)
     tokens = torch.stack([images.image_to_tokens(p) for p in pictures])  # (N, L)
     bits = [evaluate_sequences(model, t[None], seed=cfg.seed)[0] for t in tokens]
     print(f"{len(pictures)} held-out {cfg.image_size}x{cfg.image_size}x{cfg.image_channels} "
@@ -113,7 +173,6 @@ def cmd_complete(args: argparse.Namespace) -> int:
         times.append((time.perf_counter() - t0) / args.samples)
         print(f"image {i + 1}: {bits[i]:.3f} bits/dim, {times[-1]:.1f} s per completion",
               flush=True)
-    out = args.out or Path(args.checkpoint) / "completions.png"
     Image.fromarray(completion_grid(pictures, keep, completions)).save(out)
     print(f"median {statistics.median(times):.1f} s per completed image; grid "
           f"(original | fragment | completions) in {out}")
@@ -122,32 +181,51 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="sample text from a trained run")
-    gen.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    gen.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                     help="a run directory of reformer train")
     gen.add_argument("--prompt", help="text to continue (default: a newline)")
-    gen.add_argument("--prompt-file", type=Path, metavar="FILE")
-    gen.add_argument("--max-new-tokens", type=int, default=500)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--n-hashes", type=int, help="LSH rounds (default: the model's)")
-    gen.add_argument("--context", type=int, help="tokens the model sees (max_seq_len)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--prompt-file", type=Path, metavar="FILE",
+                     help="read the prompt from this file instead")
+    gen.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
+                     help="bytes to sample, >= 0 (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                     help="> 0; lower is more conservative (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, metavar="K",
+                     help="sample among the K most likely bytes, K >= 1 (default: all)")
+    gen.add_argument("--top-p", type=float, metavar="P",
+                     help="sample among the most likely bytes of total probability P, "
+                     "0 < P <= 1 (default: 1, all)")
+    gen.add_argument("--n-hashes", type=int, metavar="R",
+                     help="LSH rounds (default: the model's)")
+    gen.add_argument("--context", type=int, metavar="N",
+                     help="tokens the model sees, 2 to max_seq_len (default: max_seq_len)")
+    gen.add_argument("--seed", type=int, default=0, metavar="N",
+                     help="seeds the sampling (default: %(default)s)")
+    gen.add_argument("--device", default="auto",
+                     help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)
 
     comp = sub.add_parser("complete", help="complete held-out pictures from their top rows")
-    comp.add_argument("--checkpoint", required=True, type=Path, metavar="DIR")
+    comp.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                      help="a run directory of reformer train --task images")
     comp.add_argument("--images", nargs="+", metavar="PATH",
                       help="pictures to complete (default: the run's held-out images)")
-    comp.add_argument("--keep-rows", type=int, metavar="K", help="rows kept (half the image)")
-    comp.add_argument("--n", type=int, default=4, metavar="N", help="pictures (4)")
+    comp.add_argument("--keep-rows", type=int, metavar="K",
+                      help="rows kept (default: half the picture)")
+    comp.add_argument("--n", type=int, default=4, metavar="N",
+                      help="pictures (default: %(default)s)")
     comp.add_argument("--samples", type=int, default=2, metavar="M",
-                      help="completions per picture (2)")
-    comp.add_argument("--temperature", type=float, default=1.0)
-    comp.add_argument("--top-k", type=int)
-    comp.add_argument("--n-hashes", type=int, help="LSH rounds (default: the model's)")
+                      help="completions per picture (default: %(default)s)")
+    comp.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                      help="> 0 (default: %(default)s)")
+    comp.add_argument("--top-k", type=int, metavar="K",
+                      help="sample among the K most likely values (default: all)")
+    comp.add_argument("--n-hashes", type=int, metavar="R",
+                      help="LSH rounds (default: the model's)")
     comp.add_argument("--out", type=Path, metavar="FILE.png",
                       help="the grid (default: DIR/completions.png)")
-    comp.add_argument("--seed", type=int, default=0)
-    comp.add_argument("--device", default="auto")
+    comp.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seeds the sampling (default: %(default)s)")
+    comp.add_argument("--device", default="auto",
+                      help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     comp.set_defaults(func=cmd_complete)

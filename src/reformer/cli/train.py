@@ -17,7 +17,7 @@ from reformer.data import text
 from reformer.data.task import TASKS
 from reformer.presets import DEFAULT_PRESET, PRESETS
 from reformer.training import checkpoint as ckpt
-from reformer.training.config import resolve_run_config
+from reformer.training.config import TrainConfig, resolve_run_config
 from reformer.training.trainer import (
     Callback,
     EvalReport,
@@ -164,6 +164,10 @@ def train_and_report(trainer: Trainer) -> int:
 # ------------------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """train (default preset, time-bounded) -> evaluate -> sample after a held-out prompt."""
+    if args.prompt_chars < 1 or args.sample_chars < 0 or not args.sample_seconds > 0:
+        raise ValueError(f"--prompt-chars {args.prompt_chars}, --sample-chars "
+                         f"{args.sample_chars} and --sample-seconds {args.sample_seconds:g} must "
+                         "be >= 1, >= 0 and > 0; pass e.g. 1024, 300 and 45")
     changes = train_changes(args)
     run = resolve_run_config(DEFAULT_PRESET, **changes)
     out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -182,23 +186,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(text.decode(prompt_ids[-200:]), end="", flush=True)
     stream_sample(trainer.model.eval(), prompt_ids, args.sample_chars, temperature=0.8,
                   top_k=40, top_p=None, seed=run.training.seed,
-                  context=len(prompt_ids) + args.sample_chars, highlight=True,
-                  max_seconds=args.sample_seconds)
+                  context=min(max(2, len(prompt_ids) + args.sample_chars), run.model.max_seq_len),
+                  highlight=True, max_seconds=args.sample_seconds)
     print(f"\nmore: reformer generate --checkpoint {trainer.run_dir} --prompt 'ROMEO:'")
     return 0
 
 
+def preset_default(field: str, preset: str, fixed: bool = False) -> str:
+    """How --help states a training flag's default: the preset's value, or TrainConfig's.
+
+    ``fixed``: the command always uses ``preset`` (no --preset to choose another).
+    """
+    value = PRESETS[preset].training.get(field)
+    if value is not None:
+        return f"(default: the preset's, {value} for {preset})"
+    value = getattr(TrainConfig, field)
+    text = "none" if value is None else str(value)
+    if not fixed and any(field in p.training for p in PRESETS.values()):
+        text += ", or the chosen preset's"
+    return f"(default: {text})"
+
+
 def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
-                     synthetic: bool = False) -> None:
+                    synthetic: bool = False) -> None:
+    preset = "synthetic" if synthetic else DEFAULT_PRESET
+
+    def default(field: str) -> str:
+        return preset_default(field, preset, fixed=synthetic or demo)
+
     if not synthetic:
         p.add_argument("--data", nargs="+", metavar="PATH",
                        help="text files, folders or globs, read as bytes (default: Shakespeare)")
         p.add_argument("--val-data", nargs="+", metavar="PATH",
                        help="held-out text (default: the last --val-fraction of --data)")
         p.add_argument("--val-fraction", type=float, metavar="X",
-                       help="held-out share of the data (0.05)")
+                       help=f"held-out share of the data, 0 < X < 1 {default('val_fraction')}")
         p.add_argument("--seq-len", type=int, metavar="N",
-                       help="context length in bytes (the preset's)")
+                       help=f"context length in bytes {default('seq_len')}")
     if not synthetic and not demo:
         p.add_argument("--task", choices=TASKS,
                        help="text (default), images, or the synthetic duplication task")
@@ -206,40 +230,55 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="folders, files or globs of PNG/JPEG pictures (default: crops of "
                        "scikit-image's photographs)")
         p.add_argument("--image-size", type=int, metavar="S",
-                       help="pictures are centre-cropped and resized to S x S (the preset's)")
+                       help="pictures are centre-cropped and resized to S x S "
+                       f"{preset_default('image_size', TASK_PRESETS['images'])}")
         p.add_argument("--image-channels", type=int, choices=(1, 3),
-                       help="3 = RGB (default), 1 = grayscale")
-    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps")
+                       help="3 = RGB, 1 = grayscale "
+                       f"{preset_default('image_channels', TASK_PRESETS['images'])}")
+    p.add_argument("--steps", type=int, metavar="N", help=f"optimiser steps {default('steps')}")
     p.add_argument("--max-minutes", type=float, metavar="X",
-                   help="wall-clock budget for the whole run")
-    p.add_argument("--batch-size", type=int, metavar="N", help="windows per micro-batch")
-    p.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step")
-    p.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, metavar="N")
-    p.add_argument("--weight-decay", type=float, metavar="X")
-    p.add_argument("--grad-clip", type=float, metavar="X", help="max global gradient norm")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast")
-    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps")
-    p.add_argument("--eval-windows", type=int, metavar="N", help="held-out windows per evaluation")
+                   help="wall-clock budget for the whole run "
+                   + ("(default: 3.0)" if demo else default("max_minutes")))
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help=f"windows per micro-batch {default('batch_size')}")
+    p.add_argument("--grad-accum", type=int, metavar="N",
+                   help=f"micro-batches per step {default('grad_accum')}")
+    p.add_argument("--lr", type=float, metavar="X", help=f"peak learning rate {default('lr')}")
+    p.add_argument("--warmup-steps", type=int, metavar="N",
+                   help=f"steps of linear learning-rate warm-up {default('warmup_steps')}")
+    p.add_argument("--weight-decay", type=float, metavar="X",
+                   help=f"AdamW weight decay {default('weight_decay')}")
+    p.add_argument("--grad-clip", type=float, metavar="X",
+                   help=f"max global gradient norm {default('grad_clip')}")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help=f"bf16 = autocast {default('precision')}")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help=f"evaluate every N steps {default('eval_every')}")
+    p.add_argument("--eval-windows", type=int, metavar="N",
+                   help=f"held-out windows per evaluation {default('eval_windows')}")
     p.add_argument("--eval-n-hashes", type=int, nargs="+", metavar="R",
-                   help="also evaluate with R hash rounds, e.g. 8")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save every N steps")
-    p.add_argument("--seed", type=int, metavar="N")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+                   help="also evaluate with R hash rounds, e.g. 8 (default: none)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help=f"save every N steps {default('checkpoint_every')}")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"seeds the weights, the data order and dropout {default('seed')}")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="run directory (default: runs/NAME-TIME)")
     if synthetic:
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
         return
     if demo:
-        p.add_argument("--prompt-chars", type=int, metavar="N", default=1024)
-        p.add_argument("--sample-chars", type=int, metavar="N", default=300)
+        p.add_argument("--prompt-chars", type=int, metavar="N", default=1024,
+                       help="held-out bytes before the sample (default: %(default)s)")
+        p.add_argument("--sample-chars", type=int, metavar="N", default=300,
+                       help="bytes to sample (default: %(default)s)")
         p.add_argument("--sample-seconds", type=float, metavar="X", default=45.0,
-                       help="stop sampling after this long")
+                       help="stop sampling after this long (default: %(default)s)")
         return
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help=f"model and training defaults (default: {DEFAULT_PRESET} for text, "
-                   "images-cpu for images)")
+                   f"{TASK_PRESETS['images']} for images, synthetic for the synthetic task)")
     p.add_argument("--config", type=Path, metavar="FILE.json",
                    help="model config JSON (a ReformerConfig or a run's config.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

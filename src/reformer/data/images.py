@@ -23,6 +23,7 @@ that keeps the statistics of natural images best at these scales.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immuno
 HELD_OUT_SHARE = 0.2  # of each default photograph's height, at the bottom
 DEFAULT_TRAIN_CROPS = 4096
 CROP_SIDE = (0.12, 0.2)  # of the photograph's shorter side
+MAX_LISTED = 10  # unreadable pictures named in the error
 
 
 # ---------------------------------------------------------------------------- the codec
@@ -90,16 +92,52 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        from PIL import Image as PILImage
-        from PIL import UnidentifiedImageError
-
         try:
-            with PILImage.open(self.paths[index]) as picture:
-                picture.draft("RGB", (2 * self.size, 2 * self.size))  # JPEG: decode smaller
+            with open_picture(self.paths[index], self.size) as picture:
                 return square_resize(picture, self.size, self.channels)
-        except (UnidentifiedImageError, OSError) as err:
+        except read_errors() as err:
             raise ValueError(f"cannot read image {self.paths[index]} ({err}); remove it or "
                              "convert it to PNG/JPEG") from err
+
+
+def read_errors() -> tuple[type[Exception], ...]:
+    """What Pillow raises for files it cannot decode (DecompressionBombError: a huge picture)."""
+    from PIL import Image as PILImage
+
+    return (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
+            PILImage.DecompressionBombError)
+
+
+def open_picture(path: Path, size: int) -> Image:
+    """``path`` opened with Pillow, JPEGs set to decode at about 2 * size (faster)."""
+    from PIL import Image as PILImage
+
+    picture = PILImage.open(path)
+    picture.draft("RGB", (2 * size, 2 * size))
+    return picture
+
+
+def check_pictures(paths: Sequence[Path], size: int) -> None:
+    """Decode every picture once; one ValueError naming all that cannot be read.
+
+    A training run draws pictures at random, so a broken file would otherwise stop it at
+    whichever step first draws it.
+    """
+    from PIL import UnidentifiedImageError
+
+    bad = []
+    for path in paths:
+        try:
+            with open_picture(path, size) as picture:
+                picture.load()
+        except read_errors() as err:
+            why = "not a picture" if isinstance(err, UnidentifiedImageError) else str(err)
+            bad.append(f"{path} ({why})")
+    if bad:
+        shown = "; ".join(bad[:MAX_LISTED]) + (f"; and {len(bad) - MAX_LISTED} more"
+                                                 if len(bad) > MAX_LISTED else "")
+        raise ValueError(f"{len(bad)} of {len(paths)} pictures cannot be read: {shown}; remove "
+                         "them or convert them to PNG/JPEG")
 
 
 class ImageArray:
@@ -206,6 +244,8 @@ class ImageTask(Task):
         self.size, self.channels = cfg.image_size, cfg.image_channels
         self.batch_size = cfg.batch_size
         self.train, self.val, self.description = load_image_splits(cfg)
+        if isinstance(self.train, ImageFiles):  # every picture now, not at a later step
+            check_pictures([*self.train.paths, *self.val.paths], self.size)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         n_eval = min(cfg.eval_windows, len(self.val))
         self.eval_inputs = torch.stack([image_to_tokens(self.val[i]) for i in range(n_eval)])

@@ -139,6 +139,8 @@ class TextSpan:
 
         Returns fewer than ``n_windows`` when the span holds fewer distinct windows.
         """
+        if n_windows < 1:
+            raise ValueError(f"n_windows={n_windows} must be at least 1; pass e.g. 4")
         if len(self) < seq_len:
             raise ValueError(f"the held-out text has {len(self):,} bytes, fewer than "
                              f"seq_len={seq_len:,}; use a shorter --seq-len or more text")

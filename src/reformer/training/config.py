@@ -16,15 +16,19 @@ Decisions:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from reformer.config import ReformerConfig
+import torch
+
+from reformer.config import ReformerConfig, is_int, is_real
 from reformer.data.task import TASKS
 from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
 
 PRECISIONS = ("fp32", "bf16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "eval_every", "eval_windows",
                               "eval_n_hashes", "checkpoint_every", "device"})
 
@@ -69,27 +73,40 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                      "eval_windows", "checkpoint_every", "image_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer; pass e.g. 1")
+            _require(is_int(value) and value >= 1, name, value, "must be a positive integer",
+                     f"pass e.g. {name}=1")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2 (one target)")
         self._validate_task()
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes={self.max_minutes} must be > 0; pass e.g. 4")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0; pass e.g. 3e-3")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None for no clipping")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is unknown; use one of {PRECISIONS}")
-        if any(not isinstance(r, int) or r < 1 for r in self.eval_n_hashes):
-            raise ValueError(f"eval_n_hashes={self.eval_n_hashes} must be positive integers")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas={self.betas} must be two numbers, e.g. (0.9, 0.98)")
+        self._validate_optimiser()
+        _require(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
+                 self.val_fraction, "must lie in (0, 1)", "pass e.g. val_fraction=0.05")
+        _require(self.max_minutes is None or (_is_number(self.max_minutes)
+                                              and self.max_minutes > 0), "max_minutes",
+                 self.max_minutes, "must be a finite number > 0, or None for no time limit",
+                 "pass e.g. max_minutes=4")
+        _require(self.precision in PRECISIONS, "precision", self.precision, "is unknown",
+                 f"use one of {PRECISIONS}")
+        _require(all(is_int(r) and r >= 1 for r in self.eval_n_hashes), "eval_n_hashes",
+                 self.eval_n_hashes, "must be positive integers", "pass e.g. (8,)")
+        _require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
+                 "must be a non-negative integer", "pass e.g. seed=0")
+        check_device(self.device)
+
+    def _validate_optimiser(self) -> None:
+        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr,
+                 "must be a finite number > 0", "pass e.g. lr=3e-3")
+        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+                 self.min_lr_ratio, "must lie in [0, 1]", "pass e.g. min_lr_ratio=0.1")
+        _require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
+                 self.warmup_steps, "must be a non-negative integer", "pass e.g. warmup_steps=10")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                 self.weight_decay, "must be a finite number >= 0", "pass e.g. weight_decay=0.01")
+        _require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas),
+                 "betas", self.betas, "must be two numbers in [0, 1)", "pass e.g. (0.9, 0.98)")
+        _require(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+                 "grad_clip", self.grad_clip, "must be a finite number > 0, or None for no "
+                 "clipping", "pass e.g. grad_clip=1.0")
 
     def _validate_task(self) -> None:
         if self.task not in TASKS:
@@ -144,6 +161,13 @@ class RunConfig:
     training: TrainConfig
     preset: str | None = None
 
+    def __post_init__(self) -> None:
+        seq_len, max_seq_len = self.training.seq_len, self.model.max_seq_len
+        _require(seq_len <= max_seq_len, "seq_len", seq_len,
+                 f"exceeds the model's max_seq_len={max_seq_len}",
+                 f"train on windows of at most {max_seq_len} tokens or build the model with "
+                 f"max_seq_len={seq_len}")
+
     def to_json(self) -> str:
         return json.dumps({"format": 1, "preset": self.preset, "model": self.model.to_dict(),
                            "training": self.training.to_dict()}, indent=2, sort_keys=True)
@@ -194,6 +218,30 @@ def resolve_run_config(preset: str | None = None, config_file: str | Path | None
             and model.axial_pos_shape != image_axes(train)):
         model = model.replace(axial_pos_shape=image_axes(train), axial_pos_dims=None)
     return RunConfig(model=model, training=train, preset=preset)
+
+
+def check_device(name: str) -> str:
+    """``name`` if it names a device to run on: auto, cpu, cuda, cuda:N or mps; else a
+    ValueError. Whether that device exists here is checked when a model is placed on it."""
+    try:
+        device = torch.device(name) if isinstance(name, str) and name != "auto" else None
+    except RuntimeError:
+        device = None
+    if name != "auto" and (device is None or device.type not in DEVICE_TYPES):
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N "
+                         "(e.g. cuda:1) or mps")
+    return name
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return is_real(value) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
+    """A ValueError naming the value, the rule and the fix unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} {rule}; {fix}")
 
 
 def image_token_count(size: int, channels: int) -> int:
