@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from reformer.config import check_positive_int
 from reformer.data import text
 from reformer.data.task import build_task
 from reformer.training.checkpoint import load_model, read_config
@@ -35,14 +36,17 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
     """
     model, run = load_model(run_dir, resolve_device(device))
     cfg = run.training
-    seq_len = seq_len or cfg.seq_len
+    seq_len = _given_or(seq_len, "seq_len", cfg.seq_len)
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be at least 2 (one target); pass e.g. "
+                         f"{cfg.seq_len}")
     if seq_len > run.model.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len="
                          f"{run.model.max_seq_len}; pass a smaller --seq-len")
     if cfg.task != "text" and (data or seq_len != cfg.seq_len):
         raise ValueError(f"--data and --seq-len apply to text runs; {run_dir} is a "
                          f"{cfg.task} run, evaluated on its own held-out set")
-    n_windows = n_windows or cfg.eval_windows
+    n_windows = _given_or(n_windows, "n_windows", cfg.eval_windows)
     if data:
         held_out = text.ByteCorpus(text.resolve_paths(data)).span()
         inputs = labels = held_out.windows(seq_len, n_windows)  # (N, L)
@@ -51,7 +55,7 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
         inputs, labels = task.eval_set()  # (N, L) each
     results = {}
     for r in n_hashes:
-        rounds = r or run.model.n_hashes
+        rounds = _given_or(r, "n_hashes", run.model.n_hashes)
         results[rounds] = evaluate_sequences(model, inputs, labels, n_hashes=rounds,
                                              seed=cfg.seed,
                                              precision=precision or cfg.precision)[0]
@@ -77,7 +81,8 @@ def evaluate_attentions(run_dir: str | Path, attentions: Sequence[str], device: 
     """
     run = read_config(run_dir)
     cfg = run.training
-    task = build_task(cfg.replace(eval_windows=n_sequences or cfg.eval_windows))
+    task = build_task(cfg.replace(eval_windows=_given_or(n_sequences, "n_sequences",
+                                                          cfg.eval_windows)))
     inputs, labels = task.eval_set()
     results = {}
     for attention in attentions:
@@ -87,3 +92,12 @@ def evaluate_attentions(run_dir: str | Path, attentions: Sequence[str], device: 
                                                 precision=cfg.precision,
                                                 extra=task.extra_metrics)
     return results
+
+
+def _given_or(value: int | None, name: str, default: int) -> int:
+    """``value``, checked to be a positive integer, or ``default`` where it is None (0 is a
+    mistake, not a request for the default)."""
+    if value is None:
+        return default
+    check_positive_int(name, value)
+    return value
