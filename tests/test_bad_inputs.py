@@ -339,3 +339,10 @@ def test_help_shows_the_defaults(capsys):
     assert "default: the preset's, 0.001 for synthetic" in synthetic  # --lr
     demo = help_text(capsys, ["demo"])
     assert "(default: 3.0)" in demo  # --max-minutes
+
+
+def test_resolve_device_names_an_unknown_device():
+    from reformer.training.trainer import resolve_device
+
+    with pytest.raises(ValueError, match="device='tpu' is not a device"):
+        resolve_device("tpu")

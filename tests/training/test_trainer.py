@@ -73,12 +73,14 @@ def test_run_directory_contents(tmp_path, corpus):
     Trainer.create(tmp_path / "r", run).run_loop()
     d = tmp_path / "r"
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, ckpt.METRICS_FILE, ckpt.PLOT_FILE])
+        [ckpt.CONFIG_FILE, "step-00000002", ckpt.METRICS_FILE, ckpt.PLOT_FILE, ckpt.LOCK_FILE])
+    assert sorted(p.name for p in (d / "step-00000002").iterdir()) == [ckpt.WEIGHTS_FILE,
+                                                                      ckpt.STATE_FILE]
     assert ckpt.read_config(d) == run
     assert (d / ckpt.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kinds = [json.loads(line)["kind"] for line in (d / ckpt.METRICS_FILE).open()]
     assert kinds == ["eval", "train", "train", "eval"]
-    state = torch.load(d / ckpt.STATE_FILE, weights_only=True)
+    state = torch.load(d / "step-00000002" / ckpt.STATE_FILE, weights_only=True)
     assert set(state) >= {"step", "elapsed_s", "optimizer", "rng", "data"}
 
 
@@ -185,7 +187,7 @@ def test_the_vocabulary_must_hold_the_tasks_symbols(tmp_path):
 
 def test_states_saved_before_tasks_existed_still_resume(tmp_path, corpus):
     Trainer.create(tmp_path / "r", make_run(corpus)).run_loop(StopAt(3))
-    path = tmp_path / "r" / ckpt.STATE_FILE
+    path = ckpt.latest_checkpoint(tmp_path / "r").state
     state = torch.load(path, weights_only=False)
     fingerprint = state["data"].pop("fingerprint")
     state["data"].update(fingerprint)  # the old layout: train_bytes, val_bytes

@@ -1,27 +1,47 @@
-"""Run directories: config, weights and trainer state, written atomically.
+"""Run directories: the config, one atomic checkpoint, metrics, and a lock against a second run.
 
 A run directory holds
 
     config.json          {"format": 1, "preset": ..., "model": ReformerConfig, "training": ...}
-    model.safetensors    the weights (metadata: the step they belong to)
-    trainer_state.pt     optimizer, schedule (step, elapsed time), RNG and data-sampler state
+    step-00001200/       the newest complete checkpoint, one unit:
+        model.safetensors    the weights (metadata: the step they belong to)
+        trainer_state.pt     optimizer, schedule (step, elapsed time), RNG and data-sampler state
     metrics.jsonl        see reformer.training.metrics
     plot.png             train and validation curves
+    .lock                flock-ed by the run training here; holds "pid P on HOST"
 
-Every file is written to a temporary name, synced and renamed over the old one, so an
-interruption leaves either the old or the new file, never half of one. The weights and the
-trainer state are two files; both record their step, and loading refuses a mismatched pair (a
-crash between the two renames) instead of resuming from it silently.
+Why a folder: weights and trainer state written as two files can be torn apart by a kill
+between their two renames. A save writes both into ``.tmp-step-N/``, fsyncs them and the folder,
+then renames the folder to ``step-N/`` (one atomic rename), fsyncs the run directory, and only
+then deletes the older checkpoint (renaming it to ``.tmp-...`` first). So a ``step-*`` folder is
+always complete, the newest one is what resume loads, a kill at any point leaves the old or the
+new checkpoint, and disk use stays at one checkpoint plus the one being written. ``.tmp-*``
+entries are leftovers of a killed save, removed by the next run that locks the directory. A
+non-empty folder cannot be replaced by a rename, so saving a step again (a periodic save, then
+the final one) writes ``step-N.1``, ``step-N.2``, ... (newest = highest step, then suffix).
+
+Runs saved before step folders hold model.safetensors and trainer_state.pt at the top level;
+they still load and resume (a pair torn by a kill is refused by comparing their steps), and
+their first new save replaces them.
+
+Two runs in one directory would interleave metrics and overwrite each other's checkpoints, so
+a Trainer holds the directory's lock (``rundir.RunLock``) while it trains.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -35,15 +55,37 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "plot.png"
+LOCK_FILE = ".lock"  # see rundir.RunLock
+TMP_PREFIX = ".tmp-"
+_STEP_FOLDER = re.compile(r"step-(\d+)(?:\.(\d+))?")
+
+
+# ------------------------------------------------------------------ durable writes
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` and fsync it (os-level calls: tests inject faults there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync a folder, so that the names created or renamed in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(tmp, data)
     os.replace(tmp, path)
 
 
@@ -56,7 +98,7 @@ def read_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_FILE}); pass "
-                         "the --out folder of a `reformer train` run")
+                         "the output folder of a `reformer train` run")
     try:
         return RunConfig.from_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -64,65 +106,188 @@ def read_config(run_dir: str | Path) -> RunConfig:
                          "\"training\" sections as `reformer train` writes them") from err
 
 
+# ------------------------------------------------------------ finding checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: a step folder, or the run directory itself (the old layout)."""
+
+    folder: Path
+    step: int
+    resave: int = 0  # k for step-N.k, the k-th later save of the same step
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / WEIGHTS_FILE
+
+    @property
+    def state(self) -> Path:
+        return self.folder / STATE_FILE
+
+
+def checkpoints(run_dir: str | Path) -> list[Checkpoint]:
+    """The complete checkpoints in ``run_dir``, oldest first (an old-layout pair first)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = sorted((Checkpoint(p, int(m[1]), int(m[2] or 0)) for p in run_dir.iterdir()
+                    if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()),
+                   key=lambda c: (c.step, c.resave))
+    if (run_dir / WEIGHTS_FILE).is_file():
+        found.insert(0, Checkpoint(run_dir, _header_step(run_dir / WEIGHTS_FILE)))
+    return found
+
+
+def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / WEIGHTS_FILE).is_file()
+    return latest_checkpoint(run_dir) is not None
 
 
-def save_weights(run_dir: Path, model: ReformerLM, step: int) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    data = save_safetensors(tensors, metadata={"step": str(step), "format": str(FORMAT)})
-    atomic_write_bytes(run_dir / WEIGHTS_FILE, data)
-
-
-def load_weights(run_dir: str | Path, model: ReformerLM) -> int:
-    """Load ``model.safetensors`` into ``model``; returns the step it was saved at."""
-    path = Path(run_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ValueError(f"{str(run_dir)!r} holds no {WEIGHTS_FILE} yet; train first or pass "
-                         "another run directory")
-    data = path.read_bytes()
-    tensors = load_safetensors(data)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise ValueError(f"{path} does not fit the model of its {CONFIG_FILE} ({first}); the "
-                         "weights come from another config") from err
-    return _weights_step(data)
+def _header_step(path: Path) -> int:
+    """The step in a safetensors file's metadata, read from its header alone; -1 if unreadable."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        try:
+            return _weights_step(head + f.read(int.from_bytes(head, "little")))
+        except (ValueError, AttributeError):
+            return -1
 
 
 def _weights_step(data: bytes) -> int:
     header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
     return int(meta.get("step", -1))
 
 
-def save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    import io
+# ------------------------------------------------------------------------- saving
+def save_checkpoint(run_dir: Path, model: ReformerLM, state: dict[str, Any]) -> Checkpoint:
+    """Save the weights and ``state`` (which holds "step") as the newest checkpoint, atomically.
 
+    The caller holds the run's :class:`RunLock`. Older checkpoints are deleted once the new one
+    is complete.
+    """
+    remove_stale(run_dir)
+    step, older = state["step"], checkpoints(run_dir)
+    resave = max((c.resave + 1 for c in older if c.step == step and c.folder != run_dir),
+                 default=0)
+    new = Checkpoint(run_dir / (f"step-{step:08d}" + (f".{resave}" if resave else "")),
+                     step, resave)
+    tmp = run_dir / f"{TMP_PREFIX}{new.folder.name}"
+    os.mkdir(tmp)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _write_synced(tmp / WEIGHTS_FILE, save_safetensors(
+        tensors, metadata={"step": str(step), "format": str(FORMAT)}))
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(run_dir / STATE_FILE, buf.getvalue())
+    _write_synced(tmp / STATE_FILE, buf.getvalue())
+    _sync_dir(tmp)
+    os.rename(tmp, new.folder)  # the switch: from here on the new checkpoint is the newest
+    _sync_dir(run_dir)
+    for old in older:
+        _delete(old)
+    return new
 
 
-def load_state(run_dir: Path, weights_step: int) -> dict[str, Any]:
-    """The trainer state saved with the weights of ``weights_step``."""
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has weights but no {STATE_FILE}, so it cannot be resumed; "
-                         "start a new run with another --out")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["step"] != weights_step:
-        raise ValueError(f"{run_dir}: {WEIGHTS_FILE} is from step {weights_step} but "
-                         f"{STATE_FILE} from step {state['step']} (interrupted while saving); "
-                         "the run cannot be resumed exactly, start a new one")
+def _delete(checkpoint: Checkpoint) -> None:
+    """Delete an older checkpoint; a step folder is renamed away first, so that a kill midway
+    never leaves a half-deleted folder under a ``step-*`` name."""
+    if checkpoint.folder.name.startswith("step-"):
+        doomed = checkpoint.folder.with_name(f"{TMP_PREFIX}old-{checkpoint.folder.name}")
+        os.rename(checkpoint.folder, doomed)
+        shutil.rmtree(doomed)
+    else:  # the old layout; without its weights a left-over state file is ignored
+        checkpoint.weights.unlink(missing_ok=True)
+        checkpoint.state.unlink(missing_ok=True)
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Remove what killed saves left in a run directory; only call it holding the lock."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return  # not a run (yet): nothing here is ours to delete
+    for path in run_dir.iterdir():
+        name = path.name
+        if name.startswith(TMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not (run_dir / WEIGHTS_FILE).exists():
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ loading
+def load_weights(run_dir: str | Path, model: ReformerLM) -> int:
+    """Load the newest checkpoint's weights into ``model``; returns the step they were saved at."""
+    for attempt in range(3):
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ValueError(f"{str(run_dir)!r} holds no checkpoint yet; train first or pass "
+                             "another run directory")
+        try:
+            data = found.weights.read_bytes()
+            break
+        except FileNotFoundError:  # a running save replaced it meanwhile: look again
+            if attempt == 2:
+                raise
+    return _load_weight_bytes(Path(run_dir), found, data, model)
+
+
+def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes, model: ReformerLM) -> int:
+    try:
+        tensors, step = load_safetensors(data), _weights_step(data)
+    except (SafetensorError, ValueError) as err:
+        raise _damaged(run_dir, found.weights, err) from err
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(f"{found.weights} does not fit the model of its {CONFIG_FILE} "
+                         f"({first}); the weights come from another config") from err
+    return step
+
+
+def load_checkpoint(run_dir: Path, model: ReformerLM) -> dict[str, Any]:
+    """Load the newest checkpoint: its weights into ``model``; returns its trainer state.
+
+    The caller holds the run's :class:`RunLock`, so the checkpoint cannot change meanwhile.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ValueError(f"{run_dir} holds no checkpoint yet, so there is nothing to resume; "
+                         "start the run again instead")
+    step = _load_weight_bytes(run_dir, found, found.weights.read_bytes(), model)
+    if not found.state.is_file():
+        raise ValueError(f"{found.folder} has weights but no {STATE_FILE}, so it cannot be "
+                         "resumed; start a new run in another folder")
+    try:
+        state = torch.load(io.BytesIO(found.state.read_bytes()), map_location="cpu",
+                           weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise _damaged(run_dir, found.state, err) from err
+    if state["step"] != step:  # only the old layout can tear a pair apart
+        raise ValueError(f"{run_dir}: {WEIGHTS_FILE} is from step {step} but {STATE_FILE} "
+                         f"from step {state['step']} (interrupted while saving); the run cannot "
+                         "be resumed exactly, start a new one")
     return state
+
+
+def _damaged(run_dir: Path, path: Path, err: Exception) -> ValueError:
+    """The error for a truncated or corrupt checkpoint file: which file, and what to do."""
+    found = checkpoints(run_dir)
+    if len(found) > 1 and found[-1].folder != run_dir:
+        fix = f"delete {found[-1].folder} to fall back to the checkpoint of step {found[-2].step}"
+    else:
+        fix = ("no earlier checkpoint is kept: copy the run again if it was copied, or train "
+               "a new run in another folder")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ValueError(f"{path} is truncated or damaged ({reason}); {fix}")
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                n_hashes: int | None = None, attention: str | None = None,
                dedup_rounds: bool | None = None) -> tuple[ReformerLM, RunConfig]:
-    """The trained model of a run directory, in eval mode, and its configuration.
+    """The trained model of a run directory (its newest checkpoint), in eval mode, and its
+    configuration.
 
     Args:
         n_hashes: rebuild the model with this many LSH rounds (the weights do not depend on

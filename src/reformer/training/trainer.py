@@ -14,6 +14,9 @@ Decisions:
   steps and resumed reproduces the uninterrupted run's losses exactly (on the same machine).
 - A trainer seeds the global torch RNG with ``seed`` before building the model, so the
   initial weights and the stream of rotations are a function of the seed.
+- A checkpoint is one step folder switched in by one rename (reformer.training.checkpoint),
+  so a kill at any moment leaves a complete one, and resume loads the newest. The Trainer
+  locks its run directory: a second run there would interleave metrics and checkpoints.
 - Ctrl-C and SIGTERM (with ``handle_signals=True``) ask the loop to stop after the current
   step and save a checkpoint; a second Ctrl-C stops at once without saving.
 - The library never prints: progress goes to a :class:`Callback` (the CLI draws a tqdm bar).
@@ -35,7 +38,8 @@ from reformer.config import ReformerConfig
 from reformer.data.task import Task, build_task
 from reformer.model import ReformerLM
 from reformer.training import checkpoint as ckpt
-from reformer.training.config import RESUMABLE_FIELDS, RunConfig
+from reformer.training import rundir
+from reformer.training.config import RESUMABLE_FIELDS, RunConfig, check_device
 from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_sequences, plot_metrics
 from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
 
@@ -83,6 +87,7 @@ class Callback:
 
 
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -91,46 +96,62 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """A training run bound to its run directory. Build with :meth:`create` or :meth:`resume`."""
+    """A training run bound to its run directory. Build with :meth:`create` or :meth:`resume`.
 
+    The directory is locked (one run at a time) from construction until :meth:`run_loop`
+    returns or :meth:`close`; a second run there gets a ValueError naming the first.
+    """
+
+    # ------------------------------------------------------------------ construction
     def __init__(self, run_dir: str | Path, run: RunConfig, *, resume: bool = False) -> None:
-        self.run_dir, self.run, cfg = Path(run_dir), run, run.training
-        if cfg.seq_len > run.model.max_seq_len:
-            raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
-                             f"{run.model.max_seq_len}; lower --seq-len")
+        self.run_dir, self.run, cfg = Path(run_dir), run, run.training  # RunConfig checked
         self.device = resolve_device(cfg.device)
         self.task: Task = build_task(cfg)
         if run.model.vocab_size < self.task.vocab_size:
             raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold the {cfg.task} "
                              f"task's {self.task.vocab_size} symbols; use vocab_size="
                              f"{self.task.vocab_size}")
-        torch.manual_seed(cfg.seed)
-        self.model = ReformerLM(run.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self._lock = rundir.RunLock(self.run_dir)
+        self._lock.acquire()  # held until run_loop returns or close(); see rundir.RunLock
+        try:
+            self._open(resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, resume: bool) -> None:
+        """Under the lock: build the model, load the newest checkpoint or start afresh."""
+        if not resume:  # again: another run may have used the folder since create() looked
+            rundir.check_new_run_dir(self.run_dir)
+            (self.run_dir / ckpt.METRICS_FILE).unlink(missing_ok=True)
+        ckpt.remove_stale(self.run_dir)
+        torch.manual_seed(self.run.training.seed)
+        self.model = ReformerLM(self.run.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.run.training)
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step, self.elapsed_s, self.evals = 0, 0.0, []
         self._stop_reason: str | None = None
         if resume:
             self._load_checkpoint()
+        ckpt.write_config(self.run_dir, self.run)
 
-    # ------------------------------------------------------------------ construction
+    def close(self) -> None:
+        """Unlock the run directory (run_loop does so when it returns)."""
+        self._lock.release()
+
     @classmethod
     def create(cls, run_dir: str | Path, run: RunConfig) -> Trainer:
-        """A new run in ``run_dir``; refuses a directory that already holds a checkpoint."""
-        run_dir = Path(run_dir)
-        if ckpt.has_checkpoint(run_dir):
-            raise ValueError(f"{run_dir} already holds a trained run; pass --resume to continue "
-                             "it, or choose another --out")
-        trainer = cls(run_dir, run)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ckpt.METRICS_FILE).unlink(missing_ok=True)
-        ckpt.write_config(run_dir, run)
-        return trainer
+        """A new run in ``run_dir``: a new or empty folder, or a run without a checkpoint.
+
+        Refuses a folder of other files (no config.json) before writing anything there.
+        """
+        rundir.check_new_run_dir(Path(run_dir))
+        return cls(run_dir, run)
 
     @classmethod
     def resume(cls, run_dir: str | Path, model: ReformerConfig | None = None,
                changes: dict[str, Any] | None = None) -> Trainer:
-        """Continue the run saved in ``run_dir``.
+        """Continue the run saved in ``run_dir`` from its newest complete checkpoint.
 
         Args:
             model: the model config asked for now (None: the saved one); it must match.
@@ -142,10 +163,7 @@ class Trainer:
         if not ckpt.has_checkpoint(run_dir):
             raise ValueError(f"{run_dir} holds no checkpoint yet, so there is nothing to "
                              "resume; start it again without --resume")
-        run = _merge_for_resume(run_dir, saved, model, changes or {})
-        trainer = cls(run_dir, run, resume=True)
-        ckpt.write_config(run_dir, run)
-        return trainer
+        return cls(run_dir, _merge_for_resume(run_dir, saved, model, changes or {}), resume=True)
 
     # --------------------------------------------------------------------- the loop
     def request_stop(self, reason: str) -> None:
@@ -154,8 +172,12 @@ class Trainer:
 
     def run_loop(self, callback: Callback | None = None, handle_signals: bool = False
                  ) -> RunResult:
-        """Train until ``steps``, ``max_minutes`` or a stop request; returns how it ended."""
+        """Train until ``steps``, ``max_minutes`` or a stop request; returns how it ended.
+
+        The run directory stays locked until it returns.
+        """
         cb, cfg = callback or Callback(), self.run.training
+        self._lock.acquire()
         previous = self._install_signal_handlers(cb) if handle_signals else {}
         try:
             start = time.monotonic() - self.elapsed_s
@@ -183,6 +205,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._lock.release()
 
     def _stop_check(self, step_time: float) -> str | None:
         """Why to stop now, if so; a time budget stops when the next step would overrun it."""
@@ -211,13 +234,21 @@ class Trainer:
             total += loss.item()
         loss_value = total / cfg.grad_accum
         if not math.isfinite(loss_value):
-            raise ValueError(f"the loss became {loss_value} at step {self.step + 1}; lower --lr "
-                             f"(now {cfg.lr}) or train in fp32; the last checkpoint is intact")
+            raise self._diverged(loss_value)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
         return loss_value, time.perf_counter() - t0
+
+    def _diverged(self, loss: float) -> ValueError:
+        """The error for a non-finite loss: what to change, and what is on disk."""
+        cfg, last = self.run.training, ckpt.latest_checkpoint(self.run_dir)
+        fp32 = " or train in fp32" if cfg.precision == "bf16" else ""
+        saved = (f"the checkpoint of step {last.step} in {self.run_dir} is intact" if last
+                 else "no checkpoint has been saved yet")
+        return ValueError(f"the loss became {loss} at step {self.step + 1}; lower the learning "
+                          f"rate (lr={cfg.lr}){fp32}; {saved}")
 
     def _report_step(self, cb: Callback, loss: float, dt: float, step_time: float) -> None:
         cfg = self.run.training
@@ -263,12 +294,13 @@ class Trainer:
                      unit=self.task.unit)
 
     def save_checkpoint(self, cb: Callback | None = None, reason: str = "") -> None:
-        """Write the weights and the trainer state of the current step (atomically)."""
+        """Save the weights and the trainer state of the current step as one atomic checkpoint
+        (see reformer.training.checkpoint); locks the run directory if it is not yet."""
+        self._lock.acquire()
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        ckpt.save_weights(self.run_dir, self.model, self.step)
-        ckpt.save_state(self.run_dir, {
+        ckpt.save_checkpoint(self.run_dir, self.model, {
             "step": self.step, "elapsed_s": self.elapsed_s,
             "optimizer": self.optimizer.state_dict(), "rng": rng,
             "data": {"sampler": self.task.state_dict(), "fingerprint": self.task.fingerprint()},
@@ -278,8 +310,7 @@ class Trainer:
             cb.on_checkpoint(self, reason)
 
     def _load_checkpoint(self) -> None:
-        step = ckpt.load_weights(self.run_dir, self.model)
-        state = ckpt.load_state(self.run_dir, step)
+        state = ckpt.load_checkpoint(self.run_dir, self.model)
         data, now = state["data"], self.task.fingerprint()
         if "fingerprint" not in data:  # saved before tasks existed: text sizes only
             data["fingerprint"] = {k: data[k] for k in ("train_bytes", "val_bytes")}
