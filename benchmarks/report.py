@@ -6,17 +6,20 @@
 The page holds the machine (recorded by the matmul point of the run), the library versions
 (recorded by every point), the dates, one table per sweep, the speed and memory ratios of ours
 against the other systems, the issue-3 target checklist evaluated from the data (targets.py),
-and two plots: step time and peak memory against sequence length. Records tagged as smoke
-data (run_all.py --smoke) are marked as such on every table row they fill. For points run on
-a GPU (run_all.py --device cuda) memory is the GPU's peak allocated memory, the plots are named
-after the page (benchmarks-gpu_time.png) and there is no target checklist: the targets are
-for the CPU.
+and two plots: step time and peak memory against sequence length. When
+``results/contention.jsonl`` exists (benchmarks/contention.py), the page ends with its newest
+run per OpenMP setting: speed idle and beside two busy processes, ours against plain PyTorch.
+Records tagged as smoke data (run_all.py --smoke) are marked as such on every table row they
+fill. For points run on a GPU (run_all.py --device cuda) memory is the GPU's peak allocated
+memory, the plots are named after the page (benchmarks-gpu_time.png) and there is no target
+checklist: the targets are for the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -208,6 +211,38 @@ def plots(res: Results, out_dir: Path, stem: str) -> None:
         plt.close(fig)
 
 
+def contention_section(path: Path) -> list[str]:
+    """The newest run of benchmarks/contention.py for each OpenMP setting it was run with."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    newest: dict[str, str] = {}
+    for r in rows:  # run ids are start times: the last seen per setting is the newest
+        newest[json.dumps(r.get("env", {}), sort_keys=True)] = r.get("run", r["date"])
+    out = ["## On a busy machine (issue 20)", "",
+           "Each workload idle and beside two processes spinning on the two cores "
+           "(`benchmarks/contention.py`); ours and plain PyTorch alternate call by call, so both "
+           "see the same load. Loaded/idle is the slowdown; the target is ours <= 1.5x plain "
+           "PyTorch's.", ""]
+    for env, run in newest.items():
+        part = [r for r in rows if r.get("run", r["date"]) == run]
+        first = part[0]
+        setting = ", ".join(f"{k}={v}" for k, v in json.loads(env).items()) or "OpenMP defaults"
+        out += [f"{first['date']}, {first['cpu']}, {first['threads']} threads, {setting}, "
+                f"medians of {first['repeats']}:", ""]
+        table_rows = []
+        for r in part:
+            plain = next((p for p in part if p["workload"] == r["workload"]
+                          and p["system"] == "plain"), None)
+            rel = (f"{r['ratio'] / plain['ratio']:.2f}x" if plain and r["system"] == "ours"
+                   else "")
+            table_rows.append([r["workload"], r["system"], f"{r['units_per_s_idle']:,.0f}",
+                               f"{r['units_per_s_loaded']:,.0f}", f"{r['ratio']:.2f}x", rel])
+        out += [table(["workload", "system", "idle tok/s", "loaded tok/s", "loaded/idle",
+                       "ours / plain"], table_rows), ""]
+    return out
+
+
 def render(res: Results, stem: str) -> str:
     # the issue's targets are ratios on the 2-core CPU: a GPU page only reports
     parts = header(res) + ([] if res.on_gpu() else checklist(res)) + lengths_section(res, stem)
@@ -217,6 +252,8 @@ def render(res: Results, stem: str) -> str:
     parts += bf16_section(res) + flops_section(res)
     parts += simple_section(res, "million", "One million tokens (ours)", "layers",
                             lambda r: r["n_layers"])
+    if not res.on_gpu():
+        parts += contention_section(HERE / "results" / "contention.jsonl")
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -219,3 +219,17 @@ def test_build_kernels_says_where_the_cache_is(capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("reformer build-kernels: error: the native CPU kernels did not "
                               "build (c++: not found)")
+
+
+@pytest.mark.parametrize("preset, expect", [({}, "30000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_the_command_line_shortens_openmps_spin_wait_unless_told(preset, expect):
+    """Set before PyTorch (and so libgomp) loads, unless the user chose a policy."""
+    code = ("import os, sys; from reformer import cli; assert 'torch' not in sys.modules; "
+            "cli._brief_spin_wait(); print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **preset}, text=True,
+                         capture_output=True, check=True).stdout.strip()
+    assert out == str(expect)
