@@ -223,7 +223,10 @@ def contention_section(path: Path) -> list[str]:
            "Each workload idle and beside two processes spinning on the two cores "
            "(`benchmarks/contention.py`); ours and plain PyTorch alternate call by call, so both "
            "see the same load. Loaded/idle is the slowdown; the target is ours <= 1.5x plain "
-           "PyTorch's.", ""]
+           "PyTorch's. The OpenMP setting applies to both (one process); `reformer` commands "
+           "set GOMP_SPINCOUNT=3000 unless the user set a policy (`src/reformer/cli/__init__.py`"
+           "), and cached decoding steps run on one thread (`src/reformer/_threads.py`) in "
+           "every run below.", ""]
     for env, run in newest.items():
         part = [r for r in rows if r.get("run", r["date"]) == run]
         first = part[0]

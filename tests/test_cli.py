@@ -221,7 +221,7 @@ def test_build_kernels_says_where_the_cache_is(capsys, monkeypatch, tmp_path):
                               "build (c++: not found)")
 
 
-@pytest.mark.parametrize("preset, expect", [({}, "30000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+@pytest.mark.parametrize("preset, expect", [({}, "3000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
                                             ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
 def test_the_command_line_shortens_openmps_spin_wait_unless_told(preset, expect):
     """Set before PyTorch (and so libgomp) loads, unless the user chose a policy."""

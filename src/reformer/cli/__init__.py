@@ -31,7 +31,7 @@ import os
 import sys
 
 # libgomp's spins before a thread that finished a parallel region sleeps (default 300,000)
-SPIN_COUNT = "30000"
+SPIN_COUNT = "3000"
 
 
 class _NoteHandler(logging.Handler):
@@ -54,12 +54,14 @@ def _show_library_notes() -> None:
 def _brief_spin_wait() -> None:
     """Let OpenMP's idle threads sleep after SPIN_COUNT spins instead of libgomp's 300,000.
 
-    PyTorch's threads spin after every parallel region, waiting for the next one; a training
-    step opens hundreds. On a machine that other jobs keep busy the spinning threads take the
-    cores those jobs, and our own descheduled threads, need. Measured with
-    benchmarks/contention.py on this 2-core machine beside two busy processes (tiny preset,
-    medians of 7, two runs): 30,000 spins trained at 30-33K tokens/s against 14-15K with the
-    default, and idle at 67-76K against 68-71K. Only possible before libgomp loads (it reads
+    PyTorch's threads spin after every parallel region, waiting for the next one, and a 16K
+    training step of ours opens about 2,900 of them (0.4 ms apart). On a machine that other
+    jobs keep busy the spinning threads take the cores that those jobs, and our own
+    descheduled threads, need. benchmarks/contention.py on this 2-core machine beside two busy
+    processes (medians of 5, docs/benchmarks.md): the 16K step slowed 2.37x with 3,000 spins
+    against 4.40x with the default (plain PyTorch: 2.0x), the tiny preset 2.65x against 4.11x,
+    for no loss idle (16K: 13.6K against 12.8K tokens/s). 30,000 spins still cover the gaps
+    between regions: the 16K step slowed 5.56x. Only possible before libgomp loads (it reads
     the variable once), so library users set it themselves (README).
     """
     if ("torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
