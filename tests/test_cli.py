@@ -136,12 +136,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(setup):
 # Run as the console script does, but with an import hook that holds the start-up inside
 # PyTorch's import (where a traceback used to come from) until the signal arrives.
 _INSIDE_TORCH_IMPORT = """
-import sys, time
+import signal, sys, time
 class Hold:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             print("importing torch", file=sys.stderr, flush=True)
-            while True:
+            while signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 time.sleep(0.01)  # Ctrl-C raises KeyboardInterrupt here, inside the import
 sys.meta_path.insert(0, Hold())
 from reformer.cli import main
@@ -153,8 +153,11 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(setup):
     """SIGINT while the command is still importing PyTorch: one line, exit 130."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    # SIGINT at its default in the child: a shell's background job (a CI runner's) may have
+    # it ignored, and Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-c", _INSIDE_TORCH_IMPORT, *train_args(setup)],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr.readline() == "importing torch\n"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
