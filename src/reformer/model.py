@@ -43,6 +43,12 @@ class ReformerOutput:
     loss: torch.Tensor | None = None  # () mean next-token cross-entropy, nats
 
 
+# A pytree node, so that code which walks a module's outputs for tensors finds the loss and the
+# logits in it: DistributedDataParallel with static_graph=True otherwise sees no tensor and
+# silently skips the gradient all-reduce.
+torch.export.register_dataclass(ReformerOutput, serialized_type_name="reformer.ReformerOutput")
+
+
 class ReformerLM(nn.Module):
     """A Reformer language model."""
 

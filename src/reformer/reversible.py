@@ -34,7 +34,7 @@ with dropout) it runs on detached stand-ins of the parameters (``functional_call
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,7 @@ class CallInfo:
     # The gradients the stack's backward receives for (y1, y2) are fresh tensors that nothing
     # else holds (ReformerLM's fused loss makes them), so the backward may reuse their storage.
     owned_grads: bool = False
+    stack: StackState | None = None  # set by a reversible stack's training forward
 
 
 @dataclass
@@ -397,6 +398,16 @@ class ReversibleBlock(nn.Module):
         return y1, x2 + self.g.ff(self.g.norm(y1))  # y2 = x2 + g(y1)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
+        """(y1, y2): reversible (one autograd node, see :class:`_BlockFunction`) inside a
+        reversible stack's training forward, else plain autograd.
+
+        The stack calls each block through ``__call__``, so module hooks (FSDP2's gathering
+        of a sharded block's parameters) see every block's forward."""
+        if call.stack is not None:
+            return _BlockFunction.apply(x1, x2, self, call.stack, *self.parameters())
+        return self.forward_plain(x1, x2, call)[:2]
+
+    def forward_plain(self, x1: torch.Tensor, x2: torch.Tensor, call: CallInfo) -> tuple:
         """Plain (non-reversible) forward; returns (y1, y2, f record, g record)."""
         f_rec = self.record(self.f, x2, call)
         y1 = x1 + self.f(x2, f_rec, call)  # y1 = x1 + f(x2)
@@ -412,67 +423,136 @@ class ReversibleBlock(nn.Module):
         return f_rec, g_rec
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """The whole stack as one autograd node that keeps only its final outputs.
+class StackState:
+    """What the autograd nodes of one reversible forward share.
 
-    The streams are updated in place: the forward writes each layer's outputs over its
-    inputs (after copying the caller's x once), and the backward turns the saved outputs back
-    into each layer's inputs and accumulates the gradients in two buffers. The buffers are the
-    incoming gradients themselves when the caller says nothing else holds them
-    (``CallInfo.owned_grads``); otherwise they are copies, and so are the outputs.
+    ``streams`` are the two (B, L, D) buffers that every block updates in place: after the
+    forward they hold the final (y1, y2), and each block's backward turns them back into its
+    inputs. They are held as detached aliases: a node's outputs are fresh aliases of the same
+    memory, so autograd never sees an input modified in place (module hooks may wrap a block's
+    inputs in views of their own). ``grad_streams`` are the two gradient buffers the nodes pass
+    down, updated in place by each block's backward.
     """
 
+    def __init__(self, call: CallInfo, sharded: bool) -> None:
+        self.call, self.sharded = call, sharded
+        self.streams: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grad_streams: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.block_params: list[list[torch.Tensor]] = []  # per block, in forward order
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}
+
+    def own_grads(self, grad_y1: torch.Tensor | None, grad_y2: torch.Tensor | None) -> tuple:
+        """The gradient buffers to update in place: the ones handed down by the block above,
+        or, at the top, the incoming gradients. Unless ``call.owned_grads`` says nothing
+        else holds them, those and the outputs (the streams) are copied first."""
+        if self.grad_streams is not None and grad_y1 is self.grad_streams[0] \
+                and grad_y2 is self.grad_streams[1]:
+            return self.grad_streams
+        y1 = self.streams[0]
+        g1 = torch.zeros_like(y1) if grad_y1 is None else grad_y1.contiguous()
+        g2 = torch.zeros_like(y1) if grad_y2 is None else grad_y2.contiguous()
+        top = self.grad_streams is None
+        if not top or not self.call.owned_grads:
+            g1, g2 = g1.clone(), g2.clone()  # someone else may hold them
+        if top and not self.call.owned_grads:  # and the outputs
+            self.streams = tuple(s.clone() for s in self.streams)
+        self.grad_streams = (g1, g2)
+        return self.grad_streams
+
+    def param_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Zeroed gradient buffers for a block's parameters. Unsharded, every block's buffers
+        are allocated at the first block's backward, before any layer's temporaries exist:
+        allocated layer by layer they would sit between the next layers' temporaries and
+        fragment the heap, which then grows with depth (see _memory.py). Sharded (FSDP), only
+        this block's parameters are gathered now, so only its buffers are allocated."""
+        if not self.grads:
+            todo = [params] if self.sharded else self.block_params
+            self.grads = {p: torch.zeros_like(p) for ps in todo for p in ps}
+        return {p: self.grads.pop(p) for p in params}
+
+
+class _Streams(torch.autograd.Function):
+    """x -> (x1, x2) = (x, x): the two streams of a reversible stack, as two buffers that the
+    blocks then update in place (so the caller's x is copied once, not per layer)."""
+
     @staticmethod
-    def forward(ctx, x, blocks, call, *params):
+    def forward(ctx, x, state):
         if x.device.type == "cpu":
             keep_freed_memory()  # reuse the step's temporaries' pages (see _memory.py)
         x1, x2 = (x.clone(memory_format=torch.contiguous_format) for _ in range(2))
-        records = [block.forward_(x1, x2, call) for block in blocks]
-        ctx.blocks, ctx.call, ctx.records = blocks, call, records
-        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
-                        torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(x1, x2)
+        state.streams = (x1.detach(), x2.detach())
+        ctx.state = state
         return x1, x2
 
     @staticmethod
+    def backward(ctx, grad_x1, grad_x2):
+        mine = ctx.state.grad_streams
+        ctx.state = None
+        if mine is not None and grad_x1 is mine[0] and grad_x2 is mine[1]:
+            return grad_x1.add_(grad_x2), None  # dL/dx = dL/dx1 + dL/dx2
+        return grad_x1 + grad_x2, None
+
+
+class _BlockFunction(torch.autograd.Function):
+    """One reversible block as one autograd node that keeps nothing of its activations.
+
+    The forward turns the stack's streams from (x1, x2) into (y1, y2) in place and returns
+    fresh aliases of them; the backward turns them back into (x1, x2), adds dL/dx into the
+    gradient buffers in place and returns them, with this block's parameter gradients. One
+    node per block, so autograd hands a block's parameter gradients on (to DDP's buckets,
+    FSDP's reduce-scatter, hooks) as soon as that block is done, while the blocks below are
+    still being recomputed. Blocks run their backward strictly in reverse order (each needs
+    the gradients of the one above), which is what sharing the streams requires.
+    """
+
+    @staticmethod
+    def forward(ctx, x1, x2, block, state, *params):
+        s1, s2 = state.streams  # the memory of x1 and x2
+        ctx.records = block.forward_(s1, s2, state.call)
+        ctx.block, ctx.state, ctx.params = block, state, params
+        ctx.autocast = (s1.device.type, torch.is_autocast_enabled(s1.device.type),
+                        torch.get_autocast_dtype(s1.device.type))
+        state.block_params.append(list(params))
+        return s1.detach(), s2.detach()
+
+    @staticmethod
     def backward(ctx, grad_y1, grad_y2):
-        y1, y2 = ctx.saved_tensors  # a second backward (retain_graph) fails: they change below
-        grad_y1 = torch.zeros_like(y1) if grad_y1 is None else grad_y1.contiguous()
-        grad_y2 = torch.zeros_like(y2) if grad_y2 is None else grad_y2.contiguous()
-        if not ctx.call.owned_grads:
-            y1, y2, grad_y1, grad_y2 = (t.clone() for t in (y1, y2, grad_y1, grad_y2))
+        state, block, (f_rec, g_rec) = ctx.state, ctx.block, ctx.records
+        grad_y1, grad_y2 = state.own_grads(grad_y1, grad_y2)
+        y1, y2 = state.streams  # a second backward (retain_graph) fails: they change below
+        grads = state.param_grads(list(ctx.params))
         device_type, enabled, dtype = ctx.autocast
-        # Every parameter's gradient buffer, before any layer's temporaries exist: allocated
-        # layer by layer they would sit between the next layers' temporaries and fragment
-        # the heap, which then grows with depth (see _memory.py).
-        params = [p for block in ctx.blocks for p in block.parameters()]  # apply()'s order
-        grads = {p: torch.zeros_like(p) for p in params}
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for block, (f_rec, g_rec) in zip(reversed(ctx.blocks), reversed(ctx.records),
-                                             strict=True):
-                with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
-                    block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, ctx.call, grads)
-                with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
-                    block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, ctx.call, grads)
-        ctx.records = None
-        return (grad_y1.add_(grad_y2), None, None, *(grads[p] for p in params))  # x1 = x2 = x
+            with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
+                block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, state.call, grads)
+            with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
+                block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, state.call, grads)
+        ctx.records = ctx.state = None
+        return (grad_y1, grad_y2, None, None, *(grads[p] for p in ctx.params))
 
 
 class ReversibleStack(nn.Module):
-    """The layer stack; reversible (memory O(1) in depth) or plain autograd (``reversible``)."""
+    """The layer stack; reversible (memory O(1) in depth) or plain autograd (``reversible``).
+
+    ``sharded`` is set by whoever shards each block's parameters (reformer.parallel's FSDP2
+    wiring): gradient buffers are then allocated one block at a time.
+    """
 
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(ReversibleBlock(config, i) for i in range(config.n_layers))
         self.reversible = config.reversible
+        self.sharded = False
 
     def forward(self, x: torch.Tensor, call: CallInfo,
                 reversible: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) embeddings -> final streams (y1, y2), each (B, L, D)."""
         reversible = self.reversible if reversible is None else reversible
         if reversible and torch.is_grad_enabled():
-            return _ReversibleFunction.apply(x, list(self.blocks), call, *self.parameters())
-        x1 = x2 = x
+            call = replace(call, stack=StackState(call, self.sharded))
+            x1, x2 = _Streams.apply(x, call.stack)
+        else:
+            x1 = x2 = x
         for block in self.blocks:
-            x1, x2, _, _ = block(x1, x2, call)
+            x1, x2 = block(x1, x2, call)
         return x1, x2
