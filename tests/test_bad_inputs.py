@@ -249,7 +249,7 @@ def test_corrupt_pictures_are_all_named_at_the_start(tmp_path):
     cfg = resolve_run_config("images-cpu", task="images", image_size=4,
                              data=(str(corrupt_folder(tmp_path / "pictures")),)).training
     with pytest.raises(ValueError, match="a_garbage.png.*b_truncated.png"):
-        images.ImageTask(cfg)
+        images.ImageTask(cfg.task_spec())
 
 
 def test_train_on_corrupt_pictures_fails_before_the_first_step(tmp_path, capsys):

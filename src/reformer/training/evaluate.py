@@ -51,7 +51,7 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
         held_out = text.ByteCorpus(text.resolve_paths(data)).span()
         inputs = labels = held_out.windows(seq_len, n_windows)  # (N, L)
     else:
-        task = build_task(cfg.replace(seq_len=seq_len, eval_windows=n_windows))
+        task = build_task(cfg.replace(seq_len=seq_len, eval_windows=n_windows).task_spec())
         inputs, labels = task.eval_set()  # (N, L) each
     results = {}
     for r in n_hashes:
@@ -81,8 +81,8 @@ def evaluate_attentions(run_dir: str | Path, attentions: Sequence[str], device: 
     """
     run = read_config(run_dir)
     cfg = run.training
-    task = build_task(cfg.replace(eval_windows=_given_or(n_sequences, "n_sequences",
-                                                          cfg.eval_windows)))
+    n_sequences = _given_or(n_sequences, "n_sequences", cfg.eval_windows)
+    task = build_task(cfg.replace(eval_windows=n_sequences).task_spec())
     inputs, labels = task.eval_set()
     results = {}
     for attention in attentions:
