@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from reformer.cli.train import add_train_flags, train_and_report, train_changes
+from reformer.cli.train import add_train_flags, in_world, resume_dir, train_changes
 from reformer.config import ReformerConfig
 from reformer.data.task import UNITS
 from reformer.training import checkpoint as ckpt
@@ -53,16 +53,15 @@ def cmd_synthetic_train(args: argparse.Namespace) -> int:
     if args.word_length is not None:
         changes["seq_len"] = 2 * (args.word_length + 1)
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out DIR, the run directory to continue")
-        return train_and_report(Trainer.resume(args.out, None, changes))
+        return in_world(args, lambda world: Trainer.resume(resume_dir(args), None, changes,
+                                                           world))
     run = resolve_run_config("synthetic", **changes)
     model = with_attention(run.model, args.attention)
     arch = {k: getattr(args, k) for k in ("chunk_length", "n_buckets", "dedup_rounds")
             if getattr(args, k) is not None}
     run = RunConfig(model.replace(**arch), run.training, run.preset)
     out = args.out or Path("runs") / f"synthetic-{args.attention}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return train_and_report(Trainer.create(out, run))
+    return in_world(args, lambda world: Trainer.create(out, run, world))
 
 
 def attention_name(config: ReformerConfig) -> str:

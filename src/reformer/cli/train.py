@@ -2,12 +2,17 @@
 
 The flags map one to one onto :class:`reformer.training.TrainConfig` fields (TRAIN_FIELDS);
 a run without ``--preset`` or ``--config`` takes its task's preset (TASK_PRESETS).
+
+Under ``torchrun`` (``torchrun --nproc_per_node=P -m reformer train ...``) every process joins
+the process group and trains its share (reformer.parallel, reformer.training.trainer); rank 0
+alone prints and draws the bar.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,6 +20,8 @@ from tqdm import tqdm
 from reformer.cli.sample import stream_sample
 from reformer.data import text
 from reformer.data.task import TASKS
+from reformer.parallel.data_parallel import PARALLEL
+from reformer.parallel.world import World, close_world, init_world
 from reformer.presets import DEFAULT_PRESET, PRESETS
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import TrainConfig, resolve_run_config
@@ -31,7 +38,7 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
-                "seed", "device")
+                "seed", "device", "parallel")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic"}
 
@@ -98,35 +105,61 @@ def train_changes(args: argparse.Namespace) -> dict:
     return changes
 
 
-def build_trainer(args: argparse.Namespace) -> Trainer:
+def build_trainer(args: argparse.Namespace, world: World | None = None) -> Trainer:
     changes = train_changes(args)
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out DIR, the run directory to continue")
         model = None
         if args.preset is not None or args.config is not None:
             model = resolve_run_config(args.preset, args.config, **changes).model
-        return Trainer.resume(args.out, model, changes)
+        return Trainer.resume(resume_dir(args), model, changes, world)
     preset = args.preset
     if preset is None and args.config is None:
         preset = TASK_PRESETS[changes.get("task", "text")]
     run = resolve_run_config(preset, args.config, **changes)
     out = args.out or Path("runs") / f"{run.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Trainer.create(out, run)
+    if world is not None and world.distributed and args.out is None:
+        raise ValueError("under torchrun, pass --out DIR: every process must name the same run "
+                         "directory (a default name carries each process's start time)")
+    return Trainer.create(out, run, world)
+
+
+def resume_dir(args: argparse.Namespace) -> Path:
+    if args.out is None:
+        raise ValueError("--resume needs --out DIR, the run directory to continue")
+    return args.out
+
+
+def in_world(args: argparse.Namespace, make: Callable[[World], Trainer]) -> int:
+    """Join torchrun's process group, if launched by it, train the run ``make`` builds, leave.
+
+    The process group's backend follows the run's device (gloo on the CPU, NCCL on CUDA).
+    """
+    device = getattr(args, "device", None)
+    if device is None and args.resume:
+        device = ckpt.read_config(resume_dir(args)).training.device
+    world = init_world(device or "auto")
+    try:
+        return train_and_report(make(world))
+    finally:
+        close_world(world)
 
 
 def describe(trainer: Trainer) -> str:
-    cfg, model = trainer.run.training, trainer.run.model
+    cfg, model, world = trainer.run.training, trainer.run.model, trainer.world
+    where = f"{trainer.device}" if not world.distributed else \
+        f"{world.size} processes ({cfg.parallel}, {trainer.device.type})"
     return (f"run {trainer.run_dir}: {trainer.run.preset or 'custom'} model, "
-            f"{trainer.model.num_parameters():,} parameters, {model.n_layers} layers "
+            f"{trainer.module.num_parameters():,} parameters, {model.n_layers} layers "
             f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} tokens, "
-            f"{cfg.tokens_per_step:,} tokens/step, {cfg.precision} on {trainer.device}\n"
+            f"{trainer.tokens_per_step:,} tokens/step, {cfg.precision} on {where}\n"
             f"data: {trainer.task.describe()}"
             + (f"; resuming at step {trainer.step}" if trainer.step else ""))
 
 
 def run_training(trainer: Trainer) -> RunResult:
-    """Train with a progress bar; prints where things are."""
+    """Train with a progress bar; prints where things are (rank 0 only under torchrun)."""
+    if not trainer.world.is_main:
+        return trainer.run_loop(handle_signals=True)
     print(describe(trainer), flush=True)
     bar = ProgressBar(trainer)
     try:
@@ -147,13 +180,13 @@ def run_training(trainer: Trainer) -> RunResult:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return train_and_report(build_trainer(args))
+    return in_world(args, lambda world: build_trainer(args, world))
 
 
 def train_and_report(trainer: Trainer) -> int:
     """Run the loop with a progress bar, print the held-out change; the exit code."""
     result = run_training(trainer)
-    if len(result.evals) >= 2:
+    if len(result.evals) >= 2 and trainer.world.is_main:
         print(f"validation bits/{trainer.task.unit}: {result.evals[0].val_bpc:.3f} at step "
               f"{result.evals[0].step} -> {result.evals[-1].val_bpc:.3f} at step "
               f"{result.evals[-1].step}")
@@ -262,7 +295,12 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                    help=f"save every N steps {default('checkpoint_every')}")
     p.add_argument("--seed", type=int, metavar="N",
                    help=f"seeds the weights, the data order and dropout {default('seed')}")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto; under "
+                   "torchrun, cuda is each process's own GPU)")
+    if not demo:
+        p.add_argument("--parallel", choices=PARALLEL,
+                       help="under torchrun: ddp (each process holds the whole model) or fsdp "
+                       "(weights, gradients and AdamW moments sharded per layer) (default: ddp)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="run directory (default: runs/NAME-TIME)")
     if synthetic:

@@ -96,36 +96,33 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
-def init_world(device: str = "auto") -> tuple[World, str]:
-    """Join the launcher's process group, if there is one; returns (world, device name).
+def init_world(device: str = "auto") -> World:
+    """Join the launcher's process group, if there is one; the one-process World otherwise.
 
     Args:
-        device: auto, cpu or cuda (as for one process). Under torchrun, cuda means the GPU
-            of this process's local rank, and auto picks CUDA when there is one.
+        device: the run's device, auto, cpu or cuda: the backend is NCCL when it means CUDA,
+            else gloo. Under torchrun, cuda means the GPU of this process's local rank
+            (reformer.training.trainer.resolve_device), and auto picks CUDA when there is one.
     """
     if not launched_by_torchrun():
-        return World(), device
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    world = World(rank, size, local_rank)
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                  int(os.environ["LOCAL_RANK"]))
     if device.startswith("cuda:"):
         raise ValueError(f"device={device!r}: under torchrun each process takes the GPU of its "
                          "local rank; pass --device cuda (or set CUDA_VISIBLE_DEVICES)")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        if torch.cuda.device_count() <= local_rank:
-            raise ValueError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
-                             "visible); start at most that many processes per node, or pass "
-                             "--device cpu")
-        torch.cuda.set_device(local_rank)
-        name = f"cuda:{local_rank}"
-    else:
-        name = "cpu" if device == "auto" else device
+        if torch.cuda.device_count() <= world.local_rank:
+            raise ValueError(f"local rank {world.local_rank} has no GPU "
+                             f"({torch.cuda.device_count()} visible); start at most that many "
+                             "processes per node, or pass --device cpu")
+        torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=size,
-                                device_id=torch.device(name) if cuda else None)
-    return world, name
+        dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank,
+                                world_size=world.size,
+                                device_id=torch.device("cuda", world.local_rank) if cuda else None)
+    return world
 
 
 def close_world(world: World) -> None:

@@ -84,7 +84,7 @@ def _sync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share it
     _write_synced(tmp, data)
     os.replace(tmp, path)
 
@@ -163,8 +163,10 @@ def _weights_step(data: bytes) -> int:
 
 
 # ------------------------------------------------------------------------- saving
-def save_checkpoint(run_dir: Path, model: ReformerLM, state: dict[str, Any]) -> Checkpoint:
-    """Save the weights and ``state`` (which holds "step") as the newest checkpoint, atomically.
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]
+                    ) -> Checkpoint:
+    """Save ``weights`` (a ReformerLM's ``state_dict``) and ``state`` (which holds "step") as
+    the newest checkpoint, atomically.
 
     The caller holds the run's :class:`RunLock`. Older checkpoints are deleted once the new one
     is complete.
@@ -177,7 +179,7 @@ def save_checkpoint(run_dir: Path, model: ReformerLM, state: dict[str, Any]) -> 
                      step, resave)
     tmp = run_dir / f"{TMP_PREFIX}{new.folder.name}"
     os.mkdir(tmp)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     _write_synced(tmp / WEIGHTS_FILE, save_safetensors(
         tensors, metadata={"step": str(step), "format": str(FORMAT)}))
     buf = io.BytesIO()

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from reformer.config import ReformerConfig, is_int, is_real
-from reformer.data.task import TASKS
+from reformer.data.task import TASKS, TaskSpec
+from reformer.parallel.data_parallel import PARALLEL
 from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
 
 PRECISIONS = ("fp32", "bf16")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "eval_every", "eval_windows",
-                              "eval_n_hashes", "checkpoint_every", "device"})
+                              "eval_n_hashes", "checkpoint_every", "device", "parallel"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: ddp (whole model per process) or fsdp (sharded)
 
     def __post_init__(self) -> None:
         for name in ("data", "val_data", "eval_n_hashes", "betas"):
@@ -92,6 +94,8 @@ class TrainConfig:
         _require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                  "must be a non-negative integer", "pass e.g. seed=0")
         check_device(self.device)
+        _require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",
+                 f"use one of {PARALLEL}")
 
     def _validate_optimiser(self) -> None:
         _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr,
@@ -133,6 +137,13 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
+
+    def task_spec(self, rank: int = 0, world: int = 1) -> TaskSpec:
+        """What the task (reformer.data) needs from this run, for data-parallel ``rank`` of
+        ``world`` processes; ``batch_size`` stays per rank."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TaskSpec)
+                  if f.name not in ("rank", "world")}  # TaskSpec's fields are a subset of ours
+        return TaskSpec(**shared, rank=rank, world=world)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

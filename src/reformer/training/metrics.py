@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from reformer.model import ReformerLM
+from reformer.parallel.world import World
 from reformer.training.checkpoint import atomic_write_bytes
 
 LN2 = math.log(2.0)
@@ -48,8 +49,16 @@ def fixed_rng(seed: int, device: torch.device) -> Iterator[None]:
 @torch.no_grad()
 def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Tensor | None = None,
                        n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
-                       extra: MetricsFn | None = None) -> tuple[float, dict[str, float]]:
+                       extra: MetricsFn | None = None, world: World | None = None
+                       ) -> tuple[float, dict[str, float]]:
     """Bits per token over (N, L) held-out sequences, one sequence at a time.
+
+    Sequence i runs with the global RNG seeded by ``seed + i`` (LSH layers without a
+    ``hash_seed`` draw their rotations from it), so its loss does not depend on which process
+    evaluates it or what ran before. With a ``world`` of several processes, process r takes
+    sequences r, r + P, ...; each runs the same number of forwards (a sharded model gathers its
+    weights collectively; the padding sequences count zero), and the sums are all-reduced, so
+    every process returns the one-process figure.
 
     Args:
         inputs: (N, L) token ids.
@@ -57,25 +66,33 @@ def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Te
         n_hashes: LSH rounds (default: the model's ``n_hashes``).
         extra: per-sequence metrics from ((1, L, V) logits, (1, L) labels), averaged over the
             sequences (e.g. the synthetic task's accuracy); asks the model for full logits.
+        world: the processes sharing the work (default: this one alone).
 
     Returns:
         (bits per labelled token, {name: mean of ``extra``'s values}).
     """
     labels = inputs if labels is None else labels
+    world = world or World()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    n = len(inputs)
+    mine = range(world.rank, -(-n // world.size) * world.size, world.size)  # padded to P | N
     nats, count, sums = 0.0, 0, {}
     with fixed_rng(seed, device), autocast(device, precision):
-        for x, y in zip(inputs, labels, strict=True):
-            x, y = x[None].to(device), y[None].to(device)  # (1, L)
+        for i in mine:
+            weight = 1.0 if i < n else 0.0  # a padding sequence: run, not counted
+            torch.manual_seed(seed + min(i, n - 1))
+            x, y = inputs[min(i, n - 1)][None].to(device), labels[min(i, n - 1)][None].to(device)
             out = model(x, labels=y, n_hashes=n_hashes, return_logits=extra is not None)
-            n = int((y[:, 1:] != -100).sum())
-            nats, count = nats + out.loss.item() * n, count + n
+            labelled = int((y[:, 1:] != -100).sum()) * weight
+            nats, count = nats + out.loss.item() * labelled, count + labelled
             for k, v in (extra(out.logits, y) if extra is not None else {}).items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums.get(k, 0.0) + v * weight
     model.train(was_training)
-    return nats / max(count, 1) / LN2, {k: v / len(inputs) for k, v in sums.items()}
+    keys = sorted(sums)
+    nats, count, *totals = world.all_sum([nats, count, *(sums[k] for k in keys)], device)
+    return nats / max(count, 1) / LN2, {k: v / n for k, v in zip(keys, totals, strict=True)}
 
 
 def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,

@@ -20,6 +20,25 @@ Decisions:
 - Ctrl-C and SIGTERM (with ``handle_signals=True``) ask the loop to stop after the current
   step and save a checkpoint; a second Ctrl-C stops at once without saving.
 - The library never prints: progress goes to a :class:`Callback` (the CLI draws a tqdm bar).
+
+Many processes (``torchrun``; reformer.parallel): every process runs this loop on its own
+device with ``world`` = its place. Each draws its own slice of every global micro-batch
+(reformer.data.task), so a step trains on world x batch_size x grad_accum windows; the model is
+wrapped in DDP or sharded per block with FSDP2, and micro-batches before the last skip the
+gradient communication. Rank 0 alone locks the run directory and writes config, metrics, plot
+and checkpoints; the CLI shows the bar on rank 0 only. Checkpoints keep the one-process format
+(weights and AdamW moments gathered whole) plus every rank's RNG state.
+
+RNG policy: every process seeds with ``seed`` before building the model, so the initial weights
+are the same everywhere; then ranks other than 0 re-seed their global RNG with
+``seed + rank * 2**32``, so dropout masks and LSH rotations differ between processes while rank
+0 continues the one-process stream. Evaluation seeds each held-out sequence by its index, so
+its figure does not depend on how the sequences are split across processes.
+
+Stopping: each step the processes agree on whether to stop (a signal on any of them, the time
+budget on any of them, or the step count), so all stop after the same step and the checkpoint
+is saved once. Under torchrun a repeated signal does not abort the save (the launcher forwards
+a terminal's Ctrl-C a second time); the launcher kills the processes if they take too long.
 """
 
 from __future__ import annotations
@@ -28,7 +47,6 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,61 +55,42 @@ import torch
 from reformer.config import ReformerConfig
 from reformer.data.task import Task, build_task
 from reformer.model import ReformerLM
+from reformer.parallel.data_parallel import (
+    PARALLEL,
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    shard_optimizer_state,
+    unwrap,
+    wrap,
+)
+from reformer.parallel.world import World
 from reformer.training import checkpoint as ckpt
 from reformer.training import rundir
-from reformer.training.config import RESUMABLE_FIELDS, RunConfig, check_device
+from reformer.training.config import RunConfig, check_device
 from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_sequences, plot_metrics
 from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
+from reformer.training.reports import Callback, EvalReport, RunResult, StepReport
+from reformer.training.resume import (
+    check_resumable,
+    merge_for_resume,
+    rank_seed,
+    rng_state,
+    set_rng_state,
+)
+
+STOP_CODES = {"steps": 1, "time": 2, "SIGINT": 3, "SIGTERM": 4}  # agreed by the largest
 
 
-@dataclass
-class StepReport:
-    step: int  # steps completed
-    steps: int
-    loss: float  # nats, mean over the step's windows
-    bpc: float
-    lr: float
-    tokens_per_s: float
-    elapsed_s: float
-    eta_s: float
-    progress: float  # fraction of the run done, by steps or by time (see optim.progress)
-
-
-@dataclass
-class EvalReport:
-    step: int
-    val_bpc: float  # with the model's own n_hashes
-    by_n_hashes: dict[int, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)  # the task's, e.g. accuracy
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    step: int
-    stop_reason: str  # "steps", "time", or the signal / reason given to request_stop
-    evals: list[EvalReport]
-
-    @property
-    def interrupted(self) -> bool:
-        return self.stop_reason not in ("steps", "time")
-
-
-class Callback:
-    """Hooks the loop calls; override what you need."""
-
-    def on_step(self, trainer: Trainer, report: StepReport) -> None: ...
-    def on_eval(self, trainer: Trainer, report: EvalReport) -> None: ...
-    def on_checkpoint(self, trainer: Trainer, reason: str) -> None: ...
-    def on_stop_requested(self, trainer: Trainer, reason: str) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """The device ``name`` means here; under torchrun, CUDA is the local rank's GPU."""
     check_device(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; pass --device cpu")
+    if world is not None and world.distributed and name.startswith("cuda"):
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -103,16 +102,19 @@ class Trainer:
     """
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, run_dir: str | Path, run: RunConfig, *, resume: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, run: RunConfig, *, resume: bool = False,
+                 world: World | None = None) -> None:
         self.run_dir, self.run, cfg = Path(run_dir), run, run.training  # RunConfig checked
-        self.device = resolve_device(cfg.device)
-        self.task: Task = build_task(cfg)
+        self.world = world or World()
+        self.device = resolve_device(cfg.device, self.world)
+        self.task: Task = build_task(cfg.task_spec(self.world.rank, self.world.size))
         if run.model.vocab_size < self.task.vocab_size:
             raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold the {cfg.task} "
                              f"task's {self.task.vocab_size} symbols; use vocab_size="
                              f"{self.task.vocab_size}")
-        self._lock = rundir.RunLock(self.run_dir)
-        self._lock.acquire()  # held until run_loop returns or close(); see rundir.RunLock
+        if cfg.parallel not in PARALLEL:  # a config saved by hand
+            raise ValueError(f"parallel={cfg.parallel!r} is unknown; use one of {PARALLEL}")
+        self._lock = rundir.RunLock(self.run_dir)  # rank 0's, held until run_loop returns
         try:
             self._open(resume)
         except BaseException:
@@ -121,36 +123,53 @@ class Trainer:
 
     def _open(self, resume: bool) -> None:
         """Under the lock: build the model, load the newest checkpoint or start afresh."""
+        self.world.on_main(lambda: self._claim_run_dir(resume))
+        torch.manual_seed(self.run.training.seed)
+        module = ReformerLM(self.run.model)
+        state = ckpt.load_checkpoint(self.run_dir, module) if resume else None
+        module.to(self.device)
+        self.model = wrap(module, self.run.training.parallel, self.device) \
+            if self.world.distributed else module
+        self.optimizer = build_optimizer(unwrap(self.model), self.run.training)
+        self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
+        self.step, self.elapsed_s, self.evals = 0, 0.0, []
+        self._stop_reason: str | None = None
+        if state is not None:
+            self._restore(state)
+        elif self.world.rank > 0:
+            torch.manual_seed(rank_seed(self.run.training.seed, self.world.rank))
+        self.world.on_main(lambda: ckpt.write_config(self.run_dir, self.run))
+
+    def _claim_run_dir(self, resume: bool) -> None:
+        """Rank 0: lock the run directory and clear what a new run or a killed save left."""
+        self._lock.acquire()  # see rundir.RunLock
         if not resume:  # again: another run may have used the folder since create() looked
             rundir.check_new_run_dir(self.run_dir)
             (self.run_dir / ckpt.METRICS_FILE).unlink(missing_ok=True)
         ckpt.remove_stale(self.run_dir)
-        torch.manual_seed(self.run.training.seed)
-        self.model = ReformerLM(self.run.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, self.run.training)
-        self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
-        self.step, self.elapsed_s, self.evals = 0, 0.0, []
-        self._stop_reason: str | None = None
-        if resume:
-            self._load_checkpoint()
-        ckpt.write_config(self.run_dir, self.run)
+
+    @property
+    def module(self) -> ReformerLM:
+        """The ReformerLM (inside DDP's wrapper; sharded in place under FSDP2)."""
+        return unwrap(self.model)
 
     def close(self) -> None:
         """Unlock the run directory (run_loop does so when it returns)."""
         self._lock.release()
 
     @classmethod
-    def create(cls, run_dir: str | Path, run: RunConfig) -> Trainer:
+    def create(cls, run_dir: str | Path, run: RunConfig, world: World | None = None) -> Trainer:
         """A new run in ``run_dir``: a new or empty folder, or a run without a checkpoint.
 
         Refuses a folder of other files (no config.json) before writing anything there.
         """
-        rundir.check_new_run_dir(Path(run_dir))
-        return cls(run_dir, run)
+        world = world or World()
+        world.on_main(lambda: rundir.check_new_run_dir(Path(run_dir)))
+        return cls(run_dir, run, world=world)
 
     @classmethod
     def resume(cls, run_dir: str | Path, model: ReformerConfig | None = None,
-               changes: dict[str, Any] | None = None) -> Trainer:
+               changes: dict[str, Any] | None = None, world: World | None = None) -> Trainer:
         """Continue the run saved in ``run_dir`` from its newest complete checkpoint.
 
         Args:
@@ -163,7 +182,8 @@ class Trainer:
         if not ckpt.has_checkpoint(run_dir):
             raise ValueError(f"{run_dir} holds no checkpoint yet, so there is nothing to "
                              "resume; start it again without --resume")
-        return cls(run_dir, _merge_for_resume(run_dir, saved, model, changes or {}), resume=True)
+        return cls(run_dir, merge_for_resume(run_dir, saved, model, changes or {}), resume=True,
+                   world=world)
 
     # --------------------------------------------------------------------- the loop
     def request_stop(self, reason: str) -> None:
@@ -177,7 +197,8 @@ class Trainer:
         The run directory stays locked until it returns.
         """
         cb, cfg = callback or Callback(), self.run.training
-        self._lock.acquire()
+        if self.world.is_main:
+            self._lock.acquire()
         previous = self._install_signal_handlers(cb) if handle_signals else {}
         try:
             start = time.monotonic() - self.elapsed_s
@@ -186,7 +207,7 @@ class Trainer:
                 self.elapsed_s = time.monotonic() - start
             reason, step_time = None, 0.0
             while reason is None:
-                reason = self._stop_check(step_time)
+                reason = self._agree(self._stop_check(step_time))
                 if reason is not None:
                     break
                 loss, dt = self._train_step()
@@ -218,21 +239,35 @@ class Trainer:
             return "time"
         return None
 
+    def _agree(self, reason: str | None) -> str | None:
+        """The stop reason every process adopts: the most urgent of theirs (STOP_CODES)."""
+        if not self.world.distributed:
+            return reason
+        mine = 0 if reason is None else STOP_CODES.get(reason, len(STOP_CODES) + 1)
+        agreed = self.world.all_max(mine, self.device)
+        if agreed == mine:
+            return reason
+        names = {code: name for name, code in STOP_CODES.items()}
+        return names.get(agreed, "another process's stop request")
+
     def _train_step(self) -> tuple[float, float]:
-        """One optimiser step; returns (mean loss in nats, seconds)."""
+        """One optimiser step; returns (mean loss in nats over all processes, seconds)."""
         cfg = self.run.training
         t0 = time.perf_counter()
         self.model.train()
         set_lr(self.optimizer, lr_at(cfg, self.step, self.elapsed_s))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             batch, labels = (t.to(self.device) for t in self.task.next_batch())  # (B, L) each
-            with autocast(self.device, cfg.precision):
-                loss = self.model(batch, labels=labels, return_logits=False).loss
-            (loss / cfg.grad_accum).backward()
+            # Only the last micro-batch's backward communicates (all-reduce, reduce-scatter).
+            with gradient_sync(self.model, i == cfg.grad_accum - 1):
+                with autocast(self.device, cfg.precision):
+                    loss = self.model(batch, labels=labels, return_logits=False).loss
+                (loss / cfg.grad_accum).backward()
             total += loss.item()
-        loss_value = total / cfg.grad_accum
+        loss_value = self.world.all_sum([total], self.device)[0] / (cfg.grad_accum
+                                                                     * self.world.size)
         if not math.isfinite(loss_value):
             raise self._diverged(loss_value)
         if cfg.grad_clip is not None:
@@ -257,29 +292,40 @@ class Trainer:
             eta = min(eta, max(0.0, 60.0 * cfg.max_minutes - self.elapsed_s))
         report = StepReport(step=self.step, steps=cfg.steps, loss=loss, bpc=loss / LN2,
                             lr=self.optimizer.param_groups[0]["lr"],
-                            tokens_per_s=cfg.tokens_per_step / dt, elapsed_s=self.elapsed_s,
+                            tokens_per_s=self.tokens_per_step / dt, elapsed_s=self.elapsed_s,
                             eta_s=eta, progress=progress(cfg, self.step, self.elapsed_s))
-        self.metrics.append({"kind": "train", "step": report.step, "loss": loss,
-                             "bpc": report.bpc, "lr": report.lr,
-                             "tokens": self.step * cfg.tokens_per_step,
-                             "tokens_per_s": report.tokens_per_s,
-                             "elapsed_s": round(self.elapsed_s, 3)})
+        if self.world.is_main:
+            self.metrics.append({"kind": "train", "step": report.step, "loss": loss,
+                                 "bpc": report.bpc, "lr": report.lr,
+                                 "tokens": self.step * self.tokens_per_step,
+                                 "tokens_per_s": report.tokens_per_s,
+                                 "elapsed_s": round(self.elapsed_s, 3)})
         cb.on_step(self, report)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimiser step over all processes."""
+        return self.run.training.tokens_per_step * self.world.size
 
     # ------------------------------------------------------------ evaluation, saving
     def evaluate(self) -> EvalReport:
         """Held-out bits per token, with the model's rounds and each of eval_n_hashes."""
         cfg = self.run.training
         inputs, labels = self.task.eval_set()
-        bpc, metrics = evaluate_sequences(self.model, inputs, labels, seed=cfg.seed,
-                                          precision=cfg.precision, extra=self.task.extra_metrics)
-        extra = {r: evaluate_sequences(self.model, inputs, labels, n_hashes=r, seed=cfg.seed,
-                                       precision=cfg.precision)[0] for r in cfg.eval_n_hashes}
+        bpc, metrics = evaluate_sequences(self.module, inputs, labels, seed=cfg.seed,
+                                          precision=cfg.precision, extra=self.task.extra_metrics,
+                                          world=self.world)
+        extra = {r: evaluate_sequences(self.module, inputs, labels, n_hashes=r, seed=cfg.seed,
+                                       precision=cfg.precision, world=self.world)[0]
+                 for r in cfg.eval_n_hashes}
         return EvalReport(step=self.step, val_bpc=bpc, by_n_hashes=extra, metrics=metrics)
 
     def _evaluate(self, cb: Callback) -> None:
         report = self.evaluate()
         self.evals.append(report)
+        if not self.world.is_main:
+            cb.on_eval(self, report)
+            return
         self.metrics.append({"kind": "eval", "step": report.step, "val_bpc": report.val_bpc,
                              "val_bpc_n_hashes": {str(k): v
                                                   for k, v in report.by_n_hashes.items()},
@@ -295,66 +341,52 @@ class Trainer:
 
     def save_checkpoint(self, cb: Callback | None = None, reason: str = "") -> None:
         """Save the weights and the trainer state of the current step as one atomic checkpoint
-        (see reformer.training.checkpoint); locks the run directory if it is not yet."""
-        self._lock.acquire()
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        ckpt.save_checkpoint(self.run_dir, self.model, {
-            "step": self.step, "elapsed_s": self.elapsed_s,
-            "optimizer": self.optimizer.state_dict(), "rng": rng,
-            "data": {"sampler": self.task.state_dict(), "fingerprint": self.task.fingerprint()},
-            "evals": [[e.step, e.val_bpc, list(e.by_n_hashes.items()), e.metrics]
-                      for e in self.evals]})
+        (see reformer.training.checkpoint); locks the run directory if it is not yet.
+
+        Every process must call it: sharded tensors are gathered whole, every rank's RNG state
+        is collected, and rank 0 writes."""
+        weights = full_model_state(self.model)
+        optimizer = full_optimizer_state(self.optimizer)
+        ranks = self.world.gather(rng_state(self.device))
+        state = {"step": self.step, "elapsed_s": self.elapsed_s, "optimizer": optimizer,
+                 "rng": {**ranks[0], "ranks": ranks}, "world": self.world.size,
+                 "data": {"sampler": self.task.state_dict(),
+                          "fingerprint": self.task.fingerprint()},
+                 "evals": [[e.step, e.val_bpc, list(e.by_n_hashes.items()), e.metrics]
+                           for e in self.evals]}
+
+        def write() -> None:
+            self._lock.acquire()
+            ckpt.save_checkpoint(self.run_dir, weights, state)
+
+        self.world.on_main(write)
         if cb is not None:
             cb.on_checkpoint(self, reason)
 
-    def _load_checkpoint(self) -> None:
-        state = ckpt.load_checkpoint(self.run_dir, self.model)
-        data, now = state["data"], self.task.fingerprint()
-        if "fingerprint" not in data:  # saved before tasks existed: text sizes only
-            data["fingerprint"] = {k: data[k] for k in ("train_bytes", "val_bytes")}
-        if data["fingerprint"] != now:
-            diff = ", ".join(f"{k} {data['fingerprint'].get(k)} -> {v}" for k, v in now.items()
-                             if data["fingerprint"].get(k) != v)
-            raise ValueError(f"the data changed since {self.run_dir} was saved ({diff}); "
-                             "resume with the same data or start a new run")
+    def _restore(self, state: dict[str, Any]) -> None:
+        """The trainer state of a loaded checkpoint (its weights are in the model already)."""
+        check_resumable(self.run_dir, state, self.task.fingerprint(), self.world.size)
+        data = state["data"]
         self.optimizer.load_state_dict(state["optimizer"])
+        shard_optimizer_state(self.optimizer)
         self.task.load_state_dict(data["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        set_rng_state(state["rng"].get("ranks", [state["rng"]])[self.world.rank], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
         self.evals = [EvalReport(s, v, dict(extra), *metrics)  # older states: no metrics
                       for s, v, extra, *metrics in state["evals"]]
-        self.metrics.truncate_after(self.step)
+        if self.world.is_main:
+            self.metrics.truncate_after(self.step)
 
     def _install_signal_handlers(self, cb: Callback) -> dict:
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum: int, frame: object) -> None:
-            if self._stop_reason is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            if self._stop_reason is not None:
+                if signum == signal.SIGINT and not self.world.distributed:
+                    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+                return  # torchrun forwards a terminal's Ctrl-C again: keep saving
             self.request_stop(signal.Signals(signum).name)
             cb.on_stop_requested(self, self._stop_reason)
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _merge_for_resume(run_dir: Path, saved: RunConfig, model: ReformerConfig | None,
-                      changes: dict[str, Any]) -> RunConfig:
-    """The saved config with the resumable changes applied; other differences are errors."""
-    diff = [] if model is None else ckpt.config_differences(saved.model, model)
-    if diff:
-        raise ValueError(f"{run_dir} was trained with another model config ({'; '.join(diff)}); "
-                         "resume without --preset/--config, or choose a new --out")
-    current = saved.training.to_dict()
-    requested = saved.training.replace(**changes).to_dict()  # validates the new values
-    fixed = [f"{k}: {current[k]!r} -> {requested[k]!r}" for k in sorted(changes)
-             if k not in RESUMABLE_FIELDS and requested[k] != current[k]]
-    if fixed:
-        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(fixed)}); "
-                         f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume")
-    keep = {k: v for k, v in changes.items() if k in RESUMABLE_FIELDS}
-    return RunConfig(saved.model, saved.training.replace(**keep), saved.preset)
