@@ -38,6 +38,13 @@ def test_gradients_equal_one_process_on_the_whole_batch(results, how):
 
 
 @pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_accumulation_communicates_once_and_sums_every_micro_batch(results, how):
+    assert results[f"accum/{how}"]["error"] <= 1e-6
+    if how == "ddp":  # the first micro-batch's backward skipped the all-reduce
+        assert results[f"accum/{how}"]["first_was_local"]
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
 def test_processes_stay_identical_with_dropout(results, how):
     assert results[f"steps/{how}"] == {"identical": True, "moved": True}
 

@@ -53,7 +53,13 @@ def torchrun(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", "-m", "reformer", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In the child: SIGINT at its default (a shell's background job starts with it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -116,11 +122,13 @@ def test_fsdp_trains_like_one_process(setup, reference):
     assert_same_curve(out, reference)
 
 
-def test_a_signal_to_the_launcher_saves_once_and_resume_continues_the_curve(setup, reference):
-    out = setup["tmp"] / "signalled"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_saves_once_and_resume_continues_the_curve(setup, reference,
+                                                                             sig):
+    out = setup["tmp"] / f"signalled-{sig.name}"
     proc = torchrun(train_flags(setup, out, 100_000, 1))
     wait_for(lambda: len(records(out, "train")) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)  # the launcher forwards it to every process
     proc.communicate()
     stopped = records(out, "train")[-1]["step"]
     assert [c.step for c in ckpt.checkpoints(out)] == [stopped] and 2 <= stopped < STEPS

@@ -59,6 +59,33 @@ def gradients(rank: int, world: int, how: str) -> float:
     return relative_errors(model, reference)
 
 
+def accumulated(rank: int, world: int, how: str) -> dict:
+    """Two micro-batches, the first without gradient communication (the trainer's
+    accumulation): is the first backward's gradient this process's own, and is the total that
+    of one process on both whole micro-batches?"""
+    from reformer.parallel import gradient_sync, wrap
+
+    first, second = batch(world), batch(world).flip(0)
+    reference = build()
+    for ids in (first, second):
+        (reference(ids, labels=ids, return_logits=False).loss / 2).backward()
+    model = build()
+    wrapped = wrap(model, how, torch.device("cpu"))
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    local = None
+    for i, ids in enumerate((first, second)):
+        with gradient_sync(wrapped, i == 1):
+            (wrapped(ids[rows], labels=ids[rows], return_logits=False).loss / 2).backward()
+        if i == 0 and how == "ddp":  # the same on every process only if it was all-reduced
+            local = model.stack.blocks[0].g.ff.w_in.weight.grad.clone()
+    mine = {"error": relative_errors(model, reference)}
+    if local is not None:
+        everyone = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(everyone, local)
+        mine["first_was_local"] = not torch.equal(everyone[0], everyone[1])
+    return mine
+
+
 def identical_after_steps(rank: int, world: int, how: str) -> dict:
     """Dropout on, 3 AdamW steps: are the parameters bit-identical across the processes?"""
     from reformer.parallel import full_model_state, wrap
@@ -98,6 +125,8 @@ def main(rank: int, world: int, store: str, out: str) -> None:
         results = {f"grad/{how}": gradients(rank, world, how)
                    for how in ("ddp", "ddp-static", "fsdp")}
         results.update({f"steps/{how}": identical_after_steps(rank, world, how)
+                        for how in ("ddp", "fsdp")})
+        results.update({f"accum/{how}": accumulated(rank, world, how)
                         for how in ("ddp", "fsdp")})
         results["share/fsdp"] = shard_share("fsdp")
         if rank == 0:
