@@ -27,7 +27,7 @@ MODEL = dict(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_layers=2,
 # without changing the curve; evaluation at the start and the end only.
 TRAINING = dict(min_lr_ratio=1.0, warmup_steps=0, lr=1e-2, eval_every=1000,
                 checkpoint_every=1000, eval_windows=3, seed=0, device="cpu")
-STEPS = 12
+STEPS = 30  # room for the steps run while a signal reaches the processes
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +122,16 @@ def test_fsdp_trains_like_one_process(setup, reference):
     assert_same_curve(out, reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_launcher_saves_once_and_resume_continues_the_curve(setup, reference,
                                                                              sig):
     out = setup["tmp"] / f"signalled-{sig.name}"
     proc = torchrun(train_flags(setup, out, 100_000, 1))
     wait_for(lambda: len(records(out, "train")) >= 2, proc)
     proc.send_signal(sig)  # the launcher forwards it to every process
-    proc.communicate()
+    log = proc.communicate()[0]
     stopped = records(out, "train")[-1]["step"]
-    assert [c.step for c in ckpt.checkpoints(out)] == [stopped] and 2 <= stopped < STEPS
+    assert [c.step for c in ckpt.checkpoints(out)] == [stopped] and 2 <= stopped < STEPS, log
     state = torch.load(ckpt.latest_checkpoint(out).state, weights_only=True)
     assert state["world"] == 2 and len(state["rng"]["ranks"]) == 2
     assert not torch.equal(state["rng"]["ranks"][0]["torch"], state["rng"]["ranks"][1]["torch"])
@@ -144,10 +144,10 @@ def test_a_killed_process_ends_the_job_and_resume_continues(setup, reference):
     proc = torchrun(train_flags(setup, out, 100_000, 1, "--checkpoint-every", "2"))
     wait_for(lambda: ckpt.latest_checkpoint(out) is not None, proc)
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode != 0
+    log = proc.communicate()[0]
+    assert proc.returncode != 0, log
     saved = ckpt.latest_checkpoint(out).step
-    assert 2 <= saved < STEPS
+    assert 2 <= saved < STEPS, log
     finish(torchrun(["train", "--out", str(out), "--resume", "--steps", str(STEPS)]))
     assert_same_curve(out, reference)
 

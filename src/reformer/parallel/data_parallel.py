@@ -1,9 +1,9 @@
 """Data parallelism for a ReformerLM: DistributedDataParallel, or FSDP2 one reversible block at
 a time, and the model's and optimiser's state in the one-process format.
 
-- ``ddp``: every process holds the whole model; gradients are all-reduced in buckets. The
-  reversible stack is one autograd node per block (reformer.reversible), so a block's buckets
-  go out while the blocks below are still being recomputed.
+- ``ddp``: every process holds the whole model; gradients are all-reduced in buckets of one
+  block's size. The reversible stack is one autograd node per block (reformer.reversible), so
+  a block's bucket goes out while the blocks below are still being recomputed.
 - ``fsdp``: ``fully_shard`` on every reversible block and on the model (embeddings, final norm,
   head). A block's parameters are gathered for its forward and again for its recomputing
   backward, and its gradients are reduce-scattered as soon as its backward is done, so a
@@ -39,7 +39,7 @@ def wrap(model: ReformerLM, how: str, device: torch.device) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=block_mib(model))
     from torch.distributed.fsdp import fully_shard
 
     for block in model.stack.blocks:
@@ -47,6 +47,16 @@ def wrap(model: ReformerLM, how: str, device: torch.device) -> nn.Module:
     fully_shard(model)
     model.stack.sharded = True  # gradient buffers one block at a time
     return model
+
+
+def block_mib(model: ReformerLM) -> float:
+    """DDP's bucket size: one reversible block's parameters, in MiB. A bucket is all-reduced
+    once all its gradients are ready; with DDP's default 25 MiB a small model's gradients fill
+    one or two buckets, the last holding the embeddings, whose gradients come last, so nothing
+    could leave while the stack is still being recomputed (docs/distributed.md)."""
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters())
+             for block in model.stack.blocks]
+    return max(sizes, default=1 << 20) / 2**20
 
 
 def unwrap(model: nn.Module) -> ReformerLM:
