@@ -37,8 +37,10 @@ its figure does not depend on how the sequences are split across processes.
 
 Stopping: each step the processes agree on whether to stop (a signal on any of them, the time
 budget on any of them, or the step count), so all stop after the same step and the checkpoint
-is saved once. Under torchrun a repeated signal does not abort the save (the launcher forwards
-a terminal's Ctrl-C a second time); the launcher kills the processes if they take too long.
+is saved once. torchrun starts the processes in their own session, so a terminal's Ctrl-C
+reaches the launcher, which forwards it; a repeated signal does not abort a process's save (the
+others would wait for it in a collective), and the launcher kills the processes if they take
+longer than its shutdown timeout (30 s).
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ from reformer.config import ReformerConfig
 from reformer.data.task import Task, build_task
 from reformer.model import ReformerLM
 from reformer.parallel.data_parallel import (
-    PARALLEL,
     full_model_state,
     full_optimizer_state,
     gradient_sync,
@@ -112,8 +113,6 @@ class Trainer:
             raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold the {cfg.task} "
                              f"task's {self.task.vocab_size} symbols; use vocab_size="
                              f"{self.task.vocab_size}")
-        if cfg.parallel not in PARALLEL:  # a config saved by hand
-            raise ValueError(f"parallel={cfg.parallel!r} is unknown; use one of {PARALLEL}")
         self._lock = rundir.RunLock(self.run_dir)  # rank 0's, held until run_loop returns
         try:
             self._open(resume)
@@ -385,7 +384,7 @@ class Trainer:
             if self._stop_reason is not None:
                 if signum == signal.SIGINT and not self.world.distributed:
                     raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-                return  # torchrun forwards a terminal's Ctrl-C again: keep saving
+                return  # one process alone cannot stop: the launcher's timeout does
             self.request_stop(signal.Signals(signum).name)
             cb.on_stop_requested(self, self._stop_reason)
 
