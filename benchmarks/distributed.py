@@ -163,6 +163,43 @@ def ddp_bucket_numels(make_ddp, seq_len: int, n_layers: int) -> list[int]:
     return seen
 
 
+def timeline_overlap(make_ddp, spec: dict, rank: int) -> list[float]:
+    """Per backward: the share of the buckets' all-reduce time (launch to completion, read by a
+    comm hook) that falls before the backward's compute ends (the embeddings' gradient, the
+    last one, is accumulated). Another copy of the model, as in :func:`ddp_bucket_numels`."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    model = build(spec["seq_len"], n_layers=spec["n_layers"])
+    ddp, spans, end = make_ddp(model), [], [0.0]
+
+    def hook(state, bucket):
+        span = [time.perf_counter(), 0.0]
+        spans.append(span)
+
+        def done(fut):
+            span[1] = time.perf_counter()
+            return fut.value()[0]
+
+        return allreduce_hook(state, bucket).then(done)
+
+    ddp.register_comm_hook(None, hook)
+    model.embed.weight.register_post_accumulate_grad_hook(
+        lambda p: end.__setitem__(0, time.perf_counter()))
+    ids = tokens(model, 1, spec["seq_len"], rank)
+    shares = []
+    for i in range(2 + spec["repeats"] // 3):  # DDP rebuilds its buckets after the first
+        model.zero_grad(set_to_none=True)
+        spans.clear()
+        loss = ddp(ids, labels=ids, return_logits=False).loss
+        barrier()
+        loss.backward()
+        total = sum(b - a for a, b in spans)
+        hidden = sum(max(0.0, min(b, end[0]) - a) for a, b in spans)
+        if i >= 2:
+            shares.append(hidden / total)
+    return shares
+
+
 def overlap_worker(spec: dict, rank: int, world: int) -> dict:
     """Per repeat: backward time with and without DDP's all-reduce, and the all-reduce alone."""
     from torch.nn.parallel import DistributedDataParallel
@@ -177,6 +214,7 @@ def overlap_worker(spec: dict, rank: int, world: int) -> dict:
             else DistributedDataParallel(m, bucket_cap_mb=cap)
 
     sizes = ddp_bucket_numels(make_ddp, spec["seq_len"], spec["n_layers"])
+    timeline = timeline_overlap(make_ddp, spec, rank)
     ddp = make_ddp(model)
     ids = tokens(model, 1, spec["seq_len"], rank)
     buckets = [torch.ones(n) for n in sizes]  # DDP's, in the order it all-reduces them
@@ -206,7 +244,8 @@ def overlap_worker(spec: dict, rank: int, world: int) -> dict:
         out["nosync_s"].append(backward_s(False))
         out["comm_s"].append(comm_s())
     return dict(model=describe(model), bucket_cap_mb=cap,
-                buckets_mib=[round(b.numel() * 4 / 2**20, 3) for b in buckets], **out)
+                buckets_mib=[round(b.numel() * 4 / 2**20, 3) for b in buckets],
+                timeline_hidden=timeline, **out)
 
 
 def memory_worker(spec: dict, rank: int, world: int) -> dict:
@@ -321,7 +360,10 @@ def overlap_part(args: argparse.Namespace) -> list[dict]:
                            buckets_mib=results[0]["buckets_mib"], **t, sync_med_s=sync,
                            nosync_med_s=nosync, comm_med_s=comm,
                            hidden=(nosync + comm - sync) / comm, exposed_paired_s=exposed,
-                           hidden_paired=1 - exposed / comm, model=results[0]["model"]))
+                           hidden_paired=1 - exposed / comm,
+                           timeline_hidden=statistics.median(
+                               x for r in results for x in r["timeline_hidden"]),
+                           model=results[0]["model"]))
     return rows
 
 
@@ -353,7 +395,8 @@ def summary(rows: list[dict]) -> None:
             print(f"overlap {r['config']:10s} buckets {r['buckets_mib']} MiB: T_sync "
                   f"{r['sync_med_s']:.3f} s, T_nosync {r['nosync_med_s']:.3f} s, T_comm "
                   f"{r['comm_med_s']:.3f} s; hidden {r['hidden']:.0%} (paired "
-                  f"{r['hidden_paired']:.0%})")
+                  f"{r['hidden_paired']:.0%}); in time, {r['timeline_hidden']:.0%} of the "
+                  "all-reduces run before the backward's compute ends")
         else:
             print(f"memory {r['config']:5s}: peak {r['peak_rss'] / gib:.2f} GiB "
                   f"({r['peak_rss_vs_ddp']:.2f}x DDP), above base "
