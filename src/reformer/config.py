@@ -28,8 +28,15 @@ ACTIVATIONS = ("relu", "gelu")
 AUTO_FACTORISE_ABOVE = 64
 
 
-def _fail(name: str, value: Any, rule: str, fix: str) -> None:
+def fail(name: str, value: Any, rule: str, fix: str) -> None:
+    """The error for a user's mistake: the value, the rule and the fix."""
     raise ValueError(f"{name}={value!r} {rule}; {fix}")
+
+
+def require(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
+    """:func:`fail` unless ``ok``."""
+    if not ok:
+        fail(name, value, rule, fix)
 
 
 def is_int(value: Any) -> bool:
@@ -45,7 +52,7 @@ def is_real(value: Any) -> bool:
 def check_positive_int(name: str, value: Any) -> None:
     """A ValueError naming ``name`` unless ``value`` is an integer >= 1 (not a bool)."""
     if not is_int(value) or value < 1:
-        _fail(name, value, "must be a positive integer", f"pass e.g. {name}=1 or more")
+        fail(name, value, "must be a positive integer", f"pass e.g. {name}=1 or more")
 
 
 @dataclass(frozen=True)
@@ -108,11 +115,11 @@ class ReformerConfig:
             check_positive_int(name, getattr(self, name))
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                _fail("d_model", self.d_model, f"is not divisible by n_heads={self.n_heads}",
+                fail("d_model", self.d_model, f"is not divisible by n_heads={self.n_heads}",
                       "pass d_head explicitly or choose n_heads that divides d_model")
             self._derive("d_head", self.d_model // self.n_heads)
         elif not is_int(self.d_head) or self.d_head < 1:
-            _fail("d_head", self.d_head, "must be a positive integer", "pass e.g. d_head=64")
+            fail("d_head", self.d_head, "must be a positive integer", "pass e.g. d_head=64")
         self._validate_choices()
         self._validate_numbers()
         self._validate_buckets()
@@ -120,38 +127,38 @@ class ReformerConfig:
 
     def _validate_choices(self) -> None:
         if not self.attn_layers:
-            _fail("attn_layers", self.attn_layers, "is empty", 'pass e.g. ("local", "lsh")')
+            fail("attn_layers", self.attn_layers, "is empty", 'pass e.g. ("local", "lsh")')
         for kind in self.attn_layers:
             if kind not in ATTENTION_KINDS:
-                _fail("attn_layers", self.attn_layers, f"contains unknown kind {kind!r}",
+                fail("attn_layers", self.attn_layers, f"contains unknown kind {kind!r}",
                       f"use only {ATTENTION_KINDS}")
         if self.pos_embedding not in POS_EMBEDDINGS:
-            _fail("pos_embedding", self.pos_embedding, "is unknown", f"use one of {POS_EMBEDDINGS}")
+            fail("pos_embedding", self.pos_embedding, "is unknown", f"use one of {POS_EMBEDDINGS}")
         if self.ff_activation not in ACTIVATIONS:
-            _fail("ff_activation", self.ff_activation, "is unknown", f"use one of {ACTIVATIONS}")
+            fail("ff_activation", self.ff_activation, "is unknown", f"use one of {ACTIVATIONS}")
         for name in ("causal", "reversible", "dedup_rounds"):
             if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "must be True or False", f"pass {name}=True")
+                fail(name, getattr(self, name), "must be True or False", f"pass {name}=True")
         if self.causal and self.n_chunks_after:
-            _fail("n_chunks_after", self.n_chunks_after,
+            fail("n_chunks_after", self.n_chunks_after,
                   "must be 0 for a causal model (later chunks are all masked)",
                   "pass n_chunks_after=0 or causal=False")
         if self.hash_seed is not None and not is_int(self.hash_seed):
-            _fail("hash_seed", self.hash_seed, "must be an integer or None", "pass e.g. 0")
+            fail("hash_seed", self.hash_seed, "must be an integer or None", "pass e.g. 0")
 
     def _validate_numbers(self) -> None:
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not is_real(value) or not 0.0 <= value < 1.0:
-                _fail(name, value, "must lie in [0, 1)", f"pass e.g. {name}=0.1")
+                fail(name, value, "must lie in [0, 1)", f"pass e.g. {name}=0.1")
         for name, example in (("layer_norm_eps", 1e-5), ("init_std", 0.02)):
             value = getattr(self, name)
             if not is_real(value) or not 0.0 < value < math.inf:
-                _fail(name, value, "must be a finite number > 0", f"pass e.g. {name}={example}")
+                fail(name, value, "must be a finite number > 0", f"pass e.g. {name}={example}")
         for name in ("n_chunks_before", "n_chunks_after"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
-                _fail(name, value, "must be a non-negative integer", f"pass e.g. {name}=1")
+                fail(name, value, "must be a non-negative integer", f"pass e.g. {name}=1")
 
     def _validate_buckets(self) -> None:
         nb = self.n_buckets
@@ -160,7 +167,7 @@ class ReformerConfig:
         factors = nb if isinstance(nb, tuple) else (nb,)
         for f in factors:
             if not is_int(f) or f < 2 or f % 2:
-                _fail("n_buckets", nb, "must be even integers >= 2 (each factor is hashed by "
+                fail("n_buckets", nb, "must be even integers >= 2 (each factor is hashed by "
                       "argmax over [xR, -xR])", "pass e.g. n_buckets=64 or (32, 64), or None")
 
     def _fill_axial(self) -> None:
@@ -172,9 +179,9 @@ class ReformerConfig:
             shape = (side, -(-self.max_seq_len // side))
             self._derive("axial_pos_shape", shape)
         if any(not is_int(s) or s < 1 for s in shape):
-            _fail("axial_pos_shape", shape, "must hold positive integers", "pass e.g. (128, 128)")
+            fail("axial_pos_shape", shape, "must hold positive integers", "pass e.g. (128, 128)")
         if math.prod(shape) < self.max_seq_len:
-            _fail("axial_pos_shape", shape, f"covers {math.prod(shape)} positions, fewer than "
+            fail("axial_pos_shape", shape, f"covers {math.prod(shape)} positions, fewer than "
                   f"max_seq_len={self.max_seq_len}", "make the product >= max_seq_len")
         dims = self.axial_pos_dims
         if dims is None:
@@ -182,7 +189,7 @@ class ReformerConfig:
             dims = tuple(base + (1 if i < rest else 0) for i in range(len(shape)))
             self._derive("axial_pos_dims", dims)
         if len(dims) != len(shape) or sum(dims) != self.d_model:
-            _fail("axial_pos_dims", dims, f"must have one entry per axis of axial_pos_shape="
+            fail("axial_pos_dims", dims, f"must have one entry per axis of axial_pos_shape="
                   f"{shape} and sum to d_model={self.d_model}", "e.g. (d_model//2, d_model//2)")
 
     def _derive(self, name: str, value: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from reformer.config import ReformerConfig, is_int, is_real
+from reformer.config import ReformerConfig, is_int, is_real, require
 from reformer.data.task import TASKS, TaskSpec
 from reformer.parallel.data_parallel import PARALLEL
 from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
@@ -75,40 +75,40 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                      "eval_windows", "checkpoint_every", "image_size"):
             value = getattr(self, name)
-            _require(is_int(value) and value >= 1, name, value, "must be a positive integer",
+            require(is_int(value) and value >= 1, name, value, "must be a positive integer",
                      f"pass e.g. {name}=1")
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2 (one target)")
         self._validate_task()
         self._validate_optimiser()
-        _require(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
+        require(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
                  self.val_fraction, "must lie in (0, 1)", "pass e.g. val_fraction=0.05")
-        _require(self.max_minutes is None or (_is_number(self.max_minutes)
+        require(self.max_minutes is None or (_is_number(self.max_minutes)
                                               and self.max_minutes > 0), "max_minutes",
                  self.max_minutes, "must be a finite number > 0, or None for no time limit",
                  "pass e.g. max_minutes=4")
-        _require(self.precision in PRECISIONS, "precision", self.precision, "is unknown",
+        require(self.precision in PRECISIONS, "precision", self.precision, "is unknown",
                  f"use one of {PRECISIONS}")
-        _require(all(is_int(r) and r >= 1 for r in self.eval_n_hashes), "eval_n_hashes",
+        require(all(is_int(r) and r >= 1 for r in self.eval_n_hashes), "eval_n_hashes",
                  self.eval_n_hashes, "must be positive integers", "pass e.g. (8,)")
-        _require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
+        require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                  "must be a non-negative integer", "pass e.g. seed=0")
         check_device(self.device)
-        _require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",
+        require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",
                  f"use one of {PARALLEL}")
 
     def _validate_optimiser(self) -> None:
-        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr,
+        require(_is_number(self.lr) and self.lr > 0, "lr", self.lr,
                  "must be a finite number > 0", "pass e.g. lr=3e-3")
-        _require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+        require(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
                  self.min_lr_ratio, "must lie in [0, 1]", "pass e.g. min_lr_ratio=0.1")
-        _require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
+        require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
                  self.warmup_steps, "must be a non-negative integer", "pass e.g. warmup_steps=10")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+        require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                  self.weight_decay, "must be a finite number >= 0", "pass e.g. weight_decay=0.01")
-        _require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas),
+        require(len(self.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in self.betas),
                  "betas", self.betas, "must be two numbers in [0, 1)", "pass e.g. (0.9, 0.98)")
-        _require(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+        require(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
                  "grad_clip", self.grad_clip, "must be a finite number > 0, or None for no "
                  "clipping", "pass e.g. grad_clip=1.0")
 
@@ -174,7 +174,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         seq_len, max_seq_len = self.training.seq_len, self.model.max_seq_len
-        _require(seq_len <= max_seq_len, "seq_len", seq_len,
+        require(seq_len <= max_seq_len, "seq_len", seq_len,
                  f"exceeds the model's max_seq_len={max_seq_len}",
                  f"train on windows of at most {max_seq_len} tokens or build the model with "
                  f"max_seq_len={seq_len}")
@@ -247,12 +247,6 @@ def check_device(name: str) -> str:
 def _is_number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN or infinity)."""
     return is_real(value) and math.isfinite(value)
-
-
-def _require(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
-    """A ValueError naming the value, the rule and the fix unless ``ok``."""
-    if not ok:
-        raise ValueError(f"{name}={value!r} {rule}; {fix}")
 
 
 def image_token_count(size: int, channels: int) -> int:
