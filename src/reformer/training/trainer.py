@@ -17,8 +17,8 @@ Decisions:
 - A checkpoint is one step folder switched in by one rename (reformer.training.checkpoint),
   so a kill at any moment leaves a complete one, and resume loads the newest. The Trainer
   locks its run directory: a second run there would interleave metrics and checkpoints.
-- Ctrl-C and SIGTERM (with ``handle_signals=True``) ask the loop to stop after the current
-  step and save a checkpoint; a second Ctrl-C stops at once without saving.
+- Stopping (steps, time budget, Ctrl-C, SIGTERM; agreed across processes):
+  reformer.training.stopping.
 - The library never prints: progress goes to a :class:`Callback` (the CLI draws a tqdm bar).
 
 Many processes (``torchrun``; reformer.parallel): every process runs this loop on its own
@@ -34,20 +34,12 @@ are the same everywhere; then ranks other than 0 re-seed their global RNG with
 ``seed + rank * 2**32``, so dropout masks and LSH rotations differ between processes while rank
 0 continues the one-process stream. Evaluation seeds each held-out sequence by its index, so
 its figure does not depend on how the sequences are split across processes.
-
-Stopping: each step the processes agree on whether to stop (a signal on any of them, the time
-budget on any of them, or the step count), so all stop after the same step and the checkpoint
-is saved once. torchrun starts the processes in their own session, so a terminal's Ctrl-C
-reaches the launcher, which forwards it; a repeated signal does not abort a process's save (the
-others would wait for it in a collective), and the launcher kills the processes if they take
-longer than its shutdown timeout (30 s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +60,7 @@ from reformer.parallel.data_parallel import (
 from reformer.parallel.world import World
 from reformer.training import checkpoint as ckpt
 from reformer.training import rundir
-from reformer.training.config import RunConfig, check_device
+from reformer.training.config import RunConfig, TrainConfig, check_device
 from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_sequences, plot_metrics
 from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
 from reformer.training.reports import Callback, EvalReport, RunResult, StepReport
@@ -79,8 +71,7 @@ from reformer.training.resume import (
     rng_state,
     set_rng_state,
 )
-
-STOP_CODES = {"steps": 1, "time": 2, "SIGINT": 3, "SIGTERM": 4}  # agreed by the largest
+from reformer.training.stopping import StopControl
 
 
 def resolve_device(name: str, world: World | None = None) -> torch.device:
@@ -132,7 +123,7 @@ class Trainer:
         self.optimizer = build_optimizer(unwrap(self.model), self.run.training)
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step, self.elapsed_s, self.evals = 0, 0.0, []
-        self._stop_reason: str | None = None
+        self._stop = StopControl(self.world, self.device)
         if state is not None:
             self._restore(state)
         elif self.world.rank > 0:
@@ -187,7 +178,7 @@ class Trainer:
     # --------------------------------------------------------------------- the loop
     def request_stop(self, reason: str) -> None:
         """Stop after the current step (and save a checkpoint)."""
-        self._stop_reason = reason
+        self._stop.request(reason)
 
     def run_loop(self, callback: Callback | None = None, handle_signals: bool = False
                  ) -> RunResult:
@@ -198,15 +189,23 @@ class Trainer:
         cb, cfg = callback or Callback(), self.run.training
         if self.world.is_main:
             self._lock.acquire()
-        previous = self._install_signal_handlers(cb) if handle_signals else {}
+        signals = self._stop.signals(lambda reason: cb.on_stop_requested(self, reason)) \
+            if handle_signals else contextlib.nullcontext()
         try:
+            return self._loop(cb, cfg, signals)
+        finally:
+            self._lock.release()
+
+    def _loop(self, cb: Callback, cfg: TrainConfig,
+              signals: contextlib.AbstractContextManager) -> RunResult:
+        with signals:
             start = time.monotonic() - self.elapsed_s
             if self.step == 0 and not self.evals:
                 self._evaluate(cb)
                 self.elapsed_s = time.monotonic() - start
             reason, step_time = None, 0.0
             while reason is None:
-                reason = self._agree(self._stop_check(step_time))
+                reason = self._stop.reason(cfg, self.step, self.elapsed_s, step_time)
                 if reason is not None:
                     break
                 loss, dt = self._train_step()
@@ -222,32 +221,6 @@ class Trainer:
                 self._evaluate(cb)
             self.save_checkpoint(cb, reason)
             return RunResult(self.run_dir, self.step, reason, self.evals)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self._lock.release()
-
-    def _stop_check(self, step_time: float) -> str | None:
-        """Why to stop now, if so; a time budget stops when the next step would overrun it."""
-        cfg = self.run.training
-        if self._stop_reason is not None:
-            return self._stop_reason
-        if self.step >= cfg.steps:
-            return "steps"
-        if cfg.max_minutes is not None and self.elapsed_s + step_time > 60.0 * cfg.max_minutes:
-            return "time"
-        return None
-
-    def _agree(self, reason: str | None) -> str | None:
-        """The stop reason every process adopts: the most urgent of theirs (STOP_CODES)."""
-        if not self.world.distributed:
-            return reason
-        mine = 0 if reason is None else STOP_CODES.get(reason, len(STOP_CODES) + 1)
-        agreed = self.world.all_max(mine, self.device)
-        if agreed == mine:
-            return reason
-        names = {code: name for name, code in STOP_CODES.items()}
-        return names.get(agreed, "another process's stop request")
 
     def _train_step(self) -> tuple[float, float]:
         """One optimiser step; returns (mean loss in nats over all processes, seconds)."""
@@ -375,17 +348,3 @@ class Trainer:
                       for s, v, extra, *metrics in state["evals"]]
         if self.world.is_main:
             self.metrics.truncate_after(self.step)
-
-    def _install_signal_handlers(self, cb: Callback) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, frame: object) -> None:
-            if self._stop_reason is not None:
-                if signum == signal.SIGINT and not self.world.distributed:
-                    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-                return  # one process alone cannot stop: the launcher's timeout does
-            self.request_stop(signal.Signals(signum).name)
-            cb.on_stop_requested(self, self._stop_reason)
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
