@@ -164,20 +164,43 @@ class ReformerLM(nn.Module):
         fused_loss = labels is not None and not return_logits
         # The fused loss is then the only consumer of (y1, y2), and its gradients are its own.
         call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes, owned_grads=fused_loss)
-        y1, y2 = self.stack(self.embed_tokens(input_ids), call)
-        if labels is None:
-            return ReformerOutput(logits=self.head(self.norm(torch.cat([y1, y2], dim=-1))))
-        # Position t predicts labels[t + 1]; the last position predicts nothing.
-        targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)  # (B, L)
-        count = (targets != -100).sum().clamp(min=1)
-        if fused_loss:
+        targets = None if labels is None else shifted_targets(labels)  # (B, L)
+        logits, total = self.forward_slice(input_ids, 0, call, targets, return_logits)
+        if total is None:
+            return ReformerOutput(logits=logits)
+        return ReformerOutput(logits=logits, loss=total / (targets != -100).sum().clamp(min=1))
+
+    def forward_slice(self, input_ids: torch.Tensor, offset: int, call: CallInfo,
+                      targets: torch.Tensor | None = None, return_logits: bool = True
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Positions offset.. of a sequence: the whole of it, or, under sequence parallelism
+        (reformer.parallel.sequence), this process's slice while others hold the rest.
+
+        Args:
+            input_ids: (B, l) the slice's token ids.
+            call: the call's settings (its attention mask is the whole sequence's).
+            targets: (B, l) the slice's next-token targets (:func:`shifted_targets` of the
+                whole labels, sliced), -100 = none.
+            return_logits: False (with targets): the loss block by block, no logits.
+
+        Returns:
+            ((B, l, V) logits or None, the summed loss of the slice's targets or None).
+        """
+        y1, y2 = self.stack(self.embed_tokens(input_ids, offset), call)
+        if targets is not None and not return_logits:
             total = _ChunkedHeadLoss.apply(y1, y2, targets, self.norm, self.head,
                                            self.config.loss_chunk_size,
                                            *self.norm.parameters(), *self.head.parameters())
-            return ReformerOutput(loss=total / count)
-        logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))  # (B, L, V)
-        loss = _loss_sum(logits.flatten(0, 1), targets.flatten()) / count
-        return ReformerOutput(logits=logits, loss=loss)
+            return None, total
+        logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))  # (B, l, V)
+        if targets is None:
+            return logits, None
+        return logits, _loss_sum(logits.flatten(0, 1), targets.flatten())
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) labels -> (B, L) targets: position t predicts labels[t + 1]; the last, nothing."""
+    return F.pad(labels[:, 1:].long(), (0, 1), value=-100)
 
 
 def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ with dropout) it runs on detached stand-ins of the parameters (``functional_call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,23 @@ ROWS = 1 << 12  # rows per block of the position-wise work inside the attention 
 PROJECT_ELEMENTS = 1 << 25  # project a group of heads at once up to this size (128 MiB fp32)
 
 
+class HeadExchange(Protocol):
+    """Sequence parallelism's exchange around the attention core (reformer.parallel.sequence).
+
+    Each process holds a slice of the positions; ``__call__`` sends the projected inputs of
+    one slice of heads, each (B, h, l, E) over the local positions, so that each process
+    holds the whole length for its h/P of those heads, runs ``core`` on them, and sends the
+    outputs back: (B, h, l, E). ``length`` is the whole sequence's (the LSH bucket count
+    follows it). Differentiable, so the recomputing backward replays it.
+    """
+
+    length: int
+    parts: int  # processes: every head slice holds a multiple of it
+
+    def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
+                 state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
+
+
 @dataclass
 class CallInfo:
     """What one forward call passes to every layer."""
@@ -64,6 +83,14 @@ class CallInfo:
     # else holds (ReformerLM's fused loss makes them), so the backward may reuse their storage.
     owned_grads: bool = False
     stack: StackState | None = None  # set by a reversible stack's training forward
+    # Sequence parallelism: this process holds a slice of the positions; attention_mask is
+    # then the whole sequence's (B, L) mask, which only the attention core reads.
+    exchange: HeadExchange | None = None
+
+
+def _parts(call: CallInfo) -> int:
+    """Head slices hold a multiple of this many heads: the sequence-parallel processes'."""
+    return 1 if call.exchange is None else call.exchange.parts
 
 
 @dataclass
@@ -145,7 +172,18 @@ class AttentionHalf(nn.Module):
             rotations = call.caches[self.attn.layer_index].rotations
             if rotations is not None:
                 return HalfRecord(attn=self.attn.prepare(x, rotations=rotations))
+        if call.exchange is not None:
+            return HalfRecord(attn=self.attn.prepare(x, call.n_hashes,
+                                                     length=call.exchange.length))
         return HalfRecord(attn=self.attn.prepare(x, call.n_hashes))
+
+    def core(self, projected: list[torch.Tensor], heads: slice, rec: HalfRecord,
+             call: CallInfo) -> torch.Tensor:
+        """The attention core of one slice of heads, (B, h, L, E) each -> (B, h, L, E), through
+        the sequence-parallel exchange when there is one."""
+        if call.exchange is None:
+            return self.attn.core(projected, heads, rec.attn, call.attention_mask)
+        return call.exchange(self.attn.core, projected, heads, rec.attn, call.attention_mask)
 
     def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> torch.Tensor:
         h = self.norm(x)
@@ -153,8 +191,9 @@ class AttentionHalf(nn.Module):
             self.attn.fill_cache(h, call.caches[self.attn.layer_index])
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         out = None
-        for heads in self.attn.head_slices():
-            part = self.attn.heads_forward(h, heads, rec.attn, call.attention_mask)
+        for heads in self.attn.head_slices(_parts(call)):
+            projected = [self.attn.project(w, h, heads) for w in self.attn.projections()]
+            part = self.attn.merge(self.core(projected, heads, rec, call), heads)
             part = part if keep is None else part * keep  # dropout is linear: per slice
             out = part if out is None else out + part
         return out
@@ -163,13 +202,13 @@ class AttentionHalf(nn.Module):
         E = self.attn.d_head
         return slice(heads.start * E, heads.stop * E)
 
-    def _groups(self, n_rows: int) -> list[tuple[slice, list[slice]]]:
+    def _groups(self, n_rows: int, call: CallInfo) -> list[tuple[slice, list[slice]]]:
         """The head slices in groups whose projections, (N, n_proj*h*E) values, fit in
         ``PROJECT_ELEMENTS``: (the group's heads, its slices). A group is projected, and
         merged through W_o, at once."""
         per_head = n_rows * self.attn.d_head * len(self.attn.projections())
         groups: list[list[slice]] = [[]]
-        for heads in self.attn.head_slices():
+        for heads in self.attn.head_slices(_parts(call)):
             size = (heads.stop - groups[-1][0].start) * per_head if groups[-1] else 0
             if size > PROJECT_ELEMENTS:
                 groups.append([])
@@ -198,13 +237,12 @@ class AttentionHalf(nn.Module):
         """acc += f(x), in place (no autograd)."""
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
-        for group, slices in self._groups(N):
+        for group, slices in self._groups(N, call):
             projected = self._projected(x, group)
             o = None  # the group's outputs, (B, h, L, E) over (N, h*E) rows
             for heads in slices:
                 part = slice(heads.start - group.start, heads.stop - group.start)
-                o_part = self.attn.core([p[:, part] for p in projected], heads, rec.attn,
-                                        call.attention_mask)
+                o_part = self.core([p[:, part] for p in projected], heads, rec, call)
                 if o is None:  # in the core's dtype (autocast's, when it is on)
                     width = (group.stop - group.start) * self.attn.d_head
                     o = self._heads_view(o_part.new_empty(N, width), B)
@@ -235,14 +273,14 @@ class AttentionHalf(nn.Module):
         rows, not four; then W_o and the projections are differentiated for the group."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
-        for group, slices in self._groups(x_rows.shape[0]):
+        for group, slices in self._groups(x_rows.shape[0], call):
             projected = self._projected(x, group)
             grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
             for heads in slices:
                 part = slice(heads.start - group.start, heads.stop - group.start)
                 inputs = [p[:, part].detach().requires_grad_(True) for p in projected]
                 with torch.enable_grad():
-                    o = attn.core(inputs, heads, rec.attn, call.attention_mask)
+                    o = self.core(inputs, heads, rec, call)
                 grad_in = _grads(o, inputs, grad_o[:, part])
                 del inputs  # this slice's graph is gone: its rows can be reused
                 for p, g in zip(projected, grad_in, strict=True):

@@ -70,11 +70,16 @@ class HeadSlicedAttention(nn.Module):
         self.n_heads, self.d_head = config.n_heads, config.d_head
         self.w_o = nn.Linear(config.n_heads * config.d_head, config.d_model, bias=False)
 
-    def head_slices(self) -> list[slice]:
-        step = self.config.attn_head_chunk_size
+    def head_slices(self, multiple: int = 1) -> list[slice]:
+        """Slices of ``attn_head_chunk_size`` heads, rounded up to a multiple of ``multiple``
+        (under sequence parallelism each of P processes attends with 1/P of every slice)."""
+        step = -(-self.config.attn_head_chunk_size // multiple) * multiple
         return [slice(h, min(h + step, self.n_heads)) for h in range(0, self.n_heads, step)]
 
-    def prepare(self, x: torch.Tensor, n_hashes: int | None = None) -> AttentionState:
+    def prepare(self, x: torch.Tensor, n_hashes: int | None = None,
+                length: int | None = None) -> AttentionState:
+        """Per-call state; ``length``: the whole sequence's, when x is one process's slice of
+        it (sequence parallelism), else x's own."""
         return AttentionState()
 
     def project(self, linear: nn.Linear, x: torch.Tensor, heads: slice) -> torch.Tensor:

@@ -168,10 +168,12 @@ class LSHSelfAttention(HeadSlicedAttention):
                                 seed=seed, device=device)
 
     def prepare(self, x: torch.Tensor, n_hashes: int | None = None,
-                rotations: Rotations | None = None) -> AttentionState:
-        """This call's state: its rotations (given, e.g. a decoding cache's, or drawn)."""
+                length: int | None = None, rotations: Rotations | None = None
+                ) -> AttentionState:
+        """This call's state: its rotations (given, e.g. a decoding cache's, or drawn for a
+        sequence of ``length``, default x's: the number of buckets follows it)."""
         if rotations is None:
-            rotations = self.sample_rotations(x.shape[1], n_hashes, x.device)
+            rotations = self.sample_rotations(length or x.shape[1], n_hashes, x.device)
         n_hashes = (rotations[0] if isinstance(rotations, list) else rotations).shape[2]
         return AttentionState(n_hashes=n_hashes, rotations=rotations)
 

@@ -1,0 +1,173 @@
+"""Sequence parallelism: one sequence split across P processes (DESIGN.md 3.1; the scheme
+DeepSpeed calls Ulysses).
+
+Each process holds a contiguous slice of the positions (lengths differing by at most one, so
+any L >= P works) of both reversible streams. The embedding (with the slice's position
+offset), the feed-forward halves, the LayerNorms, the output head and the loss blocks work on
+the local slice. Each attention half projects its local slice for a slice of h heads, and an
+``all_to_all`` hands every process the whole length for h/P of those heads; the unchanged
+attention core (lsh, local, full) runs on them, a second ``all_to_all`` brings the outputs
+back to the positions' owners, and W_o is applied locally (:class:`HeadExchange`). The
+exchanges are autograd Functions, so the reversible backward, which recomputes each head
+slice's attention, replays them. Rotations are drawn for the whole length (so the number of
+buckets is the one-process one) from an RNG stream every process shares, so all hash a head
+alike. The loss is the sum over the processes' slices divided by the whole sequence's count
+of targets; the label shift crosses slice boundaries because every process holds the whole
+(B, L) ids and labels (small next to the streams) and cuts its own targets from the shifted
+whole. The weights are replicated: :meth:`SequenceParallelLM.sync_gradients` sums their
+gradients over the group after a backward. Checkpoints are the ordinary ones.
+
+Shapes: B batch, L whole length, l a slice's length, H heads, h a head slice, E d_head,
+P processes.
+
+Head slices hold a multiple of P heads (``attn_head_chunk_size`` rounded up), so each
+process attends with as many heads per slice as one process would. Limits now: P must divide
+n_heads; no dropout
+(each process would draw its slice's masks from the shared stream, which neither matches one
+process nor keeps the streams in step when the slices differ in length); one sequence-parallel
+group (no data parallelism over other ranks yet); no CLI flag yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from reformer.attention.base import AttentionState
+from reformer.model import ReformerLM, ReformerOutput, shifted_targets
+from reformer.reversible import CallInfo
+
+
+def split_lengths(length: int, parts: int) -> list[int]:
+    """Slice lengths of ``length`` positions over ``parts`` processes, the first ones longer
+    by one where it does not divide."""
+    if length < parts:
+        raise ValueError(f"a sequence of {length} tokens cannot be split over {parts} "
+                         f"processes (each needs at least one); use at least {parts} tokens "
+                         "or fewer processes")
+    base, extra = divmod(length, parts)
+    return [base + (r < extra) for r in range(parts)]
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single on flat tensors; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        out = x.new_empty(sum(out_splits))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+class HeadExchange:
+    """Around the attention core: local positions of h heads <-> all positions of h/P heads
+    (the interface of reformer.reversible.HeadExchange)."""
+
+    def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
+        self.lengths, self.rank, self.group = lengths, rank, group
+        self.length, self.parts = sum(lengths), len(lengths)
+
+    def __call__(self, core, projected: list[torch.Tensor], heads: slice,
+                 state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        P = len(self.lengths)
+        k = (heads.stop - heads.start) // P  # heads per process in this slice
+        mine = slice(heads.start + self.rank * k, heads.start + (self.rank + 1) * k)
+        out = core([self._to_heads(p) for p in projected], mine, state, attention_mask)
+        return self._to_positions(out)
+
+    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, l, E) local positions -> (B, h/P, L, E) this process's heads, all positions."""
+        B, h, n_local, E = x.shape
+        P = len(self.lengths)
+        k = h // P
+        send = x.reshape(B, P, k, n_local, E).transpose(0, 1).reshape(-1)  # (P, B, k, l, E)
+        sizes = [B * k * n * E for n in self.lengths]
+        got = _AllToAll.apply(send, sizes, [B * k * n_local * E] * P, self.group)
+        parts = [g.view(B, k, n, E) for g, n in zip(got.split(sizes), self.lengths, strict=True)]
+        return torch.cat(parts, dim=2)  # (B, k, L, E)
+
+    def _to_positions(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back."""
+        B, k, _, E = y.shape
+        P, n_local = len(self.lengths), self.lengths[self.rank]
+        send = torch.cat([part.reshape(-1) for part in y.split(self.lengths, dim=2)])
+        sizes = [B * k * n * E for n in self.lengths]
+        got = _AllToAll.apply(send, [B * k * n_local * E] * P, sizes, self.group)
+        return got.view(P, B, k, n_local, E).transpose(0, 1).reshape(B, P * k, n_local, E)
+
+
+class SequenceParallelLM(nn.Module):
+    """A ReformerLM whose sequences are split across the processes of ``group``.
+
+    Every process calls it with the same whole (B, L) ids (and labels, mask); each computes
+    its slice. The returned loss is the whole sequence's (the same on every process); its
+    gradient flows only through this process's slice, so call :meth:`sync_gradients` after
+    the backward to sum the weights' gradients over the group.
+    """
+
+    def __init__(self, model: ReformerLM, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        cfg = model.config
+        self.model, self.group = model, group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if cfg.n_heads % self.size:
+            raise ValueError(f"sequence parallelism over {self.size} processes needs n_heads="
+                             f"{cfg.n_heads} divisible by {self.size} (each process attends with "
+                             f"its share of the heads); use a number of processes that divides "
+                             f"{cfg.n_heads}")
+        if cfg.dropout > 0 or cfg.attention_dropout > 0:
+            raise ValueError(f"sequence parallelism does not support dropout yet (dropout="
+                             f"{cfg.dropout}, attention_dropout={cfg.attention_dropout}); "
+                             "set both to 0")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, n_hashes: int | None = None,
+                return_logits: bool = True) -> ReformerOutput:
+        """As :meth:`ReformerLM.forward` on the whole (B, L) sequence; ``logits`` are this
+        process's slice's, (B, l, V)."""
+        model = self.model
+        model._check_inputs(input_ids, attention_mask, labels)
+        lengths = split_lengths(input_ids.shape[1], self.size)
+        start = sum(lengths[:self.rank])
+        mine = slice(start, start + lengths[self.rank])
+        self._share_rng()
+        call = CallInfo(attention_mask=None if attention_mask is None else attention_mask.bool(),
+                        n_hashes=n_hashes, owned_grads=labels is not None and not return_logits,
+                        exchange=HeadExchange(lengths, self.rank, self.group))
+        targets = None if labels is None else shifted_targets(labels)  # (B, L)
+        logits, total = model.forward_slice(input_ids[:, mine], start, call,
+                                            None if targets is None else targets[:, mine],
+                                            return_logits)
+        if total is None:
+            return ReformerOutput(logits=logits)
+        whole = total.detach().clone()
+        dist.all_reduce(whole, group=self.group)
+        total = total + (whole - total.detach())  # the whole sum; the gradient of this slice's
+        return ReformerOutput(logits=logits, loss=total / (targets != -100).sum().clamp(min=1))
+
+    def _share_rng(self) -> None:
+        """Give every process rank 0's RNG state, so that all draw the same rotations."""
+        state = [torch.get_rng_state()]
+        dist.broadcast_object_list(state, src=dist.get_global_rank(self.group, 0)
+                                   if self.group is not None else 0, group=self.group)
+        torch.set_rng_state(state[0])
+
+    def sync_gradients(self) -> None:
+        """Sum every weight's gradient over the group (each process holds its slice's)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()

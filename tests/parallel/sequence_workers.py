@@ -1,0 +1,99 @@
+"""What each process of the sequence-parallel tests runs (gloo on the CPU); rank 0 writes the
+largest differences from one process on the whole sequence to a JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+TINY = dict(vocab_size=32, d_model=16, n_heads=4, d_ff=32, n_layers=3,
+            attn_layers=("lsh", "local", "full"), n_hashes=2, n_buckets=4, chunk_length=4,
+            local_chunk_length=4, max_seq_len=64, hash_seed=0, init_std=0.1)
+CASES = {  # name: (config overrides, length, call keywords, masked tail)
+    "causal": ({}, 30, {}, 0),
+    "odd-length": ({}, 23, {}, 0),
+    "bidirectional": ({"causal": False}, 26, {}, 0),
+    "padded": ({"causal": False}, 26, {}, 5),
+    "n_hashes-at-call": ({}, 30, {"n_hashes": 3}, 0),
+    "rotations-from-rng": ({"hash_seed": None}, 30, {}, 0),
+    "not-reversible": ({"reversible": False}, 22, {}, 0),
+}
+
+
+def build(**overrides):
+    from reformer import ReformerConfig, ReformerLM
+
+    torch.manual_seed(0)
+    return ReformerLM(ReformerConfig(**{**TINY, **overrides})).double().train()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def compare(name: str, rank: int, world: int) -> dict:
+    """One case: logits, loss and every gradient against one process, largest relative
+    difference of each."""
+    from reformer.parallel.sequence import SequenceParallelLM, split_lengths
+
+    overrides, length, call, masked = CASES[name]
+    ids = torch.randint(0, TINY["vocab_size"], (2, length),
+                        generator=torch.Generator().manual_seed(length))
+    mask = torch.ones(2, length, dtype=torch.bool)
+    if masked:
+        mask[1, -masked:] = False
+    labels = ids.masked_fill(~mask, -100)
+    lengths = split_lengths(length, world)
+    start = sum(lengths[:rank])
+    mine = slice(start, start + lengths[rank])
+    out = {}
+    reference = build(**overrides)
+    torch.manual_seed(7)
+    ref = reference(ids, attention_mask=mask, labels=labels, **call)
+    ref.loss.backward()
+    model = build(**overrides)
+    sp = SequenceParallelLM(model)
+    torch.manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's stream is shared
+    got = sp(ids, attention_mask=mask, labels=labels, **call)
+    out["logits"] = relative(got.logits, ref.logits[:, mine])
+    out["loss"] = relative(got.loss.detach(), ref.loss.detach())
+    got.loss.backward()
+    sp.sync_gradients()
+    out["grads"] = max(relative(p.grad, q.grad) for p, q in
+                       zip(model.parameters(), reference.parameters(), strict=True))
+    # the fused loss (no logits) as training uses it
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7 if rank == 0 else 100 + rank)
+    fused = sp(ids, attention_mask=mask, labels=labels, return_logits=False, **call)
+    fused.loss.backward()
+    sp.sync_gradients()
+    out["fused_loss"] = relative(fused.loss.detach(), ref.loss.detach())
+    out["fused_grads"] = max(relative(p.grad, q.grad) for p, q in
+                             zip(model.parameters(), reference.parameters(), strict=True))
+    return out
+
+
+def main(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        results = {name: compare(name, rank, world) for name in CASES}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:  # the worst over the processes
+            worst = {name: {k: max(g[name][k] for g in gathered) for k in results[name]}
+                     for name in results}
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump(worst, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python sequence_workers.py RANK WORLD STORE OUT
+    sys.path.insert(0, os.getcwd())
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

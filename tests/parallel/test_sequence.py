@@ -1,0 +1,53 @@
+"""Sequence parallelism (reformer.parallel.sequence) on 2 and 4 gloo processes: logits, loss
+and every gradient equal one process on the whole sequence, in float64."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.parallel.sequence_workers import CASES
+
+TOLERANCE = 1e-9
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
+def results(request, tmp_path_factory) -> dict:
+    """The worst relative differences over the processes, per case (sequence_workers.py)."""
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"sp{world}")
+    out, store = tmp / "results.json", tmp / "store"
+    worker = Path(__file__).with_name("sequence_workers.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), str(world), str(store),
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(world)]
+    logs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equals_one_process_on_the_whole_sequence(results, case):
+    # lsh, local and full layers; the slices' lengths differ when P does not divide L.
+    assert results[case] == pytest.approx({k: 0.0 for k in results[case]}, abs=TOLERANCE)
+
+
+def test_slices_cover_the_sequence_and_differ_by_at_most_one():
+    from reformer.parallel.sequence import split_lengths
+
+    for length in range(4, 40):
+        for parts in (2, 3, 4):
+            sizes = split_lengths(length, parts)
+            assert sum(sizes) == length and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="at least 4 tokens"):
+        split_lengths(3, 4)
+
+
+def test_head_slices_round_up_to_a_multiple_of_the_processes(make_model):
+    attn = make_model(n_heads=4, d_model=16).stack.blocks[0].f.attn
+    assert attn.head_slices() == [slice(h, h + 1) for h in range(4)]  # chunk size 1
+    assert attn.head_slices(2) == [slice(0, 2), slice(2, 4)]
+    assert attn.head_slices(4) == [slice(0, 4)]
