@@ -202,13 +202,13 @@ class AttentionHalf(nn.Module):
         E = self.attn.d_head
         return slice(heads.start * E, heads.stop * E)
 
-    def _groups(self, n_rows: int, call: CallInfo) -> list[tuple[slice, list[slice]]]:
+    def _groups(self, n_rows: int, parts: int = 1) -> list[tuple[slice, list[slice]]]:
         """The head slices in groups whose projections, (N, n_proj*h*E) values, fit in
         ``PROJECT_ELEMENTS``: (the group's heads, its slices). A group is projected, and
         merged through W_o, at once."""
         per_head = n_rows * self.attn.d_head * len(self.attn.projections())
         groups: list[list[slice]] = [[]]
-        for heads in self.attn.head_slices(_parts(call)):
+        for heads in self.attn.head_slices(parts):
             size = (heads.stop - groups[-1][0].start) * per_head if groups[-1] else 0
             if size > PROJECT_ELEMENTS:
                 groups.append([])
@@ -237,7 +237,7 @@ class AttentionHalf(nn.Module):
         """acc += f(x), in place (no autograd)."""
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
-        for group, slices in self._groups(N, call):
+        for group, slices in self._groups(N, _parts(call)):
             projected = self._projected(x, group)
             o = None  # the group's outputs, (B, h, L, E) over (N, h*E) rows
             for heads in slices:
@@ -273,7 +273,7 @@ class AttentionHalf(nn.Module):
         rows, not four; then W_o and the projections are differentiated for the group."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
-        for group, slices in self._groups(x_rows.shape[0], call):
+        for group, slices in self._groups(x_rows.shape[0], _parts(call)):
             projected = self._projected(x, group)
             grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
             for heads in slices:
