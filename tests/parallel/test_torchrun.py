@@ -122,6 +122,20 @@ def test_fsdp_trains_like_one_process(setup, reference):
     assert_same_curve(out, reference)
 
 
+def test_sequence_parallel_trains_like_one_process_on_the_same_sequences(setup, tmp_path):
+    # Both processes hold half of each window; the batches are the one-process ones.
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(train_flags(setup, one, 4, 1)) == 0
+    log = finish(torchrun(train_flags(setup, two, 4, 1, "--sequence-parallel")))
+    assert "2 processes (sequence, cpu)" in log
+    for kind, key in (("train", "loss"), ("eval", "val_bpc")):
+        torch.testing.assert_close(torch.tensor([r[key] for r in records(two, kind)]),
+                                   torch.tensor([r[key] for r in records(one, kind)]),
+                                   rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="cannot resume with 'ddp'"):
+        Trainer.resume(two, changes={"steps": 5, "parallel": "ddp"})
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_launcher_saves_once_and_resume_continues_the_curve(setup, reference,
                                                                              sig):

@@ -100,6 +100,11 @@ def train_changes(args: argparse.Namespace) -> dict:
     for k in ("data", "val_data"):
         if k in changes:
             changes[k] = tuple(str(Path(p).absolute()) for p in changes[k])
+    if getattr(args, "sequence_parallel", False):
+        if changes.get("parallel", "sequence") != "sequence":
+            raise ValueError(f"--sequence-parallel and --parallel {changes['parallel']} "
+                             "contradict each other; pass one")
+        changes["parallel"] = "sequence"
     if "eval_n_hashes" in changes:
         changes["eval_n_hashes"] = tuple(changes["eval_n_hashes"])
     return changes
@@ -299,8 +304,11 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                    "torchrun, cuda is each process's own GPU)")
     if not demo:
         p.add_argument("--parallel", choices=PARALLEL,
-                       help="under torchrun: ddp (each process holds the whole model) or fsdp "
-                       "(weights, gradients and AdamW moments sharded per layer) (default: ddp)")
+                       help="under torchrun: ddp (each process holds the whole model), fsdp "
+                       "(weights, gradients and AdamW moments sharded per layer) or sequence "
+                       "(each sequence split across the processes) (default: ddp)")
+        p.add_argument("--sequence-parallel", action="store_true",
+                       help="the same as --parallel sequence")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="run directory (default: runs/NAME-TIME)")
     if synthetic:

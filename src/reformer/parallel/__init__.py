@@ -1,5 +1,5 @@
-"""torch.distributed for the Reformer (DESIGN.md 3.1): process groups under ``torchrun``, and
-data parallelism with DDP or FSDP2 per reversible block.
+"""torch.distributed for the Reformer (DESIGN.md 3.1): process groups under ``torchrun``, data
+parallelism with DDP or FSDP2 per reversible block, and sequence parallelism.
 
 The model never imports this package: it offers what the wiring needs (one autograd node per
 reversible block, ``ReversibleStack.sharded``) and this package uses it.
@@ -7,6 +7,7 @@ reversible block, ``ReversibleStack.sharded``) and this package uses it.
 
 from reformer.parallel.data_parallel import (
     PARALLEL,
+    finish_gradients,
     full_model_state,
     full_optimizer_state,
     gradient_sync,
@@ -20,6 +21,7 @@ __all__ = [
     "PARALLEL",
     "World",
     "close_world",
+    "finish_gradients",
     "full_model_state",
     "full_optimizer_state",
     "gradient_sync",

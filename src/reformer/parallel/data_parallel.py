@@ -6,6 +6,8 @@ a time, and the model's and optimiser's state in the one-process format.
   reversible stack is one autograd node per block (reformer.reversible), so a block's bucket
   goes out while the blocks below are still being recomputed (docs/distributed.md: 89% of
   the all-reduce time runs during the backward on 2 CPU processes).
+- ``sequence``: every process holds the whole model and a slice of each sequence
+  (reformer.parallel.sequence); its gradients are summed after the step's backward passes.
 - ``fsdp``: ``fully_shard`` on every reversible block and on the model (embeddings, final norm,
   head). A block's parameters are gathered for its forward and again for its recomputing
   backward, and its gradients are reduce-scattered as soon as its backward is done, so a
@@ -29,7 +31,7 @@ from torch import nn
 
 from reformer.model import ReformerLM
 
-PARALLEL = ("ddp", "fsdp")  # TrainConfig.parallel
+PARALLEL = ("ddp", "fsdp", "sequence")  # TrainConfig.parallel
 
 
 def wrap(model: ReformerLM, how: str, device: torch.device) -> nn.Module:
@@ -37,6 +39,10 @@ def wrap(model: ReformerLM, how: str, device: torch.device) -> nn.Module:
     are loaded (FSDP shards what the model holds then)."""
     if how not in PARALLEL:
         raise ValueError(f"parallel={how!r} is unknown; use one of {PARALLEL}")
+    if how == "sequence":
+        from reformer.parallel.sequence import SequenceParallelLM
+
+        return SequenceParallelLM(model)
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -63,8 +69,18 @@ def block_mib(model: ReformerLM) -> float:
 
 
 def unwrap(model: nn.Module) -> ReformerLM:
-    """The ReformerLM inside a DDP wrapper (FSDP2 shards the model in place)."""
-    return model.module if hasattr(model, "no_sync") else model
+    """The ReformerLM inside a DDP or sequence-parallel wrapper (FSDP2 shards the model in
+    place)."""
+    if hasattr(model, "no_sync"):
+        return model.module
+    return model.model if hasattr(model, "sync_gradients") else model
+
+
+def finish_gradients(model: nn.Module) -> None:
+    """After a step's backward passes: sequence parallelism sums the processes' gradients of
+    the replicated weights (DDP and FSDP2 communicate during the backward)."""
+    if hasattr(model, "sync_gradients"):
+        model.sync_gradients()
 
 
 @contextlib.contextmanager

@@ -64,7 +64,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
-    parallel: str = "ddp"  # under torchrun: ddp (whole model per process) or fsdp (sharded)
+    # under torchrun: ddp (whole model per process), fsdp (sharded per layer) or sequence
+    # (each sequence split across the processes; reformer.parallel.sequence)
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         for name in ("data", "val_data", "eval_n_hashes", "betas"):

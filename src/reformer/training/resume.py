@@ -71,5 +71,10 @@ def merge_for_resume(run_dir: Path, saved: RunConfig, model: ReformerConfig | No
     if fixed:
         raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(fixed)}); "
                          f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume")
+    if "sequence" in (current["parallel"], requested["parallel"]) \
+            and current["parallel"] != requested["parallel"]:
+        raise ValueError(f"{run_dir} was trained with parallel={current['parallel']!r}; it cannot "
+                         f"resume with {requested['parallel']!r} (sequence parallelism reads "
+                         "other batches per process); resume without --parallel")
     keep = {k: v for k, v in changes.items() if k in RESUMABLE_FIELDS}
     return RunConfig(saved.model, saved.training.replace(**keep), saved.preset)

@@ -50,6 +50,7 @@ from reformer.config import ReformerConfig
 from reformer.data.task import Task, build_task
 from reformer.model import ReformerLM
 from reformer.parallel.data_parallel import (
+    finish_gradients,
     full_model_state,
     full_optimizer_state,
     gradient_sync,
@@ -99,7 +100,13 @@ class Trainer:
         self.run_dir, self.run, cfg = Path(run_dir), run, run.training  # RunConfig checked
         self.world = world or World()
         self.device = resolve_device(cfg.device, self.world)
-        self.task: Task = build_task(cfg.task_spec(self.world.rank, self.world.size))
+        # Under sequence parallelism every process reads the same batches (and cuts its slice).
+        self.sequence = cfg.parallel == "sequence" and self.world.distributed
+        data_rank, data_world = (0, 1) if self.sequence else (self.world.rank, self.world.size)
+        self.task: Task = build_task(cfg.task_spec(data_rank, data_world))
+        if self.sequence and self.task.extra_metrics is not None:
+            raise ValueError(f"parallel='sequence' cannot evaluate the {cfg.task} task (its "
+                             "metrics need every position's logits in one process); use ddp")
         if run.model.vocab_size < self.task.vocab_size:
             raise ValueError(f"vocab_size={run.model.vocab_size} cannot hold the {cfg.task} "
                              f"task's {self.task.vocab_size} symbols; use vocab_size="
@@ -238,6 +245,7 @@ class Trainer:
                     loss = self.model(batch, labels=labels, return_logits=False).loss
                 (loss / cfg.grad_accum).backward()
             total += loss.item()
+        finish_gradients(self.model)
         loss_value = self.world.all_sum([total], self.device)[0] / (cfg.grad_accum
                                                                      * self.world.size)
         if not math.isfinite(loss_value):
@@ -277,18 +285,20 @@ class Trainer:
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimiser step over all processes."""
-        return self.run.training.tokens_per_step * self.world.size
+        return self.run.training.tokens_per_step * (1 if self.sequence else self.world.size)
 
     # ------------------------------------------------------------ evaluation, saving
     def evaluate(self) -> EvalReport:
         """Held-out bits per token, with the model's rounds and each of eval_n_hashes."""
         cfg = self.run.training
         inputs, labels = self.task.eval_set()
-        bpc, metrics = evaluate_sequences(self.module, inputs, labels, seed=cfg.seed,
+        # Sequence parallelism: all processes evaluate each sequence together.
+        model, world = (self.model, None) if self.sequence else (self.module, self.world)
+        bpc, metrics = evaluate_sequences(model, inputs, labels, seed=cfg.seed,
                                           precision=cfg.precision, extra=self.task.extra_metrics,
-                                          world=self.world)
-        extra = {r: evaluate_sequences(self.module, inputs, labels, n_hashes=r, seed=cfg.seed,
-                                       precision=cfg.precision, world=self.world)[0]
+                                          world=world)
+        extra = {r: evaluate_sequences(model, inputs, labels, n_hashes=r, seed=cfg.seed,
+                                       precision=cfg.precision, world=world)[0]
                  for r in cfg.eval_n_hashes}
         return EvalReport(step=self.step, val_bpc=bpc, by_n_hashes=extra, metrics=metrics)
 
