@@ -246,6 +246,161 @@ def contention_section(path: Path) -> list[str]:
     return out
 
 
+# The O(L/P) memory of sequence parallelism: x1, x2 and their gradients, fp32, d_model 256.
+STREAM_BYTES = 4 * 256 * 4
+# Assumed links for the on-paper estimate: bytes per second per direction per GPU.
+LINKS = {8: ("NVLink", 450e9), 64: ("InfiniBand (400 Gb/s)", 50e9)}
+
+
+def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
+    """The newest run of benchmarks/sequence.py (issue 22): sequence parallelism on 2
+    processes against one at the same length (memory) and at twice it (weak scaling), the
+    all_to_all traffic, and an estimate for GPUs from those figures (and ``gpu_step``, the
+    million-token step measured on a GPU, for the compute time)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    newest = {r["config"]: r for r in rows}  # the last record of each configuration
+    run = sorted(newest.values(), key=lambda r: (r["seq_len"], r["processes"]))
+    one = next((r for r in run if r["processes"] == 1 and r["status"] == "ok"), None)
+    if one is None:
+        return []
+    L, gib = one["seq_len"], 2**30
+    sp, weak = (newest.get(f"2x{length_label(n)}") for n in (L, 2 * L))
+    failed = [r for r in rows if r["status"] != "ok" and r is not newest[r["config"]]]
+    dates = sorted(r["date"] for r in run)
+    out = ["## Sequence parallelism (issue 22)", "",
+           f"{dates[0]} to {dates[-1]}, {run[0]['cpu']}, commit "
+           f"{', '.join(sorted({r['commit'] for r in run}))}, torch {run[0]['torch']}: "
+           f"`benchmarks/sequence.py`, the million sweep's model with {one['n_layers']} layers, "
+           "fp32, batch 1, one step (forward + backward, + `sync_gradients` on 2 processes; no "
+           "optimizer step) per configuration, each in fresh processes of 1 thread "
+           "(GOMP_SPINCOUNT=3000); one step each, no medians. Memory: peak resident memory "
+           "of each process (the largest), and that minus its resident memory before the "
+           "model was built (imports, process group).", ""]
+    table_rows = [[r["config"], length_label(r["seq_len"] // r["processes"]),
+                   f"{r['step_s']:.0f} s" if r["status"] == "ok" else r["status"],
+                   f"{r['peak_rss'] / gib:.2f} / {(r['peak_rss'] - r['base_rss']) / gib:.2f}"
+                   if r["status"] == "ok" else "—",
+                   f"{r['a2a_share']:.1%}" if "a2a_share" in r else "",
+                   f"{r['loss']:.4f}" if r["status"] == "ok" else "—"] for r in run]
+    out += [table(["processes x L", "tokens / process", "step", "peak GiB / above base",
+                   "time in all_to_all", "loss"], table_rows), ""]
+    out += [f"An earlier {r['config']} was stopped ({r['status']}) when its processes held "
+            f"{r['watched_peak_gib']:.1f} GiB together (limit {r.get('max_gib', 20):g}); the "
+            "row above is a later attempt." for r in failed] + ([""] if failed else [])
+    if not (ok(sp) and ok(weak)):
+        return out + ["The 2-process runs at L and 2L are missing or failed: no verdicts.", ""]
+    checks = [("per-process peak <= 0.6x one process's (1M)", sp, one, "peak_rss", 0.6),
+              ("2M on 2: peak <= 1M on 1 + 15%", weak, one, "peak_rss", 1.15),
+              ("2M on 2: step <= 1.3x 1M on 1 (1 thread)", weak, one, "step_s", 1.3)]
+    unit = {"peak_rss": (gib, "GiB"), "step_s": (1, "s")}
+    out += [table(["target", "verdict", "numbers"], [
+        [name, f"**{'PASS' if r[k] / ref[k] <= limit else 'FAIL'}**",
+         f"{r[k] / unit[k][0]:.2f} / {ref[k] / unit[k][0]:.2f} {unit[k][1]} = "
+         f"{r[k] / ref[k]:.2f}x (need <= {limit}x)"] for name, r, ref, k, limit in checks]), ""]
+    rest = weak["step_s"] * (1 - weak["a2a_share"])
+    out += [f"Without its time inside all_to_all the 2-process {weak['config']} step would take "
+            f"{rest:.0f} s, {rest / one['step_s']:.2f}x the one-process {one['config']} step; "
+            f"{sp['config']} was {one['step_s'] / sp['step_s']:.2f}x faster than "
+            f"{one['config']} (2 processes of 1 thread against 1).", ""]
+    return out + sequence_traffic(sp, weak) + sequence_estimate(one, sp, weak, gpu_step)
+
+
+def sequence_traffic(sp: dict, weak: dict) -> list[str]:
+    """The all_to_all and sync_gradients traffic of the 2-process runs."""
+    rows = []
+    for r in (sp, weak):
+        layers, local = r["n_layers"], r["seq_len"] // r["processes"]
+        tags = r["per_rank"][0]["all_to_all"]
+        calls = " + ".join(str(tags[t]["calls"] // layers) for t in
+                           ("forward", "backward-recompute", "backward-grad") if t in tags)
+        in_a2a, alone = r["a2a_share"] * r["step_s"], r["a2a_calls"] * r["alone_s"]
+        rows.append([r["config"], calls, f"{r['a2a_bytes'] / layers / 1e9:.2f} "
+                     f"({r['a2a_bytes_out'] / layers / 1e9:.2f})",
+                     f"{r['a2a_bytes'] / layers / local:,.0f}",
+                     f"{in_a2a:.1f} s ({r['a2a_share']:.1%})",
+                     f"{r['call_bytes_out'] / r['alone_s'] / 1e9:.2f} GB/s ({alone:.1f} s)",
+                     f"{r['sync_bytes'] / 1e6:.1f} MB, {r['sync_s']:.2f} s"])
+    return ["all_to_all per layer and process: calls (forward + replayed in the reversible "
+            "backward + gradients), GB sent (of which to the other process), bytes per local "
+            "token; then the wall time inside all_to_all over the step (transfer and waiting "
+            "for the other process; share of the slower process's step), the rate of one call "
+            "alone from a barrier (bytes leaving a process / time, gloo on one machine; in "
+            "brackets every call of the step at that rate: the rest of the time inside is "
+            "waiting for the other process and first touches of fresh buffers), and "
+            "the all-reduce of `sync_gradients` (fp32 gradients of every weight):", "",
+            table(["processes x L", "calls / layer", "GB / layer", "bytes / token / layer",
+                   "in all_to_all", "one call alone", "sync_gradients"], rows), ""]
+
+
+def sequence_estimate(one: dict, sp: dict, weak: dict, gpu_step: dict | None) -> list[str]:
+    """Per-device memory, bytes and time at 8M and 64M tokens on 8 and 64 GPUs, on paper."""
+    L, layers, gib = one["seq_len"], one["n_layers"], 2**30
+    per_token = sp["a2a_bytes"] / layers / (L / 2)  # sent per local token and layer
+    # memory above base = STREAM_BYTES * L/P + c * L, c from L on 2 processes
+    c = (sp["peak_rss"] - sp["base_rss"] - STREAM_BYTES * L / 2) / L
+    predicted, measured = 2 * L * (STREAM_BYTES / 2 + c), weak["peak_rss"] - weak["base_rss"]
+    alone = L * (STREAM_BYTES + c) - (one["peak_rss"] - one["base_rss"])
+    compute = (gpu_step["step_seconds"] / gpu_step["length"] if ok(gpu_step)
+               and gpu_step["n_layers"] == layers else None)  # seconds per token on a device
+    rows = []
+    for length, P in ((2**23, 8), (2**23, 64), (2**26, 8), (2**26, 64)):
+        local, (link, rate) = length // P, LINKS[P]
+        sent = per_token * local * (P - 1) / P * layers  # bytes leaving a device per step
+        row = [length_label(length), str(P), length_label(local),
+               f"{(STREAM_BYTES * local + c * length) / gib:.1f} ({c * length / gib:.1f})",
+               f"{sent / 1e9:.0f}", f"{sent / rate:.2f} s ({link})"]
+        if compute:
+            row.append(f"{compute * local:.0f} s ({sent / rate / (compute * local):.1%})")
+        rows.append(row)
+    gpu = (f"; compute: the {gpu_step.get('gpu', 'GPU')}'s measured {layers}-layer "
+           f"{length_label(gpu_step['length'])} step ({gpu_step['step_seconds']:.1f} s, "
+           "docs/benchmarks-gpu.md) scaled by the tokens per device (that step is "
+           "launch-bound; faster kernels raise the communication's share)") if compute else ""
+    return [
+        "**On paper (an estimate, not measured).** Memory per device = s x L/P + c x L: s = "
+        f"{STREAM_BYTES:,} bytes per local token (the two streams and their gradients, fp32, "
+        "d_model 256), c the rest over the whole length, "
+        f"{c:,.0f} bytes per token from 1M on 2: a head slice holds P heads, so each process "
+        "runs the attention core of one head over all L, and its projections (P heads x L/P "
+        "positions), the exchange's buffers and the whole ids and targets are O(L) too. It "
+        f"predicts {predicted / gib:.2f} GiB above base for 2M on 2 (measured "
+        f"{measured / gib:.2f}) and {alone / gib:.2f} GiB more than one process holds at 1M "
+        "(the exchange's buffers); GPU memory taken equal to these bytes. Traffic: 9 "
+        "exchanges per layer of fp32 "
+        f"(B, H, L/P, E), 36 x H x E = {per_token:,.0f} bytes per local token and layer "
+        "(measured), (P-1)/P of it leaving the device, at "
+        + ", ".join(f"{name} {rate / 1e9:.0f} GB/s per direction per GPU for {P} GPUs"
+                    for P, (name, rate) in LINKS.items())
+        + " (64 GPUs span 8 nodes: all traffic counted at the slower link). sync_gradients "
+        "is a ring all-reduce of 2 (P-1)/P x the fp32 gradients, "
+        f"{2 * sp['sync_bytes'] / 1e6:.0f} MB at most: negligible" + gpu + ".", "",
+        table(["L", "GPUs", "tokens / GPU", "memory / GPU GiB (of it c x L)",
+               "all_to_all GB / GPU / step", "its time / step"]
+              + (["compute / step (comm share)"] if compute else []), rows), "",
+        "- **Head parallelism stops at P = n_heads** (P must divide it): 4 for this model. "
+        "8 and 64 GPUs need a model with 8 or 64 heads; the table keeps this model's width "
+        "H x E = 256, and bytes and times grow with H x E (64 heads of 64: 16x).",
+        "- **The c x L term does not shrink with P**: every process attends over the whole "
+        "sequence for its heads, so at 64M tokens it alone is "
+        f"{c * 2**26 / gib:.0f} GiB per device whatever P.",
+        "- **Next**: split the LSH chunks across processes. After hashing, an all_to_all "
+        "sends each position's rows to the process that owns its bucket range in the sorted "
+        "order; each process then holds a contiguous run of sorted chunks and needs only the "
+        "chunk before its first one from its neighbour (a ring exchange of one chunk per "
+        "round and head, forward and backward), so every term is O(L/P) and P is no longer "
+        "bounded by n_heads.", ""]
+
+
+def gpu_million() -> dict | None:
+    """The million-token step measured on a GPU (results/gpu.jsonl), if there is one."""
+    path = HERE / "results" / "gpu.jsonl"
+    if not path.exists():
+        return None
+    return Results([path]).get("million", "ours", 2**20, 3)
+
+
 def render(res: Results, stem: str) -> str:
     # the issue's targets are ratios on the 2-core CPU: a GPU page only reports
     parts = header(res) + ([] if res.on_gpu() else checklist(res)) + lengths_section(res, stem)
@@ -257,6 +412,7 @@ def render(res: Results, stem: str) -> str:
                             lambda r: r["n_layers"])
     if not res.on_gpu():
         parts += contention_section(HERE / "results" / "contention.jsonl")
+        parts += sequence_section(HERE / "results" / "sequence.jsonl", gpu_million())
     return "\n".join(parts).rstrip() + "\n"
 
 
