@@ -21,7 +21,9 @@ CASES = {  # name: (config overrides, length, call keywords, masked tail)
     "n_hashes-at-call": ({}, 30, {"n_hashes": 3}, 0),
     "rotations-from-rng": ({"hash_seed": None}, 30, {}, 0),
     "not-reversible": ({"reversible": False}, 22, {}, 0),
+    "one-sequence": ({}, 27, {}, 0),  # batch 1: the exchange's no-copy path
 }
+BATCH = {"one-sequence": 1}  # default 2
 
 
 def build(**overrides):
@@ -42,9 +44,10 @@ def compare(name: str, rank: int, world: int) -> dict:
     from reformer.parallel.sequence import SequenceParallelLM, split_lengths
 
     overrides, length, call, masked = CASES[name]
-    ids = torch.randint(0, TINY["vocab_size"], (2, length),
+    batch = BATCH.get(name, 2)
+    ids = torch.randint(0, TINY["vocab_size"], (batch, length),
                         generator=torch.Generator().manual_seed(length))
-    mask = torch.ones(2, length, dtype=torch.bool)
+    mask = torch.ones(batch, length, dtype=torch.bool)
     if masked:
         mask[1, -masked:] = False
     labels = ids.masked_fill(~mask, -100)

@@ -92,6 +92,8 @@ class HeadExchange:
         send = x.reshape(B, P, k, n_local, E).transpose(0, 1).reshape(-1)  # (P, B, k, l, E)
         sizes = [B * k * n * E for n in self.lengths]
         got = _AllToAll.apply(send, sizes, [B * k * n_local * E] * P, self.group)
+        if B * k == 1:  # the sources' (1, 1, l, E) blocks, one after another, are (1, 1, L, E)
+            return got.view(B, k, self.length, E)
         parts = [g.view(B, k, n, E) for g, n in zip(got.split(sizes), self.lengths, strict=True)]
         return torch.cat(parts, dim=2)  # (B, k, L, E)
 
@@ -99,7 +101,10 @@ class HeadExchange:
         """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back."""
         B, k, _, E = y.shape
         P, n_local = len(self.lengths), self.lengths[self.rank]
-        send = torch.cat([part.reshape(-1) for part in y.split(self.lengths, dim=2)])
+        if B * k == 1:  # positions in owner order already
+            send = y.reshape(-1)
+        else:
+            send = torch.cat([part.reshape(-1) for part in y.split(self.lengths, dim=2)])
         sizes = [B * k * n * E for n in self.lengths]
         got = _AllToAll.apply(send, [B * k * n_local * E] * P, sizes, self.group)
         return got.view(P, B, k, n_local, E).transpose(0, 1).reshape(B, P * k, n_local, E)
