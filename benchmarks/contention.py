@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,19 +43,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_io import cpu_model
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "contention.jsonl"
 DECODE_SHAPE = dict(d_model=256, n_heads=4, d_ff=1024, n_layers=2)
 OMP_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 @contextlib.contextmanager

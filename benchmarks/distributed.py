@@ -39,11 +39,9 @@ the recorded run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -54,27 +52,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from results_io import cpu_model
+from run_all import git_commit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distributed.jsonl"
 SPIN_COUNT = "3000"  # what `reformer train` sets (reformer.cli._brief_spin_wait)
 MEMORY_MODEL = dict(d_model=1024, d_ff=4096, n_heads=8, n_layers=12)
 RUN = time.strftime("%Y-%m-%dT%H:%M:%S")  # one id for every row of this invocation
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def commit() -> str:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    return "unknown"
 
 
 def rss_bytes() -> int:
@@ -320,7 +305,7 @@ def slowest(results: list[dict], key: str) -> list[float]:
 def record(part: str, name: str, processes: int, threads: int, **fields) -> dict:
     return dict(part=part, config=name, processes=processes, threads=threads, **fields,
                 cpu=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
-                env=omp_settings(), commit=commit(),
+                env=omp_settings(), commit=git_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M"), run=RUN)
 
 

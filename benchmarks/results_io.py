@@ -8,7 +8,9 @@ ok, ``step_seconds`` (median), ``peak_rss_gib``, ``losses``; points run on a GPU
 
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 from pathlib import Path
 
 # A point whose process got less than this share of its CPUs ran on a busy machine.
@@ -102,3 +104,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (recorded with every result: machines differ between runs)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()

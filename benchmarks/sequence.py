@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from distributed import cpu_model, omp_settings, peak_rss_bytes, rss_bytes
+from distributed import omp_settings, peak_rss_bytes, rss_bytes
+from results_io import cpu_model
 from run_all import git_commit, parse_length, rss_gib
 from systems import Shape, build
 

@@ -3,9 +3,8 @@ largest differences from one process on the whole sequence to a JSON file."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,22 +80,17 @@ def compare(name: str, rank: int, world: int) -> dict:
     return out
 
 
-def main(rank: int, world: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        results = {name: compare(name, rank, world) for name in CASES}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:  # the worst over the processes
-            worst = {name: {k: max(g[name][k] for g in gathered) for k in results[name]}
-                     for name in results}
-            with open(out, "w", encoding="utf-8") as f:
-                json.dump(worst, f)
-    finally:
-        dist.destroy_process_group()
+def compute(rank: int, world: int) -> dict:
+    """Every case; the worst difference over the processes."""
+    results = {name: compare(name, rank, world) for name in CASES}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    return {name: {k: max(g[name][k] for g in gathered) for k in results[name]}
+            for name in results}
 
 
 if __name__ == "__main__":  # python sequence_workers.py RANK WORLD STORE OUT
-    sys.path.insert(0, os.getcwd())
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.parallel.launch import worker_main
+
+    worker_main(compute)

@@ -3,13 +3,11 @@ batch, and processes stay in step with dropout on (reformer.parallel, reformer.r
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.parallel.launch import run_workers
 from torch.utils import _pytree
 
 from reformer.model import ReformerOutput
@@ -21,14 +19,7 @@ WORLD = 2
 def results(tmp_path_factory) -> dict:
     """Every figure, from one run of tests/parallel/workers.py on two processes."""
     tmp = tmp_path_factory.mktemp("ddp")
-    out, store = tmp / "results.json", tmp / "store"
-    worker = Path(__file__).with_name("workers.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), str(WORLD), str(store),
-                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(WORLD)]
-    logs = [p.communicate()[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return json.loads(out.read_text())
+    return run_workers(Path(__file__).with_name("workers.py"), WORLD, tmp)
 
 
 @pytest.mark.parametrize("how", ["ddp", "ddp-static", "fsdp"])

@@ -3,12 +3,10 @@ and every gradient equal one process on the whole sequence, in float64."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.parallel.launch import run_workers
 from tests.parallel.sequence_workers import CASES
 
 TOLERANCE = 1e-9
@@ -19,14 +17,7 @@ def results(request, tmp_path_factory) -> dict:
     """The worst relative differences over the processes, per case (sequence_workers.py)."""
     world = request.param
     tmp = tmp_path_factory.mktemp(f"sp{world}")
-    out, store = tmp / "results.json", tmp / "store"
-    worker = Path(__file__).with_name("sequence_workers.py")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), str(world), str(store),
-                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(world)]
-    logs = [p.communicate()[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return json.loads(out.read_text())
+    return run_workers(Path(__file__).with_name("sequence_workers.py"), world, tmp)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -6,9 +6,8 @@ One spawn of two processes computes every figure the tests check, so the process
 
 from __future__ import annotations
 
-import json
-import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -118,24 +117,18 @@ def shard_share(how: str) -> float:
     return local / total
 
 
-def main(rank: int, world: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        results = {f"grad/{how}": gradients(rank, world, how)
-                   for how in ("ddp", "ddp-static", "fsdp")}
-        results.update({f"steps/{how}": identical_after_steps(rank, world, how)
-                        for how in ("ddp", "fsdp")})
-        results.update({f"accum/{how}": accumulated(rank, world, how)
-                        for how in ("ddp", "fsdp")})
-        results["share/fsdp"] = shard_share("fsdp")
-        if rank == 0:
-            with open(out, "w", encoding="utf-8") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
+def compute(rank: int, world: int) -> dict:
+    results = {f"grad/{how}": gradients(rank, world, how)
+               for how in ("ddp", "ddp-static", "fsdp")}
+    results.update({f"steps/{how}": identical_after_steps(rank, world, how)
+                    for how in ("ddp", "fsdp")})
+    results.update({f"accum/{how}": accumulated(rank, world, how) for how in ("ddp", "fsdp")})
+    results["share/fsdp"] = shard_share("fsdp")
+    return results
 
 
 if __name__ == "__main__":  # python workers.py RANK WORLD STORE OUT
-    sys.path.insert(0, os.getcwd())
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.parallel.launch import worker_main
+
+    worker_main(compute)

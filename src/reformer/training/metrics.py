@@ -81,9 +81,9 @@ def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Te
     nats, count, sums = 0.0, 0, {}
     with fixed_rng(seed, device), autocast(device, precision):
         for i in mine:
-            weight = 1.0 if i < n else 0.0  # a padding sequence: run, not counted
-            torch.manual_seed(seed + min(i, n - 1))
-            x, y = inputs[min(i, n - 1)][None].to(device), labels[min(i, n - 1)][None].to(device)
+            j, weight = min(i, n - 1), 1.0 if i < n else 0.0  # padding: run, not counted
+            torch.manual_seed(seed + j)
+            x, y = inputs[j][None].to(device), labels[j][None].to(device)  # (1, L)
             out = model(x, labels=y, n_hashes=n_hashes, return_logits=extra is not None)
             labelled = int((y[:, 1:] != -100).sum()) * weight
             nats, count = nats + out.loss.item() * labelled, count + labelled
