@@ -116,6 +116,19 @@ def bf16_section(res: Results) -> list[str]:
         ["L", "fp32", "bf16", "bf16 speed-up", "first-step loss fp32", "bf16"], rows), ""]
 
 
+def launches_section(res: Results) -> list[str]:
+    points = sorted(res.sweep("launches"), key=lambda r: r["length"])
+    rows = [[length_label(r["length"]), str(r["per_layer"]) if ok(r) else r["status"],
+             r.get("counted", "—"), "yes" if r.get("flex") else "no"] for r in points]
+    if not rows:
+        return []
+    return ["## Launches per layer (ours, cuda plan)", "",
+            "One training step (forward + recomputing backward) of one LSH layer of the "
+            "benchmark shape: a 2-layer model's count less a 1-layer model's. Target: at most "
+            "300, the same at every length.", "",
+            table(["L", "per layer", "counted", "FlexAttention"], rows), ""]
+
+
 def flops_section(res: Results) -> list[str]:
     m = res.matmul
     if m is None:
@@ -407,7 +420,7 @@ def render(res: Results, stem: str) -> str:
     parts += simple_section(res, "depth", "Depth sweep (ours)", "layers", lambda r: r["n_layers"])
     parts += simple_section(res, "hashes", "Hash-round sweep (ours)", "hash rounds",
                             lambda r: r["n_hashes"])
-    parts += bf16_section(res) + flops_section(res)
+    parts += bf16_section(res) + flops_section(res) + launches_section(res)
     parts += simple_section(res, "million", "One million tokens (ours)", "layers",
                             lambda r: r["n_layers"])
     if not res.on_gpu():

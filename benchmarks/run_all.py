@@ -12,6 +12,8 @@ Sweeps (``--only``, comma-separated; default all, in this order):
     hashes   ours at 16K with 1, 2, 4, 8 hash rounds
     bf16     ours in fp32 and under bf16 autocast at 64K
     million  ours at 1M tokens with 3 layers (one timed step)
+    launches what one layer of ours issues per training step at 4K, 16K, 64K (--launch-lengths):
+             GPU kernel launches, or on the CPU the cuda plan's operators
 
 Each point runs ``train_step.py`` in a fresh interpreter (the anchors' venv by default) under a
 watchdog that kills it when its resident memory passes --max-gib (status ``oom``) or a step
@@ -39,7 +41,7 @@ from results_io import BUSY_SHARE
 
 HERE = Path(__file__).resolve().parent
 ANCHORS_PYTHON = HERE / ".venv-anchors" / "bin" / "python"
-SWEEPS = ("matmul", "lengths", "depth", "hashes", "bf16", "million")
+SWEEPS = ("matmul", "lengths", "depth", "hashes", "bf16", "million", "launches")
 SYSTEMS = "ours,hf,lucidrains,sdpa,sdpa-ckpt"
 GRACE_SECONDS = 30.0
 
@@ -160,6 +162,8 @@ class Runner:
             "mode": mode, "system": system, "length": length, "n_layers": layers,
             "n_hashes": hashes}
         cmd = [a.python, str(HERE / "train_step.py"), "--mode", mode, "--device", a.device]
+        if mode == "launches":
+            cmd += ["--length", str(length), "--hashes", str(hashes)]
         if mode == "step":
             cmd += ["--system", system, "--length", str(length), "--layers", str(layers),
                     "--hashes", str(hashes), "--steps", str(steps or a.steps),
@@ -184,6 +188,8 @@ class Runner:
 
 
 def summary(r: dict) -> str:
+    if r.get("mode") == "launches" and r["status"] == "ok":
+        return f"[{r['sweep']}] L={r['length']}: {r['per_layer']} {r['counted']} per layer"
     if r.get("mode") == "matmul":
         return f"[{r['sweep']}] fp32 {r['fp32_gflops']:.0f} / bf16 {r['bf16_gflops']:.0f} GFLOP/s"
     what = f"{r.get('system', '?')} L={r.get('length', '?')} layers={r.get('n_layers', '?')} " \
@@ -233,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     if "million" in only:
         run.point("million", "ours", a.million_length, layers=a.million_layers,
                   max_seconds=a.million_max_seconds, steps=1)
+    if "launches" in only:
+        for length in int_list(a.launch_lengths):
+            run.point("launches", length=length, mode="launches")
     print(f"results in {run.out}")
     return 0
 
@@ -253,6 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--million-length", type=parse_length, default=2**20)
     p.add_argument("--million-layers", type=int, default=3)
     p.add_argument("--million-max-seconds", type=float, default=3600.0)
+    p.add_argument("--launch-lengths", default="4K,16K,64K")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=300.0,

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --system ours --length 4096 [--layers 6 --hashes 4]
     python benchmarks/train_step.py --mode matmul
     python benchmarks/train_step.py --system ours --length 65536 --device cuda
+    python benchmarks/train_step.py --mode launches --length 16384 --device cuda
 
 A step is forward + backward + AdamW step at batch 1 on random bytes (seed 0, so every
 system sees the same tokens). One warm-up step, then ``--steps`` timed steps (fewer when they
@@ -12,7 +13,12 @@ must run in a fresh process: run_all.py starts one per point.
 
 Prints JSON lines on stdout: ``{"event": "step", ...}`` as each step ends (the driver's
 watchdog), then one ``{"event": "result", ...}``. ``--mode matmul`` measures the machine's
-fp32 and bf16 torch.mm rate instead.
+fp32 and bf16 torch.mm rate instead. ``--mode launches`` counts what one layer of ours issues
+in a training step (forward + recomputing backward; a 2-layer model's count less a 1-layer
+model's): kernel launches on a GPU (the profiler's ``cudaLaunchKernel`` calls, after a
+warm-up step that compiles the FlexAttention kernels), and on the CPU the operators of the
+cuda plan run there (``reformer.plan.count_kernel_ops``: an upper bound, since the CPU runs
+the banded attention with tensor operators where a GPU runs one kernel).
 
 ``--device cuda`` runs the same step on a GPU: the timers wait for the device
 (``torch.cuda.synchronize``) and the record adds the GPU's peak allocated memory
@@ -158,6 +164,48 @@ def run_steps(args: argparse.Namespace) -> dict:
     return record
 
 
+def run_launches(args: argparse.Namespace) -> dict:
+    """Kernel launches (CUDA) or cuda-plan operators (CPU) per layer of one training step."""
+    from reformer.attention._banded import flex_available
+    from reformer.plan import count_kernel_ops, forced
+
+    device = torch.device(args.device)
+    counts, t0 = [], time.perf_counter()
+    for layers in (1, 2):
+        shape = Shape(seq_len=args.length, n_layers=layers, n_hashes=args.hashes)
+        torch.manual_seed(args.seed)
+        model, loss_fn = build("ours", shape)
+        model.to(device).train()
+        ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len)).to(device)
+
+        def step(loss_fn=loss_fn, ids=ids) -> None:
+            loss_fn(ids).backward()
+            wait(device)
+
+        if device.type == "cuda":
+            counts.append(cuda_launches(step))
+        else:
+            with forced("cuda"):
+                counts.append(sum(count_kernel_ops(step).values()))
+    return {"event": "result", "mode": "launches", "status": "ok", "system": "ours",
+            "length": args.length, "n_hashes": args.hashes, "device": device.type,
+            "counted": "kernel launches" if device.type == "cuda" else "cuda-plan operators",
+            "flex": flex_available(device), "one_layer_step": counts[0],
+            "two_layer_step": counts[1], "per_layer": counts[1] - counts[0],
+            "seconds": time.perf_counter() - t0, "torch": torch.__version__,
+            "peak_rss_gib": peak_rss_gib(), **gpu_name(device)}
+
+
+def cuda_launches(step) -> int:
+    """cudaLaunchKernel calls (and the driver API's) in one ``step``, after a warm-up one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    return sum(1 for e in prof.events() if "LaunchKernel" in e.name)
+
+
 def gpu_name(device: torch.device) -> dict:
     return {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
 
@@ -210,7 +258,7 @@ def run_matmul(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("step", "matmul"), default="step")
+    p.add_argument("--mode", choices=("step", "matmul", "launches"), default="step")
     p.add_argument("--system", default="ours",
                    help=f"one of {SYSTEMS}, optionally with a -bf16 suffix")
     p.add_argument("--length", type=int, default=4096)
@@ -235,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode == "step":
             split_system(args.system)
-        record = run_matmul(args) if args.mode == "matmul" else run_steps(args)
+        runs = {"matmul": run_matmul, "launches": run_launches, "step": run_steps}
+        record = runs[args.mode](args)
     except ValueError as err:
         print(f"train_step: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from conftest import TINY, random_ids
 from reformer import ReformerConfig, ReformerLM
 from reformer.cli import main
 from reformer.generation import sample
+from reformer.plan import forced
 from reformer.training.trainer import Callback, Trainer
 from training import test_trainer
 from training.test_trainer import MODEL, make_run, train_losses
@@ -148,11 +149,13 @@ def test_cli_trains_and_generates_on_cuda(tmp_path, corpus, capsys):
     assert capsys.readouterr().out.startswith("Now is")
 
 
+@pytest.mark.parametrize("plan", ["cpu", "cuda"])
 @pytest.mark.parametrize("kinds", [("local", "lsh", "full"), ("lsh",)])
-def test_bf16_training_with_cuda_autocast_dtypes_on_cpu(monkeypatch, kinds):
+def test_bf16_training_with_cuda_autocast_dtypes_on_cpu(monkeypatch, kinds, plan):
     # CUDA's autocast returns fp32 from norms and softmax where the CPU's keeps bf16; mixing
     # the two dtypes broke in-place and out= matmuls of the PyTorch kernels (bf16 runs on an
-    # H200 failed). Emulate those ops on the CPU, with the native kernels off (the GPU path).
+    # H200 failed). Emulate those ops on the CPU, with the native kernels off (the GPU path),
+    # on both plans (the cuda plan's banded attention, with tensor operators here).
     monkeypatch.setenv("REFORMER_NATIVE", "off")
 
     def fp32_under_autocast(fn):
@@ -171,7 +174,77 @@ def test_bf16_training_with_cuda_autocast_dtypes_on_cpu(monkeypatch, kinds):
     model = ReformerLM(config).train()
     ids = random_ids(2, 128, seed=6, vocab=256)
     for return_logits in (True, False):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids, return_logits=return_logits).loss
-        loss.backward()
+        with forced(plan):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids, return_logits=return_logits).loss
+            loss.backward()
         assert 5 < loss.item() < 6 and all(p.grad.isfinite().all() for p in model.parameters())
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["lsh", "local"])
+def test_flex_attention_on_cuda_matches_the_cpu_reference(kind):
+    # The compiled Triton kernels (FlexAttention) at the benchmark's head shape, float32,
+    # against the CPU's blockwise kernel in float64: outputs and gradients.
+    from reformer.attention import bucketed_attention, local_attention
+    from reformer.attention._banded import lsh_banded
+    from reformer.attention._chunked import window_offsets
+    from reformer.attention.local import _local_banded
+    from reformer.hashing import hash_vectors, sample_rotations
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, E, M, R = 1, 4, 4096, 64, 64, 4
+    q, k, v = (torch.randn(B, H, L, E, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(B, H, L, E, generator=g, dtype=torch.float64)
+    ins = [t.requires_grad_(True) for t in (q, k, v)]
+    cfg = ReformerConfig(vocab_size=8, d_model=256, n_heads=H, local_chunk_length=M,
+                         max_seq_len=L)
+    if kind == "lsh":
+        buckets = hash_vectors(q.detach(), sample_rotations(H, E, R, 2 * L // M, seed=1))
+        ref = bucketed_attention(q, v, buckets, chunk_length=M)
+        ins = [q, v]
+    else:
+        ref = local_attention(q, k, v, chunk_length=M)
+    want = torch.autograd.grad((ref * w).sum(), ins)
+    dev = [t.detach().float().to(CUDA).requires_grad_(True) for t in ins]
+    if kind == "lsh":
+        out = lsh_banded(*dev, buckets.to(CUDA), chunk_length=M,
+                         offsets=window_offsets(R * L // M, 1, 0), causal=True,
+                         attention_mask=None)
+    else:
+        out = _local_banded(*dev, cfg, None)
+    got = torch.autograd.grad((out * w.float().to(CUDA)).sum(), dev)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=0, atol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double().cpu(), b, rtol=0, atol=1e-4 * scale)
+
+
+def cuda_launches(model: ReformerLM, ids: torch.Tensor) -> int:
+    """Kernels launched on the GPU by one training step (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        model(ids, labels=ids, return_logits=False).loss.backward()
+        torch.cuda.synchronize()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    return sum(1 for e in prof.events() if "LaunchKernel" in e.name or e.name == "cuLaunchKernel")
+
+
+@needs_cuda
+def test_cuda_launches_per_layer_do_not_grow_with_length():
+    per_layer = []
+    for length in (4096, 16384):
+        counts = []
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            config = ReformerConfig(vocab_size=256, d_model=256, n_heads=4, d_ff=1024,
+                                    n_layers=layers, attn_layers=("lsh",), n_hashes=4,
+                                    chunk_length=64, max_seq_len=length, hash_seed=0)
+            model = ReformerLM(config).to(CUDA)
+            counts.append(cuda_launches(model, random_ids(1, length, vocab=256).to(CUDA)))
+        per_layer.append(counts[1] - counts[0])
+    assert per_layer[0] == per_layer[1] and per_layer[0] <= 300, per_layer

@@ -113,7 +113,7 @@ def test_reversible_matches_autograd_over_head_groups(make_model, ids, monkeypat
     monkeypatch.setattr(reversible_module, "PROJECT_ELEMENTS", project_elements)
     model = make_model(**{**REGULARISED, "n_heads": 4, "attn_head_chunk_size": head_chunk})
     half = model.stack.blocks[0].f
-    groups = half._groups(2 * 24)
+    groups = half._groups(torch.zeros(2, 24, 1), CallInfo())
     assert len(groups) == (len(half.attn.head_slices()) if project_elements == 1 else 1)
     tokens = ids(2, 24, seed=6)
     assert_same(run(model, tokens, reversible=True), run(model, tokens, reversible=False))
@@ -123,8 +123,8 @@ def test_head_groups_stay_within_the_budget(make_model, monkeypatch):
     half = make_model(n_heads=4, d_model=16, attn_head_chunk_size=1).stack.blocks[0].f
     # 10 rows x E=4 x 2 projections = 80 values per head: two heads per group
     monkeypatch.setattr(reversible_module, "PROJECT_ELEMENTS", 160)
-    assert half._groups(10) == [(slice(0, 2), [slice(0, 1), slice(1, 2)]),
-                                (slice(2, 4), [slice(2, 3), slice(3, 4)])]
+    assert half._groups(torch.zeros(1, 10, 1), CallInfo()) == [
+        (slice(0, 2), [slice(0, 1), slice(1, 2)]), (slice(2, 4), [slice(2, 3), slice(3, 4)])]
 
 
 def test_reversible_matches_autograd_through_the_config_flag(make_model, ids):

@@ -32,7 +32,7 @@ from reformer import _native
 
 Rotations = torch.Tensor | list[torch.Tensor]
 
-_HASH_SLICE = 1 << 14  # positions hashed at once
+HASH_SLICE = 1 << 14  # positions hashed at once
 _SORT_DTYPES = (torch.int16, torch.int32)  # bucket ids the native counting sort takes
 
 
@@ -93,13 +93,15 @@ def _check_rotations(rots: list[torch.Tensor], n_heads: int, d_head: int) -> Non
 
 @torch.no_grad()
 def hash_vectors(qk: torch.Tensor, rotations: Rotations,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None,
+                 block: int = HASH_SLICE) -> torch.Tensor:
     """Bucket ids of every position in every round.
 
     Args:
         qk: (B, H, L, E) shared query/key vectors.
         rotations: (H, E, R, NB/2) or a list of per-factor rotations.
         attention_mask: (B, L) bool, True = real token; False positions get bucket NB.
+        block: positions hashed at once.
 
     Returns:
         (B, H, R, L) int64 bucket ids in [0, NB].
@@ -116,14 +118,14 @@ def hash_vectors(qk: torch.Tensor, rotations: Rotations,
     no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
                    else contextlib.nullcontext())
     with no_autocast:
-        for start in range(0, L, _HASH_SLICE):
-            x = qk[:, :, start:start + _HASH_SLICE].to(work)  # (B, H, l, E)
+        for start in range(0, L, block):
+            x = qk[:, :, start:start + block].to(work)  # (B, H, l, E)
             scale = 1
             for rot in rots:
                 rot_hren = rot.to(work).permute(0, 2, 1, 3)  # (H, R, E, f/2)
                 proj = torch.matmul(x.unsqueeze(2), rot_hren)  # (B, H, R, l, f/2)
                 b = _signed_argmax(proj)
-                buckets[:, :, :, start:start + _HASH_SLICE] += b * scale
+                buckets[:, :, :, start:start + block] += b * scale
                 scale *= 2 * proj.shape[-1]
     if attention_mask is not None:
         pad = ~attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig, check_positive_int
 from reformer.layers import positional_embedding, row_chunks
+from reformer.plan import plan_for
 from reformer.reversible import CallInfo, ReversibleStack, _leaf_params
 
 
@@ -86,15 +87,19 @@ class ReformerLM(nn.Module):
         if length > cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len={cfg.max_seq_len}; "
                              "truncate the input or build the model with a larger max_seq_len")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
+                                 f"{tuple(input_ids.shape)}; they must match")
+        if input_ids.is_cuda:  # checked on the device: no host sync in the step
+            torch._assert_async(((input_ids >= 0) & (input_ids < cfg.vocab_size)).all(),
+                                f"a token id is outside [0, {cfg.vocab_size}) = [0, vocab_size)")
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside [0, {cfg.vocab_size}) = [0, "
                              "vocab_size); re-encode the input or raise vocab_size")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has "
-                                 f"{tuple(input_ids.shape)}; they must match")
 
     def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, L) ids at positions offset.. -> (B, L, D) token + position embeddings."""
@@ -188,8 +193,8 @@ class ReformerLM(nn.Module):
         """
         y1, y2 = self.stack(self.embed_tokens(input_ids, offset), call)
         if targets is not None and not return_logits:
-            total = _ChunkedHeadLoss.apply(y1, y2, targets, self.norm, self.head,
-                                           self.config.loss_chunk_size,
+            chunk = plan_for(y1.device).rows(self.config.loss_chunk_size, self.config.vocab_size)
+            total = _ChunkedHeadLoss.apply(y1, y2, targets, self.norm, self.head, chunk,
                                            *self.norm.parameters(), *self.head.parameters())
             return None, total
         logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))  # (B, l, V)

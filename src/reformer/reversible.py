@@ -49,6 +49,7 @@ from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig
 from reformer.layers import FeedForward, dropout_keep, row_chunks
+from reformer.plan import plan_for
 
 Grads = list[torch.Tensor]
 ROWS = 1 << 12  # rows per block of the position-wise work inside the attention half
@@ -114,6 +115,16 @@ def _leaf_params(module: nn.Module) -> dict[str, torch.Tensor]:
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -> Grads:
     gs = torch.autograd.grad(out, inputs, grad, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, gs, strict=True)]
+
+
+def _block(x: torch.Tensor) -> int:
+    """Rows per block of the attention half's position-wise work on x's device."""
+    return plan_for(x.device).rows(ROWS, x.shape[-1])
+
+
+def _slices(attn: nn.Module, x: torch.Tensor, call: CallInfo) -> list[slice]:
+    """The head slices of a layer for x's device: all heads at once on the cuda plan."""
+    return attn.head_slices(_parts(call), all_heads=plan_for(x.device).all_heads)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +202,7 @@ class AttentionHalf(nn.Module):
             self.attn.fill_cache(h, call.caches[self.attn.layer_index])
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         out = None
-        for heads in self.attn.head_slices(_parts(call)):
+        for heads in _slices(self.attn, x, call):
             projected = [self.attn.project(w, h, heads) for w in self.attn.projections()]
             part = self.attn.merge(self.core(projected, heads, rec, call), heads)
             part = part if keep is None else part * keep  # dropout is linear: per slice
@@ -202,13 +213,13 @@ class AttentionHalf(nn.Module):
         E = self.attn.d_head
         return slice(heads.start * E, heads.stop * E)
 
-    def _groups(self, n_rows: int, parts: int = 1) -> list[tuple[slice, list[slice]]]:
+    def _groups(self, x: torch.Tensor, call: CallInfo) -> list[tuple[slice, list[slice]]]:
         """The head slices in groups whose projections, (N, n_proj*h*E) values, fit in
         ``PROJECT_ELEMENTS``: (the group's heads, its slices). A group is projected, and
         merged through W_o, at once."""
-        per_head = n_rows * self.attn.d_head * len(self.attn.projections())
+        per_head = x[..., 0].numel() * self.attn.d_head * len(self.attn.projections())
         groups: list[list[slice]] = [[]]
-        for heads in self.attn.head_slices(parts):
+        for heads in _slices(self.attn, x, call):
             size = (heads.stop - groups[-1][0].start) * per_head if groups[-1] else 0
             if size > PROJECT_ELEMENTS:
                 groups.append([])
@@ -226,7 +237,7 @@ class AttentionHalf(nn.Module):
         cols, x_rows, dtype = self._columns(heads), _rows(x), _product_dtype(x)
         weights = [lin.weight[cols].t().to(dtype) for lin in self.attn.projections()]  # no biases
         outs = [x_rows.new_empty(x_rows.shape[0], w.shape[1], dtype=dtype) for w in weights]
-        for s in row_chunks(x_rows.shape[0], ROWS):
+        for s in row_chunks(x_rows.shape[0], _block(x_rows)):
             h = self.norm(x_rows[s]).to(dtype)  # cast once for every projection
             for out, w in zip(outs, weights, strict=True):  # straight into the rows
                 torch.mm(h, w, out=out[s])  # (out= skips autocast)
@@ -237,7 +248,7 @@ class AttentionHalf(nn.Module):
         """acc += f(x), in place (no autograd)."""
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
-        for group, slices in self._groups(N, _parts(call)):
+        for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
             o = None  # the group's outputs, (B, h, L, E) over (N, h*E) rows
             for heads in slices:
@@ -255,7 +266,7 @@ class AttentionHalf(nn.Module):
         """acc += sign * Dropout(o W_o^T) over blocks of rows; returns o as (N, h*E) rows."""
         o_rows = o.transpose(1, 2).reshape(acc.numel() // acc.shape[-1], -1)
         w_o, acc_rows = self.attn.w_o.weight[:, self._columns(heads)], _rows(acc)
-        for s in row_chunks(o_rows.shape[0], ROWS):
+        for s in row_chunks(o_rows.shape[0], _block(acc)):
             part = F.linear(o_rows[s], w_o)
             if keep is not None:
                 part = part * _rows(keep)[s]
@@ -273,7 +284,7 @@ class AttentionHalf(nn.Module):
         rows, not four; then W_o and the projections are differentiated for the group."""
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
-        for group, slices in self._groups(x_rows.shape[0], _parts(call)):
+        for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
             grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
             for heads in slices:
@@ -289,7 +300,7 @@ class AttentionHalf(nn.Module):
                 del o, grad_in
             o_rows = self._merge_into(grad_o, group, y, keep, sign=-1.0)  # y -= o W_o^T
             grad_w_o = grads[attn.w_o.weight][:, self._columns(group)]
-            for s in row_chunks(o_rows.shape[0], ROWS):
+            for s in row_chunks(o_rows.shape[0], _block(gy_rows)):
                 g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
                 grad_w_o += g.t() @ o_rows[s]
             del grad_o, o_rows
@@ -303,7 +314,7 @@ class AttentionHalf(nn.Module):
         dtype = _product_dtype(gy_rows)
         w_o = self.attn.w_o.weight[:, self._columns(heads)].to(dtype)  # cast once, not per block
         grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1], dtype=dtype)
-        for s in row_chunks(gy_rows.shape[0], ROWS):
+        for s in row_chunks(gy_rows.shape[0], _block(gy_rows)):
             g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
             torch.mm(g.to(dtype), w_o, out=grad_o[s])
         return self._heads_view(grad_o, batch)
@@ -314,7 +325,7 @@ class AttentionHalf(nn.Module):
         LayerNorm's parameter gradients and dL/dx, block of rows by block of rows."""
         cols = self._columns(heads)
         grad_in = [g.transpose(1, 2).reshape(x_rows.shape[0], -1) for g in grad_in]
-        for s in row_chunks(x_rows.shape[0], ROWS):
+        for s in row_chunks(x_rows.shape[0], _block(x_rows)):
             h, *stats = _layer_norm(self.norm, x_rows[s])
             h = h.to(_product_dtype(h))  # cast once for every projection
             grad_h = None
@@ -338,24 +349,28 @@ class FeedForwardHalf(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ff = FeedForward(config)
-        self.chunk = config.ff_chunk_size
+        self.chunk, self.width = config.ff_chunk_size, config.d_ff
 
     def uses_rng(self) -> bool:
         return self.training and self.ff.dropout > 0
+
+    def _block(self, rows: torch.Tensor) -> int:
+        """Rows per block on the rows' device (its (rows, d_ff) activation bounds it)."""
+        return plan_for(rows.device).rows(self.chunk, self.width)
 
     def begin(self, x: torch.Tensor, call: CallInfo) -> HalfRecord:
         return HalfRecord()
 
     def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (N, D)
-        parts = [self.ff(self.norm(rows[s])) for s in row_chunks(rows.shape[0], self.chunk)]
+        parts = [self.ff(self.norm(rows[s])) for s in row_chunks(rows.shape[0], self._block(rows))]
         return torch.cat(parts).view_as(x) if len(parts) > 1 else parts[0].view_as(x)
 
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
                      call: CallInfo) -> None:
         """acc += g(x), in place (no autograd)."""
         rows, acc_rows = _rows(x), _rows(acc)
-        for s in row_chunks(rows.shape[0], self.chunk):
+        for s in row_chunks(rows.shape[0], self._block(rows)):
             acc_rows[s].add_(self.ff(self.norm(rows[s])))
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
@@ -367,7 +382,7 @@ class FeedForwardHalf(nn.Module):
         if self.uses_rng():
             self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call, grads)
             return
-        for s in row_chunks(rows.shape[0], self.chunk):
+        for s in row_chunks(rows.shape[0], self._block(rows)):
             self._block_backward_(rows[s], y_rows[s], gy_rows[s], gx_rows[s], grads)
 
     def _block_backward_(self, xs: torch.Tensor, ys: torch.Tensor, gy: torch.Tensor,
@@ -402,7 +417,7 @@ class FeedForwardHalf(nn.Module):
         """The backward with dropout: each block recomputed (masks replayed by the caller's
         RNG state) and differentiated by autograd."""
         params = _leaf_params(self)
-        for s in row_chunks(rows.shape[0], self.chunk):
+        for s in row_chunks(rows.shape[0], self._block(rows)):
             with torch.enable_grad():
                 xs = rows[s].detach().requires_grad_(True)
                 ys = functional_call(self, params, (xs, rec, call))  # one block: one chunk

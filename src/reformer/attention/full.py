@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer.attention import _banded
 from reformer.attention._chunked import mask_values, padded_mask
 from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig
@@ -76,8 +77,18 @@ class FullSelfAttention(HeadSlicedAttention):
     def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         qk, v = projected
+        dropout = self.attention_dropout()
+        if _banded.flex_available(qk.device) and dropout == 0:  # one call, no (L, L) bias
+            B, H, L, _ = qk.shape
+            mask = padded_mask(attention_mask, B, L, L, qk.device)
+            out, _ = _banded.attend(
+                qk, F.normalize(qk, dim=-1).to(qk.dtype), v, torch.arange(L, device=qk.device),
+                None if mask is None else mask[:, None].expand(B, H, L), chunk_length=L,
+                offsets=None, circular=False, causal=self.config.causal, self_mask=True,
+                scale=1.0)
+            return out
         return full_attention(qk, v, causal=self.config.causal, attention_mask=attention_mask,
-                              dropout=self.attention_dropout())
+                              dropout=dropout)
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reformer.attention import _banded
 from reformer.attention._chunked import (
     chunk_window_attention,
     default_scale,
@@ -23,6 +24,7 @@ from reformer.attention._chunked import (
 )
 from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig
+from reformer.plan import plan_for
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_length: int,
@@ -61,6 +63,22 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
     return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
 
 
+def _local_banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ReformerConfig,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`local_attention` on the cuda plan: one banded call (attention/_banded.py)."""
+    B, H, L, E = q.shape
+    M = cfg.local_chunk_length
+    Lp = L + (-L % M)
+    mask = padded_mask(attention_mask, B, L, Lp, q.device)
+    valid = None if mask is None else mask[:, None].expand(B, H, Lp)
+    q, k, v = (pad_to_multiple(t, M, 2) for t in (q, k, v))
+    out, _ = _banded.attend(q, k, v, torch.arange(Lp, device=q.device), valid, chunk_length=M,
+                            offsets=list(range(-cfg.n_chunks_before, cfg.n_chunks_after + 1)),
+                            circular=False, causal=cfg.causal, self_mask=False,
+                            scale=default_scale(E))
+    return out if Lp == L else out[:, :, :L]
+
+
 class LocalSelfAttention(HeadSlicedAttention):
     """Multi-head local attention with separate W_q, W_k, W_v."""
 
@@ -77,10 +95,13 @@ class LocalSelfAttention(HeadSlicedAttention):
     def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
+        dropout = self.attention_dropout()
+        if plan_for(projected[0].device).banded and dropout == 0:
+            return _local_banded(*projected, cfg, attention_mask)
         return local_attention(*projected, chunk_length=cfg.local_chunk_length,
                                n_chunks_before=cfg.n_chunks_before,
                                n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                               attention_mask=attention_mask, dropout=self.attention_dropout())
+                               attention_mask=attention_mask, dropout=dropout)
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)

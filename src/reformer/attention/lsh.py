@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer.attention import _banded
 from reformer.attention._chunked import (
     gather_rows,
     mask_values,
@@ -42,7 +43,15 @@ from reformer.attention._chunked import (
 from reformer.attention._sorted import sorted_window_attention
 from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
 from reformer.config import ReformerConfig, resolve_n_buckets
-from reformer.hashing import Rotations, hash_vectors, n_buckets_of, sample_rotations, sort_by_bucket
+from reformer.hashing import (
+    HASH_SLICE,
+    Rotations,
+    hash_vectors,
+    n_buckets_of,
+    sample_rotations,
+    sort_by_bucket,
+)
+from reformer.plan import plan_for
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: Rotations, *,
@@ -187,20 +196,30 @@ class LSHSelfAttention(HeadSlicedAttention):
         Lp = self.padded_length(L)
         qk, v = (pad_to_multiple(t, cfg.chunk_length, 2) for t in projected)
         mask = padded_mask(attention_mask, B, L, Lp, qk.device)
-        rots = state.rotations
+        plan = plan_for(qk.device)
         buckets = state.buckets.get(heads.start)
         if buckets is None:  # first pass; the reversible backward finds them recorded
+            rots = state.rotations
             sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
             # each layer keeps its ids until its backward: the smallest type that holds them
             # (ids are <= NB) is 4x less than int64
             small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
-            buckets = hash_vectors(qk, sliced, mask).to(torch.int16 if small else torch.int32)
-            state.buckets[heads.start] = buckets
-        out = bucketed_attention(qk, v, buckets, chunk_length=cfg.chunk_length,
-                                 n_chunks_before=cfg.n_chunks_before,
-                                 n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                                 dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
-                                 dropout=self.attention_dropout())
+            buckets = hash_vectors(qk, sliced, mask, block=plan.rows(HASH_SLICE))
+            state.buckets[heads.start] = buckets.to(torch.int16 if small else torch.int32)
+            buckets = state.buckets[heads.start]
+        dropout = self.attention_dropout()
+        if plan.banded and not cfg.dedup_rounds and dropout == 0:
+            n = buckets.shape[2] * Lp // cfg.chunk_length
+            out = _banded.lsh_banded(
+                qk, v, buckets.long(), chunk_length=cfg.chunk_length,
+                offsets=window_offsets(n, cfg.n_chunks_before, cfg.n_chunks_after),
+                causal=cfg.causal, attention_mask=mask)
+        else:
+            out = bucketed_attention(qk, v, buckets, chunk_length=cfg.chunk_length,
+                                     n_chunks_before=cfg.n_chunks_before,
+                                     n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
+                                     dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
+                                     dropout=dropout)
         return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
 
     # ------------------------------------------------------------------ incremental decoding
