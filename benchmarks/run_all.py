@@ -174,7 +174,7 @@ class Runner:
             return {"status": "dry-run"}
         for attempt in range(1 + a.retry_busy):
             record = {**what, **run_point(cmd, max_seconds, a.max_gib), "attempts": attempt + 1}
-            if record.get("cpu_share", 1.0) >= BUSY_SHARE:
+            if record.get("cpu_share", 1.0) >= BUSY_SHARE or attempt == a.retry_busy:
                 break
             print(f"  busy machine (cpu share {record['cpu_share']:.2f}); measuring again",
                   flush=True)

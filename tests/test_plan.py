@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
 
-from conftest import TINY, random_ids
+from conftest import random_ids
 from reformer import ReformerConfig, ReformerLM
 from reformer.attention import _banded
 from reformer.plan import CPU, CUDA, count_kernel_ops, forced, plan_for

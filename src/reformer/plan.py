@@ -8,9 +8,11 @@ into work does. The plan is chosen once per call from the input's device:
   the blockwise kernels and their C++ versions (attention/_sorted.py, _chunked.py).
 - **cuda**: few, large kernels. A GPU step is bound by kernel launches (~7 us each) long
   before it is bound by arithmetic, so every head of a layer goes at once, position-wise work
-  runs in blocks of at least ``ROWS`` rows, hashing in one piece, and the attention cores go
+  runs in blocks of at least 64K rows, hashing in one piece, and the attention cores go
   through one FlexAttention call each (attention/_banded.py): no Python loop whose length
-  grows with L up to ``ROWS`` positions, and no host sync inside the layers.
+  grows with L up to 64K positions, and no host sync inside the layers. Beyond 64K tokens
+  the heads go in smaller slices (one at a time from 256K), since each holds its rows
+  sorted for all rounds: the work per launch is then large anyway.
 
 The number of operators a layer issues is then the same at 4K and 64K tokens (tested on the
 CPU by forcing the cuda plan, :func:`forced`, and counting with :func:`count_kernel_ops`).
@@ -34,8 +36,16 @@ class Plan:
 
     name: str
     min_rows: int  # position-wise blocks hold at least this many rows (0: the config's)
-    all_heads: bool  # every head of a layer in one slice
+    head_positions: int  # a head slice holds up to this many heads x positions (0: config's)
     banded: bool  # attention cores through attention/_banded.py (FlexAttention)
+
+    def heads_per_slice(self, n_heads: int, length: int) -> int | None:
+        """Heads attended at once over ``length`` positions (None: ``attn_head_chunk_size``):
+        every head up to 64K tokens, fewer beyond, so that a slice's sorted rows (R*L*E per
+        head) stay near 256 MiB in float32 at 4 rounds of 64."""
+        if not self.head_positions:
+            return None
+        return max(1, min(n_heads, self.head_positions // max(length, 1)))
 
     def rows(self, configured: int, width: int = 1) -> int:
         """Rows per block of position-wise work whose widest temporary has ``width``
@@ -45,8 +55,8 @@ class Plan:
 
 
 BLOCK_ELEMENTS = 1 << 26  # the cuda plan's largest position-wise temporary (256 MiB fp32)
-CPU = Plan("cpu", min_rows=0, all_heads=False, banded=False)
-CUDA = Plan("cuda", min_rows=1 << 16, all_heads=True, banded=True)
+CPU = Plan("cpu", min_rows=0, head_positions=0, banded=False)
+CUDA = Plan("cuda", min_rows=1 << 16, head_positions=1 << 18, banded=True)
 PLANS = {"cpu": CPU, "cuda": CUDA}
 # Ops that only make views or allocate: no kernel runs for them on a GPU.
 _NO_KERNEL = {

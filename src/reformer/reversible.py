@@ -123,8 +123,10 @@ def _block(x: torch.Tensor) -> int:
 
 
 def _slices(attn: nn.Module, x: torch.Tensor, call: CallInfo) -> list[slice]:
-    """The head slices of a layer for x's device: all heads at once on the cuda plan."""
-    return attn.head_slices(_parts(call), all_heads=plan_for(x.device).all_heads)
+    """The head slices of a layer for x (B, L, D) on its device's plan."""
+    length = x.shape[1] if call.exchange is None else call.exchange.length
+    size = plan_for(x.device).heads_per_slice(attn.n_heads, length)
+    return attn.head_slices(_parts(call), size)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

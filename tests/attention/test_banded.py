@@ -120,7 +120,7 @@ def test_full_attention_through_flex(monkeypatch, causal):
 @pytest.mark.parametrize("circular", [True, False])
 def test_band_block_mask_is_the_band_both_ways(circular):
     n, block, offsets = 6, 4, [-2, -1, 0, 1]
-    mask = _banded.band_block_mask(n, offsets, circular, block, torch.device("cpu"))
+    mask = _banded.band_block_mask(n, tuple(offsets), circular, block, torch.device("cpu"))
     want = torch.zeros(n, n, dtype=torch.int32)
     for i in range(n):
         for o in offsets:
@@ -142,8 +142,8 @@ def test_band_block_mask_is_the_band_both_ways(circular):
 
 def test_band_block_mask_for_the_kernels_is_n_by_w():
     # what a GPU gets: (n, W) arrays, the padded ones' first W columns
-    wide = _banded.band_block_mask(1000, [-1, 0], True, 64, torch.device("cpu"))
-    compact = _banded.band_block_mask(1000, [-1, 0], True, 64, torch.device("cpu"), compact=True)
+    wide = _banded.band_block_mask(1000, (-1, 0), True, 64, torch.device("cpu"))
+    compact = _banded.band_block_mask(1000, (-1, 0), True, 64, torch.device("cpu"), compact=True)
     for name in ("full_kv_indices", "full_q_indices"):
         assert getattr(compact, name).shape[-2:] == (1000, 2)
         assert torch.equal(getattr(compact, name), getattr(wide, name)[..., :2])

@@ -34,6 +34,7 @@ Decisions:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +47,13 @@ try:  # FlexAttention: torch >= 2.5
 except ImportError:  # pragma: no cover - older torch
     _flex_module = None
 FLEX_ON_CPU = False  # tests only: run FlexAttention's eager reference on CPU tensors
+_flex_failed: list[str] = []  # why compiling FlexAttention failed here, once it has
 
 
 def flex_available(device: torch.device) -> bool:
     """Whether attention on ``device`` goes through FlexAttention."""
-    return _flex_module is not None and (torch.device(device).type == "cuda" or FLEX_ON_CPU)
+    return (_flex_module is not None and not _flex_failed
+            and (torch.device(device).type == "cuda" or FLEX_ON_CPU))
 
 
 def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
@@ -69,21 +72,22 @@ def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
     """
     B, H, Lp, E = qk.shape
     R = buckets.shape[2]
-    s_items, undo = sort_by_bucket(buckets)  # (B, H, N) each
+    s_items, _ = sort_by_bucket(buckets)  # (B, H, N)
     s_pos = s_items % Lp  # original position of each sorted item
     rows = s_pos.unsqueeze(-1).expand(B, H, R * Lp, E)
-    s_q = qk.gather(2, rows)  # (B, H, N, E)
-    s_k = F.normalize(s_q, dim=-1).to(s_q.dtype)
-    s_v = v.gather(2, rows)
+    k = F.normalize(qk, dim=-1).to(qk.dtype)  # unit keys, before the R-fold copies
+    s_q, s_k, s_v = qk.gather(2, rows), k.gather(2, rows), v.gather(2, rows)  # (B, H, N, E)
     s_valid = None if attention_mask is None else attention_mask.gather(
         1, s_pos.view(B, -1)).view(B, H, -1)  # (B, H, N)
     s_out, s_lse = attend(s_q, s_k, s_v, s_pos, s_valid, chunk_length=chunk_length,
                           offsets=offsets, circular=True, causal=causal, self_mask=True,
                           scale=1.0)
-    out = s_out.gather(2, undo.unsqueeze(-1).expand_as(s_out)).view(B, H, R, Lp, E)
-    z = s_lse.gather(2, undo).view(B, H, R, Lp)
-    w = torch.softmax(z, dim=2)  # the rounds' weights, summing to one per position
-    return (out * w.unsqueeze(-1).to(out.dtype)).sum(dim=2)  # (B, H, Lp, E)
+    # o = sum_r softmax_r(z) o_r: the weights per (round, position), then each sorted output
+    # weighted and added into its position (no (R, Lp, E) unsorted copy)
+    z = torch.empty_like(s_lse).scatter_(2, s_items, s_lse).view(B, H, R, Lp)
+    w = torch.softmax(z, dim=2).view(B, H, R * Lp).gather(2, s_items)  # (B, H, N) sorted
+    s_weighted = s_out * w.unsqueeze(-1).to(s_out.dtype)
+    return s_out.new_zeros(B, H, Lp, E).scatter_add_(2, rows, s_weighted)  # (B, H, Lp, E)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
@@ -104,7 +108,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     """
     spec = (chunk_length, offsets, circular, causal, self_mask, scale)
     if flex_available(q.device):
-        return _flex_attention(q, k, v, pos, valid, spec)
+        try:
+            return _flex_attention(q, k, v, pos, valid, spec)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # e.g. no Triton for this GPU: the same function, slower
+            if not q.is_cuda:
+                raise
+            _flex_failed.append(f"{type(err).__name__}: {err}"[:500])
+            warnings.warn("FlexAttention failed to compile or run here, so attention runs "
+                          f"as tensor operators (slower, more memory): {_flex_failed[0]}",
+                          RuntimeWarning, stacklevel=2)
     return _band_attention(q, k, v, pos, valid, spec)
 
 
@@ -122,6 +136,13 @@ def _bias(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor | None,
     return bias
 
 
+def _offsets(offsets: list[int], device: torch.device) -> torch.Tensor:
+    """(1, W) the window's offsets, made on the device (no copy from the host): they are
+    always consecutive (``window_offsets``)."""
+    assert offsets == list(range(offsets[0], offsets[-1] + 1)), offsets
+    return torch.arange(offsets[0], offsets[-1] + 1, device=device).unsqueeze(0)
+
+
 def _band_attention(q, k, v, pos, valid, spec) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` with tensor operators: each chunk's window of keys gathered, then all
     (G, n, M, K) scores at once."""
@@ -132,8 +153,7 @@ def _band_attention(q, k, v, pos, valid, spec) -> tuple[torch.Tensor, torch.Tens
     if offsets is None:  # full attention: one window of every chunk
         idx, inside = torch.arange(n, device=q.device).repeat(n, 1), None
     else:
-        idx = torch.arange(n, device=q.device).unsqueeze(1) + torch.tensor(
-            offsets, device=q.device)  # (n, W)
+        idx = torch.arange(n, device=q.device).unsqueeze(1) + _offsets(offsets, q.device)
         inside = None if circular else (idx >= 0) & (idx < n)
         idx = idx % n
     W = idx.shape[1]
@@ -170,8 +190,8 @@ def _flex_attention(q, k, v, pos, valid, spec) -> tuple[torch.Tensor, torch.Tens
         return score + _bias(pos[b, h, q_idx], pos[b, h, kv_idx], kvalid, causal, self_mask,
                              score.dtype)
 
-    block_mask = None if offsets is None else band_block_mask(N // M, offsets, circular, M,
-                                                              q.device)
+    block_mask = None if offsets is None else band_block_mask(N // M, tuple(offsets), circular,
+                                                              M, q.device)
     tile = {} if M >= 128 else {"BLOCK_M": M, "BLOCK_N": M, "bwd_BLOCK_M1": M,
                                 "bwd_BLOCK_N1": M, "bwd_BLOCK_M2": M, "bwd_BLOCK_N2": M}
     out, aux = _flex_call(q.is_cuda)(
@@ -187,7 +207,8 @@ def _flex_call(compiled: bool):
     return torch.compile(fn, dynamic=False) if compiled else fn
 
 
-def band_block_mask(n: int, offsets: list[int], circular: bool, block: int,
+@functools.lru_cache(maxsize=16)  # the same band for every layer of a step, both passes
+def band_block_mask(n: int, offsets: tuple[int, ...], circular: bool, block: int,
                     device: torch.device, compact: bool | None = None):
     """The BlockMask of a band: query block i sees key blocks i + o for o in ``offsets``
     (modulo n when ``circular``, else those inside [0, n)); built from index arrays, both
@@ -198,8 +219,7 @@ def band_block_mask(n: int, offsets: list[int], circular: bool, block: int,
         compact = torch.device(device).type == "cuda"
 
     def band(sign: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(n, device=device).unsqueeze(1) + sign * torch.tensor(
-            offsets, device=device)  # (n, W)
+        idx = torch.arange(n, device=device).unsqueeze(1) + sign * _offsets(offsets, device)
         inside = torch.ones_like(idx, dtype=torch.bool) if circular else (idx >= 0) & (idx < n)
         idx = idx % n
         # the blocks inside first, ascending; the rest (never read) after them
@@ -210,6 +230,7 @@ def band_block_mask(n: int, offsets: list[int], circular: bool, block: int,
             idx = F.pad(idx, (0, n - idx.shape[1]))
         return count.to(torch.int32).view(1, 1, n), idx.to(torch.int32).view(1, 1, n, -1)
 
+    offsets = list(offsets)
     kv_num, kv_idx = band(+1)
     q_num, q_idx = band(-1)  # key block j is seen by query blocks j - o
     before, width = -offsets[0], len(offsets)

@@ -70,13 +70,11 @@ class HeadSlicedAttention(nn.Module):
         self.n_heads, self.d_head = config.n_heads, config.d_head
         self.w_o = nn.Linear(config.n_heads * config.d_head, config.d_model, bias=False)
 
-    def head_slices(self, multiple: int = 1, all_heads: bool = False) -> list[slice]:
-        """Slices of ``attn_head_chunk_size`` heads, rounded up to a multiple of ``multiple``
-        (under sequence parallelism each of P processes attends with 1/P of every slice);
-        one slice of every head with ``all_heads`` (the cuda plan, plan.py)."""
-        if all_heads:
-            return [slice(0, self.n_heads)]
-        step = -(-self.config.attn_head_chunk_size // multiple) * multiple
+    def head_slices(self, multiple: int = 1, size: int | None = None) -> list[slice]:
+        """Slices of ``size`` heads (default ``attn_head_chunk_size``), rounded up to a
+        multiple of ``multiple`` (under sequence parallelism each of P processes attends with
+        1/P of every slice)."""
+        step = -(-(size or self.config.attn_head_chunk_size) // multiple) * multiple
         return [slice(h, min(h + step, self.n_heads)) for h in range(0, self.n_heads, step)]
 
     def prepare(self, x: torch.Tensor, n_hashes: int | None = None,
