@@ -153,3 +153,18 @@ def test_resolve_n_buckets():
     f1, f2 = resolve_n_buckets(None, 2 ** 20, 64)
     assert f1 * f2 == nb and f1 % 2 == 0 and f2 % 2 == 0
     assert f1 == 128  # isqrt(32768) = 181, largest even divisor below it with an even cofactor
+
+
+def test_local_neighbours_default_to_the_lsh_layers():
+    assert ReformerConfig().local_neighbours() == (1, 0)
+    assert ReformerConfig(local_n_chunks_before=3).local_neighbours() == (3, 0)
+    bidirectional = ReformerConfig(causal=False, n_chunks_after=1, local_n_chunks_after=2)
+    assert bidirectional.local_neighbours() == (1, 2)
+    with pytest.raises(ValueError, match="local_n_chunks_after=1 must be 0 for a causal"):
+        ReformerConfig(local_n_chunks_after=1)
+
+
+def test_hf_compat_pads_with_a_token_of_the_vocabulary():
+    with pytest.raises(ValueError, match="pad_token_id=16 is not below vocab_size=16"):
+        ReformerConfig(vocab_size=16, hf_compat=True, pad_token_id=16)
+    assert ReformerConfig(vocab_size=16, pad_token_id=16).pad_token_id == 16  # unused off

@@ -395,11 +395,12 @@ def _sorted_case(G, Lp, E, R, seed):
     (1, 8, 4, 1, 8, [-1, 0], True),  # one chunk: its window holds it twice
 ])
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("key_offset", [0.0, 0.5])  # unit keys; q / sqrt(|q|^2 + c)
 def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offsets, causal,
-                                            threads):
+                                            threads, key_offset):
     """csrc/lsh_chunks.cpp against the PyTorch blockwise kernel: outputs, log-sum-exps and
     both gradients (through the log-sum-exp too). With two threads, rows of chunks outside a
-    thread's run are added after the round."""
+    thread's run are added after the round. Keys with an offset (hf_compat's) alike."""
     from reformer.attention import _sorted
 
     native(monkeypatch, "lsh_forward_")
@@ -417,7 +418,7 @@ def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offset
             monkeypatch.setenv(_native.ENV, setting)
             qk, v = qk0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
             out, lse = sorted_window_attention(qk, v, s_pos, chunk_length=M, offsets=offsets,
-                                               causal=causal)
+                                               causal=causal, key_offset=key_offset)
             weights = torch.linspace(-1, 1, out.numel()).view_as(out)
             lse_weights = torch.linspace(0, 1, lse.numel()).view_as(lse)
             loss = (out * weights).sum() + (lse * lse_weights).sum()
@@ -427,6 +428,10 @@ def test_fused_sorted_kernel_matches_pytorch(monkeypatch, G, Lp, E, R, M, offset
     assert calls == [True, False]  # the chunkwise kernel ran when "on", the blocks when "off"
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    if key_offset:  # the offset changes the keys (else this case would test nothing new)
+        plain = sorted_window_attention(qk0, v0, s_pos, chunk_length=M, offsets=offsets,
+                                        causal=causal)[0]
+        assert (plain - results[0][0]).abs().max() > 1e-3
 
 
 @needs_compiler
@@ -479,7 +484,7 @@ def test_fused_backward_reads_bfloat16_or_float32_d_out_alike(monkeypatch):
         pytest.skip("this PyTorch build exports no bf16 matrix product (MKL)")
     qk, v, s_pos = _sorted_case(1, 256, 32, 2, seed=3)
     qk, v = qk.bfloat16(), v.bfloat16()
-    args = _fused_args(qk, v, s_pos, (16, [-1, 0], True))
+    args = _fused_args(qk, v, s_pos, (16, [-1, 0], True, None, 0.0, 0.0))
     out, top, total = torch.empty(256, 32), torch.empty(256), torch.empty(256)
     torch.ops.reformer.lsh_forward_(out, top, total, *args)
     d_out = torch.randn(256, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
@@ -545,3 +550,23 @@ def test_the_wheel_ships_every_kernel_source():
     assert {"softmax_row.h", "lsh_chunks.cpp"} <= set(sources)
     missed = [s for s in sources if not any(fnmatch.fnmatch(f"csrc/{s}", p) for p in patterns)]
     assert not missed, f"add {missed} to [tool.setuptools.package-data] in pyproject.toml"
+
+
+@needs_compiler
+def test_native_row_gathers_take_hf_key_offset(monkeypatch):
+    """With a padding mask the blocks run, with csrc/sorted_rows.cpp's gathers and window
+    sums: keys q / sqrt(|q|^2 + c) (hf_compat) there too, against the PyTorch blocks."""
+    native(monkeypatch, "gather_span_rows")
+    qk0, v0, s_pos = _sorted_case(2, 64, 8, 2, seed=5)
+    valid = torch.ones(2, 64, dtype=torch.bool)
+    valid[1, 50:] = False
+    results = []
+    for setting in ("on", "off"):
+        monkeypatch.setenv(_native.ENV, setting)
+        qk, v = qk0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+        out, _ = sorted_window_attention(qk, v, s_pos, chunk_length=8, offsets=[-1, 0],
+                                         causal=True, valid=valid, key_offset=0.3)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), [qk, v])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)

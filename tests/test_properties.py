@@ -115,6 +115,10 @@ INVALID = {
     "n_buckets": [0, 3, -2, 1, (2, 3), (4, 0), 2.0, True],
     "n_chunks_before": [-1, 0.5, True, "1"],
     "n_chunks_after": [-1, 0.5, "1"],
+    "local_n_chunks_before": [-1, 0.5, True, "1"],
+    "local_n_chunks_after": [-1, 0.5, "1"],
+    "hf_compat": [1, "yes"],
+    "pad_token_id": [-1, 1.5, None, True],
     "hash_seed": [1.5, "0", True],
     "causal": [1, "yes", None],
     "reversible": [0, "no"],
@@ -137,7 +141,7 @@ BASE = dict(vocab_size=16, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_l
 def test_invalid_values_name_their_field(field_and_value):
     name, value = field_and_value
     overrides = {name: value}
-    if name == "n_chunks_after":
+    if name in ("n_chunks_after", "local_n_chunks_after"):
         overrides["causal"] = False
     with pytest.raises(ValueError, match=name):
         ReformerConfig(**{**BASE, **overrides})

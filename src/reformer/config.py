@@ -78,8 +78,10 @@ class ReformerConfig:
     n_chunks_after: int = 0
     dedup_rounds: bool = False
     hash_seed: int | None = None
-    # local attention
+    # local attention (neighbour chunks: the LSH layers' unless set)
     local_chunk_length: int = 128
+    local_n_chunks_before: int | None = None
+    local_n_chunks_after: int | None = None
     causal: bool = True
     # positions
     max_seq_len: int = 16384
@@ -97,6 +99,11 @@ class ReformerConfig:
     loss_chunk_size: int = 4096
     attn_head_chunk_size: int = 1
     init_std: float = 0.02
+    # Hugging Face's Reformer function exactly (interop/hf.py; DESIGN.md 3.3): keys
+    # x / sqrt(|x|^2 + E*1e-6), circular local windows, padding to the lcm of the chunk
+    # lengths with pad_token_id, HF's rotation draw for a hash_seed and bucket count
+    hf_compat: bool = False
+    pad_token_id: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_derived", set())
@@ -136,13 +143,17 @@ class ReformerConfig:
             fail("pos_embedding", self.pos_embedding, "is unknown", f"use one of {POS_EMBEDDINGS}")
         if self.ff_activation not in ACTIVATIONS:
             fail("ff_activation", self.ff_activation, "is unknown", f"use one of {ACTIVATIONS}")
-        for name in ("causal", "reversible", "dedup_rounds"):
+        for name in ("causal", "reversible", "dedup_rounds", "hf_compat"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "must be True or False", f"pass {name}=True")
-        if self.causal and self.n_chunks_after:
-            fail("n_chunks_after", self.n_chunks_after,
-                  "must be 0 for a causal model (later chunks are all masked)",
-                  "pass n_chunks_after=0 or causal=False")
+        for name in ("n_chunks_after", "local_n_chunks_after"):
+            if self.causal and getattr(self, name):
+                fail(name, getattr(self, name),
+                      "must be 0 for a causal model (later chunks are all masked)",
+                      f"pass {name}=0 or causal=False")
+        if self.hf_compat and is_int(self.pad_token_id) and self.pad_token_id >= self.vocab_size:
+            fail("pad_token_id", self.pad_token_id, f"is not below vocab_size={self.vocab_size} "
+                 "(hf_compat pads inputs with it)", "pass a token id of the vocabulary")
         if self.hash_seed is not None and not is_int(self.hash_seed):
             fail("hash_seed", self.hash_seed, "must be an integer or None", "pass e.g. 0")
 
@@ -155,9 +166,11 @@ class ReformerConfig:
             value = getattr(self, name)
             if not is_real(value) or not 0.0 < value < math.inf:
                 fail(name, value, "must be a finite number > 0", f"pass e.g. {name}={example}")
-        for name in ("n_chunks_before", "n_chunks_after"):
+        for name in ("n_chunks_before", "n_chunks_after", "local_n_chunks_before",
+                     "local_n_chunks_after", "pad_token_id"):
             value = getattr(self, name)
-            if not is_int(value) or value < 0:
+            if (value is not None or not name.startswith("local")) and (
+                    not is_int(value) or value < 0):
                 fail(name, value, "must be a non-negative integer", f"pass e.g. {name}=1")
 
     def _validate_buckets(self) -> None:
@@ -198,6 +211,12 @@ class ReformerConfig:
         self._derived.add(name)
 
     # ----------------------------------------------------------------- derived helpers
+    def local_neighbours(self) -> tuple[int, int]:
+        """(chunks before, chunks after) of a local layer's window."""
+        before, after = self.local_n_chunks_before, self.local_n_chunks_after
+        return (self.n_chunks_before if before is None else before,
+                self.n_chunks_after if after is None else after)
+
     def layer_kind(self, index: int) -> str:
         """The attention kind of layer ``index`` (``attn_layers`` cycles)."""
         return self.attn_layers[index % len(self.attn_layers)]

@@ -81,6 +81,33 @@ def sample_rotations(n_heads: int, d_head: int, n_hashes: int,
     return rots if isinstance(n_buckets, (tuple, list)) else rots[0]
 
 
+def hf_rotations(n_heads: int, d_head: int, n_hashes: int,
+                 n_buckets: int | tuple[int, ...] | list[int], *, seed: int | None,
+                 device: torch.device | str | None, dtype: torch.dtype) -> Rotations:
+    """Hugging Face's rotations (``hf_compat``): one (H, E, R, sum(f)/2) draw from a generator
+    seeded with ``seed`` (the same for every layer; the device's global RNG when None), in the
+    inputs' dtype, cut into one (H, E, R, f/2) piece per factor."""
+    factors = list(n_buckets) if isinstance(n_buckets, (tuple, list)) else [n_buckets]
+    shape = (n_heads, d_head, n_hashes, sum(f // 2 for f in factors))
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    rot = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    pieces = list(rot.split([f // 2 for f in factors], dim=-1))
+    return pieces if isinstance(n_buckets, (tuple, list)) else pieces[0]
+
+
+def hf_n_buckets(length: int, chunk_length: int, max_seq_len: int) -> int | list[int]:
+    """Hugging Face's bucket count when none is configured (``hf_compat``): the power of two
+    at or below 2 * length / chunk_length, split into two powers of two above
+    2 * max(sqrt(max_seq_len / chunk_length), chunk_length)."""
+    power = (2 * (length // chunk_length)).bit_length() - 1
+    limit = 2 * max(int((max_seq_len // chunk_length) ** 0.5), chunk_length)
+    if 2**power > limit:
+        return [2 ** (power // 2), 2 ** (power - power // 2)]
+    return 2**power
+
+
 def _check_rotations(rots: list[torch.Tensor], n_heads: int, d_head: int) -> None:
     n_hashes = rots[0].shape[2]
     for r in rots:

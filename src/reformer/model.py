@@ -22,6 +22,7 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -166,14 +167,33 @@ class ReformerLM(nn.Module):
             check_positive_int("n_hashes", n_hashes)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
+        length, pad = input_ids.shape[1], self._hf_padding(input_ids.shape[1])
+        if pad:  # Hugging Face's padding to the chunk lengths' lcm (hf_compat)
+            input_ids, attention_mask, labels = _pad_inputs(
+                input_ids, attention_mask, labels, pad, self.config.pad_token_id)
         fused_loss = labels is not None and not return_logits
         # The fused loss is then the only consumer of (y1, y2), and its gradients are its own.
         call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes, owned_grads=fused_loss)
         targets = None if labels is None else shifted_targets(labels)  # (B, L)
         logits, total = self.forward_slice(input_ids, 0, call, targets, return_logits)
+        if pad and logits is not None:
+            logits = logits[:, :length]
         if total is None:
             return ReformerOutput(logits=logits)
         return ReformerOutput(logits=logits, loss=total / (targets != -100).sum().clamp(min=1))
+
+    def _hf_padding(self, length: int) -> int:
+        """Positions Hugging Face's model adds before its layers (``hf_compat``): up to a
+        multiple of the lcm of its layers' chunk lengths, when longer than the shortest."""
+        cfg = self.config
+        if not cfg.hf_compat:
+            return 0
+        kinds = {cfg.layer_kind(i) for i in range(cfg.n_layers)}
+        chunks = [c for kind, c in (("lsh", cfg.chunk_length), ("local", cfg.local_chunk_length))
+                  if kind in kinds]
+        if not chunks or length <= min(chunks):
+            return 0
+        return -length % math.lcm(*chunks)
 
     def forward_slice(self, input_ids: torch.Tensor, offset: int, call: CallInfo,
                       targets: torch.Tensor | None = None, return_logits: bool = True
@@ -201,6 +221,18 @@ class ReformerLM(nn.Module):
         if targets is None:
             return logits, None
         return logits, _loss_sum(logits.flatten(0, 1), targets.flatten())
+
+
+def _pad_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor | None, pad: int, pad_id: int) -> tuple:
+    """``pad`` more positions: ``pad_id`` tokens, masked, with no targets."""
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+    input_ids = F.pad(input_ids, (0, pad), value=pad_id)
+    attention_mask = F.pad(attention_mask, (0, pad), value=False)
+    labels = None if labels is None else F.pad(labels, (0, pad), value=-100)
+    return input_ids, attention_mask, labels
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

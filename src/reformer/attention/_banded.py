@@ -39,7 +39,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from reformer.attention._chunked import lse_dtype, mask_values
+from reformer.attention._chunked import lse_dtype, mask_values, unit_keys
+from reformer.attention.base import consecutive
 from reformer.hashing import sort_by_bucket
 
 try:  # FlexAttention: torch >= 2.5
@@ -58,7 +59,7 @@ def flex_available(device: torch.device) -> bool:
 
 def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
                chunk_length: int, offsets: list[int], causal: bool,
-               attention_mask: torch.Tensor | None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None, key_offset: float = 0.0) -> torch.Tensor:
     """LSH attention given bucket ids, all heads and rounds at once.
 
     Args:
@@ -66,6 +67,7 @@ def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
         buckets: (B, H, R, Lp) ids (padding carries NB and sorts last).
         offsets: the window's chunk offsets (``window_offsets``), wrapping around.
         attention_mask: (B, Lp) bool (True = real) or None.
+        key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys).
 
     Returns:
         (B, H, Lp, E).
@@ -75,7 +77,7 @@ def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
     s_items, _ = sort_by_bucket(buckets)  # (B, H, N)
     s_pos = s_items % Lp  # original position of each sorted item
     rows = s_pos.unsqueeze(-1).expand(B, H, R * Lp, E)
-    k = F.normalize(qk, dim=-1).to(qk.dtype)  # unit keys, before the R-fold copies
+    k = unit_keys(qk, key_offset)  # before the R-fold copies
     s_q, s_k, s_v = qk.gather(2, rows), k.gather(2, rows), v.gather(2, rows)  # (B, H, N, E)
     s_valid = None if attention_mask is None else attention_mask.gather(
         1, s_pos.view(B, -1)).view(B, H, -1)  # (B, H, N)
@@ -107,7 +109,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
         out (B, H, N, E) in q's dtype, log-sum-exp (B, H, N) in at least float32.
     """
     spec = (chunk_length, offsets, circular, causal, self_mask, scale)
-    if flex_available(q.device):
+    if flex_available(q.device) and (offsets is None or consecutive(offsets)):
         try:
             return _flex_attention(q, k, v, pos, valid, spec)
         except torch.OutOfMemoryError:
@@ -137,10 +139,11 @@ def _bias(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor | None,
 
 
 def _offsets(offsets: list[int], device: torch.device) -> torch.Tensor:
-    """(1, W) the window's offsets, made on the device (no copy from the host): they are
-    always consecutive (``window_offsets``)."""
-    assert offsets == list(range(offsets[0], offsets[-1] + 1)), offsets
-    return torch.arange(offsets[0], offsets[-1] + 1, device=device).unsqueeze(0)
+    """(1, W) the window's offsets, made on the device when consecutive (no copy from the
+    host); others (Hugging Face's repeated chunks) are copied."""
+    if consecutive(offsets):
+        return torch.arange(offsets[0], offsets[-1] + 1, device=device).unsqueeze(0)
+    return torch.tensor(offsets, device=device).unsqueeze(0)
 
 
 def _band_attention(q, k, v, pos, valid, spec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,14 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def unit_keys(qk: torch.Tensor, key_offset: float = 0.0) -> torch.Tensor:
+    """Shared-QK keys in qk's dtype: ``q / |q|`` (F.normalize), or with ``key_offset`` c > 0
+    Hugging Face's ``q / sqrt(|q|^2 + c)`` (``hf_compat``: c = E * 1e-6)."""
+    if not key_offset:
+        return F.normalize(qk, dim=-1).to(qk.dtype)  # CUDA autocast computes norms in fp32
+    return (qk * torch.rsqrt(qk.square().sum(dim=-1, keepdim=True) + key_offset)).to(qk.dtype)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
     """Zero-pad ``x`` along ``dim`` up to a multiple of ``multiple``."""
     extra = -x.shape[dim] % multiple

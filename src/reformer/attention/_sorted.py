@@ -73,6 +73,14 @@ from reformer.attention._chunked import grad_follows, window_probs
 from reformer.hashing import inverse_permutation
 
 NORM_EPS = 1e-12  # F.normalize's default eps
+
+
+def norm_eps(key_offset: float) -> float:
+    """The ``eps`` that the kernels (Python and csrc/) take for keys ``q / sqrt(|q|^2 + c)``:
+    c = 0 is F.normalize's ``q / max(|q|, NORM_EPS)``, passed as the floor NORM_EPS; c > 0
+    (Hugging Face's keys, ``hf_compat``) is passed as -c, a negative floor that never binds.
+    The normalisation's Jacobian is ``(g - k (k . g)) / s`` with s the divisor either way."""
+    return NORM_EPS if key_offset == 0 else -key_offset
 _ROW_BLOCK = 1 << 16  # rows per step of whole-sequence elementwise work
 FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the rows' types that lsh_chunks.cpp takes
 
@@ -131,8 +139,9 @@ class _SortedBlock:
     """
 
     def __init__(self, seq: _Sequence, start: int, stop: int, spec: tuple) -> None:
-        M, offsets, causal, log_count_fn, dropout = spec
+        M, offsets, causal, log_count_fn, dropout, key_offset = spec
         G, E = seq.pos.shape[0], seq.q.shape[1]
+        self.eps = norm_eps(key_offset)
         nb, W = stop - start, len(offsets)
         self.W, self.M = W, M
         kpos, kpos_f, krow = seq.span((start + offsets[0]) * M, (stop + offsets[-1]) * M)
@@ -141,12 +150,14 @@ class _SortedBlock:
         unit_stride = seq.q.stride(1) == 1 and seq.v.stride(1) == 1
         gather = _native.op("gather_span_rows", seq.q) if unit_stride else None
         if gather is not None:  # one pass (csrc/)
-            rows = gather(seq.q, seq.v, self.k_flat, NORM_EPS)
+            rows = gather(seq.q, seq.v, self.k_flat, self.eps)
             self.k_raw, self.k_span, self.k_norm, self.v_span = (t.view(G, -1, t.shape[-1])
                                                                  for t in rows)
         else:
             self.k_raw = seq.q.index_select(0, self.k_flat).view(G, -1, E)
             self.k_norm = torch.linalg.vector_norm(self.k_raw, dim=-1, keepdim=True)
+            if key_offset:  # sqrt(|q|^2 + c)
+                self.k_norm = self.k_norm.square().add_(key_offset).sqrt_()
             # in the rows' dtype: under CUDA autocast the norm is fp32, the rows maybe bf16
             self.k_span = (self.k_raw / self.k_norm.clamp_min(NORM_EPS)).to(self.k_raw.dtype)
             self.v_span = seq.v.index_select(0, self.k_flat).view(G, -1, E)
@@ -164,8 +175,8 @@ class _SortedBlock:
 
     def normalize_backward_(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of the span's raw rows from ``grad`` (G, S, E), that of the unit keys
-        (overwritten): (g - u (u . g)) / |q|, or g / eps where |q| < eps (F.normalize divides
-        by max(|q|, eps) there)."""
+        (overwritten): (g - u (u . g)) / s for u = q / s, s = |q| (or sqrt(|q|^2 + c)), or
+        g / eps where s < eps (F.normalize divides by max(|q|, eps) there)."""
         radial = (self.k_span * grad).sum(dim=-1, keepdim=True).mul_(self.k_norm > NORM_EPS)
         return grad.addcmul_(self.k_span, radial, value=-1).div_(self.k_norm.clamp_min(NORM_EPS))
 
@@ -177,15 +188,15 @@ def _round_blocks(G: int, r: int, nr: int, M: int, K: int) -> list[tuple[int, in
 
 class SortedWindowAttention(torch.autograd.Function):
     """``apply(qk_rows, v_rows, s_pos, s_slot, valid, M, offsets, causal, log_count_fn,
-    dropout, grad_follows)`` -> (out (G, Lp, E), lse (G, Lp)); see
+    dropout, grad_follows, key_offset)`` -> (out (G, Lp, E), lse (G, Lp)); see
     :func:`sorted_window_attention`."""
 
     @staticmethod
     def forward(ctx, q_rows, v_rows, s_pos, s_slot, valid, M, offsets, causal, log_count_fn,
-                dropout, grad_follows):
+                dropout, grad_follows, key_offset):
         G, Lp, E = q_rows.shape
         R, nr, K = s_pos.shape[1] // Lp, Lp // M, M * len(offsets)
-        spec = (M, offsets, causal, log_count_fn, dropout)
+        spec = (M, offsets, causal, log_count_fn, dropout, key_offset)
         ctx.spec, ctx.blocks = spec, None
         ctx.fused = _fused_applies(q_rows, v_rows, s_pos, valid, log_count_fn, dropout)
         if ctx.fused:  # chunk by chunk in C++ (csrc/lsh_chunks.cpp), float32 out and fold
@@ -261,7 +272,7 @@ class SortedWindowAttention(torch.autograd.Function):
 def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tuple:
     """SortedWindowAttention.backward's result: the (G*Lp, E) row gradients of qk and v."""
     return (grad_q.view(shape), grad_v.view(shape), None, None, None, None, None, None, None,
-            None, None)
+            None, None, None)
 
 
 def _fused_applies(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
@@ -281,10 +292,10 @@ def _fused_args(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
                 spec: tuple) -> tuple:
     """The arguments that lsh_forward_ and lsh_backward_ share, after their outputs (and,
     for the backward, dO, the row sums and the log-sum-exp)."""
-    (G, Lp, E), (M, offsets, causal) = q_rows.shape, spec[:3]
+    (G, Lp, E), (M, offsets, causal), key_offset = q_rows.shape, spec[:3], spec[5]
     return (q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E), s_pos.contiguous(),
             s_pos.shape[1] // Lp, M, offsets[0], len(offsets), causal,
-            *_chunked.mask_values(q_rows.dtype), NORM_EPS)
+            *_chunked.mask_values(q_rows.dtype), norm_eps(key_offset))
 
 
 class _Fold(NamedTuple):
@@ -399,7 +410,7 @@ def _span_grad(blk: _SortedBlock, grad_windows: torch.Tensor, unit_keys: bool) -
     native = _native.op("unwindow", grad_windows)
     if native is not None:  # one pass (csrc/)
         if unit_keys:
-            return native(grad_windows, blk.W, blk.k_span, blk.k_norm, NORM_EPS)
+            return native(grad_windows, blk.W, blk.k_span, blk.k_norm, blk.eps)
         return native(grad_windows, blk.W, None, None, 0.0)
     span = _unwindow(grad_windows, blk.W, blk.M)
     return blk.normalize_backward_(span) if unit_keys else span
@@ -409,8 +420,8 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
                             *, chunk_length: int, offsets: list[int],
                             s_slot: torch.Tensor | None = None,
                             causal: bool, valid: torch.Tensor | None = None,
-                            log_count_fn=None,
-                            dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                            log_count_fn=None, dropout: float = 0.0,
+                            key_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every chunk of the sorted order over its window, rounds combined.
 
     Args:
@@ -428,6 +439,8 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         valid: (G, Lp) bool, False = padding (never a key), or None.
         log_count_fn: LSH de-duplication, see ``_chunked.chunk_window_attention``.
         dropout: attention dropout on the probabilities (0 in eval).
+        key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys; Hugging Face's
+            E * 1e-6 under ``hf_compat``).
 
     Returns:
         out (G, Lp, E) and each query's log-sum-exp over all its rounds (G, Lp).
@@ -448,4 +461,4 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
                          f"{tuple(s_pos.shape)}: one sorted slot per (round, position) item")
     return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, s_slot, valid, chunk_length,
                                        list(offsets), causal, log_count_fn, dropout,
-                                       grad_follows(qk_rows, v_rows))
+                                       grad_follows(qk_rows, v_rows), key_offset)

@@ -29,7 +29,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer.attention._chunked import window_offsets
 from reformer.config import ReformerConfig, check_positive_int
+
+
+def key_offset(config: ReformerConfig) -> float:
+    """c in the shared-QK keys ``q / sqrt(|q|^2 + c)``: Hugging Face's E * 1e-6 under
+    ``hf_compat``, else 0 (unit keys, DESIGN.md 1.2)."""
+    return config.d_head * 1e-6 if config.hf_compat else 0.0
+
+
+def window(config: ReformerConfig, n_chunks: int, before: int, after: int) -> list[int]:
+    """A window's chunk offsets over ``n_chunks`` chunks: each chunk once
+    (``window_offsets``), or under ``hf_compat`` Hugging Face's look-around, which rolls the
+    chunks by each offset and leaves them in place for an offset of n_chunks or more (so a
+    window wider than the sequence holds the chunk itself several times)."""
+    if config.hf_compat:
+        return [o if -n_chunks < o < n_chunks else 0 for o in range(-before, after + 1)]
+    return window_offsets(n_chunks, before, after)
+
+
+def consecutive(offsets: list[int]) -> bool:
+    """Whether ``offsets`` are distinct and consecutive, as the blockwise LSH kernel and the
+    FlexAttention band need (``window`` gives others only under ``hf_compat``)."""
+    return offsets == list(range(offsets[0], offsets[0] + len(offsets)))
 
 
 @dataclass

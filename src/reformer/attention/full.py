@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer.attention import _banded
-from reformer.attention._chunked import mask_values, padded_mask
-from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
+from reformer.attention._chunked import mask_values, padded_mask, unit_keys
+from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache, key_offset
 from reformer.config import ReformerConfig
 
 _BIAS_ELEMENTS = 1 << 24  # largest (Q, L) bias block
@@ -30,7 +30,7 @@ _BIAS_ELEMENTS = 1 << 24  # largest (Q, L) bias block
 
 def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                    attention_mask: torch.Tensor | None = None,
-                   dropout: float = 0.0) -> torch.Tensor:
+                   dropout: float = 0.0, key_offset: float = 0.0) -> torch.Tensor:
     """Exact shared-QK attention.
 
     Args:
@@ -38,13 +38,14 @@ def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
         causal: mask keys at later positions.
         attention_mask: (B, L) bool, True = real token.
         dropout: attention dropout probability (0 in eval).
+        key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys).
 
     Returns:
         (B, H, L, E).
     """
     B, H, L, E = qk.shape
     invalid_value, self_value = mask_values(qk.dtype)
-    k = F.normalize(qk, dim=-1).to(qk.dtype)  # CUDA autocast computes norms in fp32
+    k = unit_keys(qk, key_offset)
     mask = padded_mask(attention_mask, B, L, L, qk.device)
     block = max(1, min(L, _BIAS_ELEMENTS // L))
     keys = torch.arange(L, device=qk.device)
@@ -82,18 +83,18 @@ class FullSelfAttention(HeadSlicedAttention):
             B, H, L, _ = qk.shape
             mask = padded_mask(attention_mask, B, L, L, qk.device)
             out, _ = _banded.attend(
-                qk, F.normalize(qk, dim=-1).to(qk.dtype), v, torch.arange(L, device=qk.device),
+                qk, unit_keys(qk, key_offset(self.config)), v, torch.arange(L, device=qk.device),
                 None if mask is None else mask[:, None].expand(B, H, L), chunk_length=L,
                 offsets=None, circular=False, causal=self.config.causal, self_mask=True,
                 scale=1.0)
             return out
         return full_attention(qk, v, causal=self.config.causal, attention_mask=attention_mask,
-                              dropout=dropout)
+                              dropout=dropout, key_offset=key_offset(self.config))
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)
         qk = self.project(self.w_qk, x, heads)
-        return qk, F.normalize(qk, dim=-1), self.project(self.w_v, x, heads)
+        return qk, unit_keys(qk, key_offset(self.config)), self.project(self.w_v, x, heads)
 
     def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         t = cache.length - 1

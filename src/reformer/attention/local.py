@@ -1,8 +1,11 @@
 """Local (chunked, position-ordered) self-attention.
 
 The sequence is cut into chunks of ``local_chunk_length`` positions; each chunk attends to
-itself, ``n_chunks_before`` earlier chunks and ``n_chunks_after`` later ones. Unlike LSH
-attention the window does not wrap around: chunks beyond the ends of the sequence are masked.
+itself, ``n_chunks_before`` earlier chunks and ``n_chunks_after`` later ones (or the
+``local_n_chunks_*`` settings). Unlike LSH attention the window does not wrap around: chunks
+beyond the ends of the sequence are masked; under ``hf_compat`` it does, as Hugging Face's
+look-around does (the first chunk sees the last; a window wider than the sequence repeats
+chunks), which changes bidirectional models only (causality masks the wrapped keys).
 Queries, keys and values have separate projections and logits are scaled by 1/sqrt(E), as in
 a standard Transformer; there is no self mask.
 
@@ -22,7 +25,13 @@ from reformer.attention._chunked import (
     pad_to_multiple,
     padded_mask,
 )
-from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
+from reformer.attention.base import (
+    AttentionState,
+    HeadSlicedAttention,
+    LayerCache,
+    consecutive,
+    window,
+)
 from reformer.config import ReformerConfig
 from reformer.plan import plan_for
 
@@ -30,7 +39,8 @@ from reformer.plan import plan_for
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_length: int,
                     n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = True,
                     attention_mask: torch.Tensor | None = None,
-                    dropout: float = 0.0) -> torch.Tensor:
+                    dropout: float = 0.0, circular: bool = False,
+                    offsets: list[int] | None = None) -> torch.Tensor:
     """Chunked local attention.
 
     Args:
@@ -40,6 +50,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
         causal: mask keys at later positions.
         attention_mask: (B, L) bool, True = real token.
         dropout: attention dropout probability (0 in eval).
+        circular: windows wrap around the ends (Hugging Face's).
+        offsets: the window's chunk offsets (default -n_chunks_before..n_chunks_after).
 
     Returns:
         (B, H, L, E).
@@ -57,7 +69,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
     c_valid = None if mask is None else mask[:, None].expand(B, H, Lp).reshape(G, n, M)
     out, _ = chunk_window_attention(
         chunked(q), chunked(k), chunked(v), c_pos,
-        offsets=list(range(-n_chunks_before, n_chunks_after + 1)), circular=False,
+        offsets=offsets or list(range(-n_chunks_before, n_chunks_after + 1)), circular=circular,
         causal=causal, c_valid=c_valid, scale=default_scale(E), dropout=dropout)
     out = out.view(B, H, Lp, E)
     return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
@@ -72,10 +84,10 @@ def _local_banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Reform
     mask = padded_mask(attention_mask, B, L, Lp, q.device)
     valid = None if mask is None else mask[:, None].expand(B, H, Lp)
     q, k, v = (pad_to_multiple(t, M, 2) for t in (q, k, v))
+    before, after = cfg.local_neighbours()
     out, _ = _banded.attend(q, k, v, torch.arange(Lp, device=q.device), valid, chunk_length=M,
-                            offsets=list(range(-cfg.n_chunks_before, cfg.n_chunks_after + 1)),
-                            circular=False, causal=cfg.causal, self_mask=False,
-                            scale=default_scale(E))
+                            offsets=list(range(-before, after + 1)), circular=cfg.hf_compat,
+                            causal=cfg.causal, self_mask=False, scale=default_scale(E))
     return out if Lp == L else out[:, :, :L]
 
 
@@ -96,12 +108,17 @@ class LocalSelfAttention(HeadSlicedAttention):
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         dropout = self.attention_dropout()
-        if plan_for(projected[0].device).banded and dropout == 0:
+        n = -(-projected[0].shape[2] // cfg.local_chunk_length)
+        offsets = window(cfg, n, *cfg.local_neighbours()) if cfg.hf_compat else None
+        # repeated chunks (hf_compat, a window wider than the sequence) stay blockwise
+        if (plan_for(projected[0].device).banded and dropout == 0
+                and (offsets is None or consecutive(offsets))):
             return _local_banded(*projected, cfg, attention_mask)
+        before, after = cfg.local_neighbours()
         return local_attention(*projected, chunk_length=cfg.local_chunk_length,
-                               n_chunks_before=cfg.n_chunks_before,
-                               n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                               attention_mask=attention_mask, dropout=dropout)
+                               n_chunks_before=before, n_chunks_after=after,
+                               causal=cfg.causal, attention_mask=attention_mask,
+                               dropout=dropout, circular=cfg.hf_compat, offsets=offsets)
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)
@@ -110,7 +127,7 @@ class LocalSelfAttention(HeadSlicedAttention):
 
     def attend_cached(self, q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         t, M = cache.length - 1, self.config.local_chunk_length
-        start = max(0, (t // M - self.config.n_chunks_before) * M)  # the window's first key
+        start = max(0, (t // M - self.config.local_neighbours()[0]) * M)  # the window's first key
         keys, values = cache.keys[:, :, start:t + 1], cache.values[:, :, start:t + 1]
         logits = torch.matmul(q, keys.transpose(-1, -2)) * default_scale(self.d_head)
         return torch.matmul(torch.softmax(logits, dim=-1), values)  # (B, H, 1, E)

@@ -29,7 +29,6 @@ Decisions:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reformer.attention import _banded
@@ -38,15 +37,25 @@ from reformer.attention._chunked import (
     mask_values,
     pad_to_multiple,
     padded_mask,
+    unit_keys,
     window_offsets,
 )
 from reformer.attention._sorted import sorted_window_attention
-from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache
+from reformer.attention.base import (
+    AttentionState,
+    HeadSlicedAttention,
+    LayerCache,
+    consecutive,
+    key_offset,
+    window,
+)
 from reformer.config import ReformerConfig, resolve_n_buckets
 from reformer.hashing import (
     HASH_SLICE,
     Rotations,
     hash_vectors,
+    hf_n_buckets,
+    hf_rotations,
     n_buckets_of,
     sample_rotations,
     sort_by_bucket,
@@ -92,7 +101,8 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
                        chunk_length: int, n_chunks_before: int = 1,
                        n_chunks_after: int = 0, causal: bool = True,
                        dedup_rounds: bool = False, attention_mask: torch.Tensor | None = None,
-                       dropout: float = 0.0) -> torch.Tensor:
+                       dropout: float = 0.0, offsets: list[int] | None = None,
+                       key_offset: float = 0.0) -> torch.Tensor:
     """LSH attention given bucket ids (the part the reversible backward replays).
 
     Args:
@@ -101,6 +111,9 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
             positions carry the largest id, NB, and so sort last).
         attention_mask: (B, Lp) bool or None.
         dropout: attention dropout probability (0 in eval).
+        offsets: the window's chunk offsets (default: the neighbours once each,
+            ``window_offsets``).
+        key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys).
 
     Returns:
         (B, H, Lp, E).
@@ -114,7 +127,8 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     valid = None
     if attention_mask is not None:
         valid = attention_mask[:, None, :].expand(B, H, Lp).reshape(G, Lp)
-    offsets = window_offsets(n, n_chunks_before, n_chunks_after)
+    if offsets is None:
+        offsets = window_offsets(n, n_chunks_before, n_chunks_after)
     log_count_fn = None
     if dedup_rounds and R > 1:
         chunk_of = (undo.view(G, R, Lp) // M).transpose(1, 2)  # (G, Lp, R) chunk of each item
@@ -122,7 +136,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
     out, _ = sorted_window_attention(
         qk.reshape(G, Lp, E), v.reshape(G, Lp, E), s_pos, s_slot=undo.view(G, R * Lp),
         chunk_length=M, offsets=offsets, causal=causal, valid=valid,
-        log_count_fn=log_count_fn, dropout=dropout)
+        log_count_fn=log_count_fn, dropout=dropout, key_offset=key_offset)
     return out.view(B, H, Lp, E)
 
 
@@ -167,14 +181,20 @@ class LSHSelfAttention(HeadSlicedAttention):
     def padded_length(self, length: int) -> int:
         return length + (-length % self.config.chunk_length)
 
-    def sample_rotations(self, length: int, n_hashes: int | None,
-                         device: torch.device) -> Rotations:
-        """Rotations for a length-``length`` call: seeded per layer, or from the global RNG."""
+    def sample_rotations(self, length: int, n_hashes: int | None, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> Rotations:
+        """Rotations for a length-``length`` call: seeded per layer, or from the global RNG
+        (under ``hf_compat`` Hugging Face's draw: the same seed for every layer, in the
+        inputs' dtype, and its bucket count)."""
         cfg = self.config
-        nb = resolve_n_buckets(cfg.n_buckets, self.padded_length(length), cfg.chunk_length)
+        Lp, R = self.padded_length(length), n_hashes or cfg.n_hashes
+        if cfg.hf_compat:
+            nb = cfg.n_buckets or hf_n_buckets(Lp, cfg.chunk_length, cfg.max_seq_len)
+            return hf_rotations(self.n_heads, self.d_head, R, nb, seed=cfg.hash_seed,
+                                device=device, dtype=dtype)
+        nb = resolve_n_buckets(cfg.n_buckets, Lp, cfg.chunk_length)
         seed = None if cfg.hash_seed is None else cfg.hash_seed * 1_000_003 + self.layer_index
-        return sample_rotations(self.n_heads, self.d_head, n_hashes or cfg.n_hashes, nb,
-                                seed=seed, device=device)
+        return sample_rotations(self.n_heads, self.d_head, R, nb, seed=seed, device=device)
 
     def prepare(self, x: torch.Tensor, n_hashes: int | None = None,
                 length: int | None = None, rotations: Rotations | None = None
@@ -182,7 +202,8 @@ class LSHSelfAttention(HeadSlicedAttention):
         """This call's state: its rotations (given, e.g. a decoding cache's, or drawn for a
         sequence of ``length``, default x's: the number of buckets follows it)."""
         if rotations is None:
-            rotations = self.sample_rotations(length or x.shape[1], n_hashes, x.device)
+            rotations = self.sample_rotations(length or x.shape[1], n_hashes, x.device,
+                                              x.dtype)
         n_hashes = (rotations[0] if isinstance(rotations, list) else rotations).shape[2]
         return AttentionState(n_hashes=n_hashes, rotations=rotations)
 
@@ -208,18 +229,17 @@ class LSHSelfAttention(HeadSlicedAttention):
             state.buckets[heads.start] = buckets.to(torch.int16 if small else torch.int32)
             buckets = state.buckets[heads.start]
         dropout = self.attention_dropout()
-        if plan.banded and not cfg.dedup_rounds and dropout == 0:
-            n = buckets.shape[2] * Lp // cfg.chunk_length
-            out = _banded.lsh_banded(
-                qk, v, buckets.long(), chunk_length=cfg.chunk_length,
-                offsets=window_offsets(n, cfg.n_chunks_before, cfg.n_chunks_after),
-                causal=cfg.causal, attention_mask=mask)
+        n = buckets.shape[2] * Lp // cfg.chunk_length
+        offsets = window(cfg, n, cfg.n_chunks_before, cfg.n_chunks_after)
+        if not consecutive(offsets) or (plan.banded and not cfg.dedup_rounds and dropout == 0):
+            out = _banded.lsh_banded(  # any offsets (repeated chunks: tensor operators)
+                qk, v, buckets.long(), chunk_length=cfg.chunk_length, offsets=offsets,
+                causal=cfg.causal, attention_mask=mask, key_offset=key_offset(cfg))
         else:
             out = bucketed_attention(qk, v, buckets, chunk_length=cfg.chunk_length,
-                                     n_chunks_before=cfg.n_chunks_before,
-                                     n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                                     dedup_rounds=cfg.dedup_rounds, attention_mask=mask,
-                                     dropout=dropout)
+                                     causal=cfg.causal, dedup_rounds=cfg.dedup_rounds,
+                                     attention_mask=mask, dropout=dropout, offsets=offsets,
+                                     key_offset=key_offset(cfg))
         return out if Lp == L else out[:, :, :L]  # a full slice would copy in the backward
 
     # ------------------------------------------------------------------ incremental decoding
@@ -230,13 +250,13 @@ class LSHSelfAttention(HeadSlicedAttention):
             raise ValueError("incremental decoding does not support dedup_rounds=True; decode "
                              "without the cache or use a model with dedup_rounds=False")
         cache = super().new_cache(batch, capacity, device, dtype)
-        cache.rotations = self.sample_rotations(capacity, None, device)
+        cache.rotations = self.sample_rotations(capacity, None, device, dtype)
         return cache
 
     def cache_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = slice(0, self.n_heads)
         qk = self.project(self.w_qk, x, heads)
-        return qk, F.normalize(qk, dim=-1), self.project(self.w_v, x, heads)
+        return qk, unit_keys(qk, key_offset(self.config)), self.project(self.w_v, x, heads)
 
     def index_cache(self, q: torch.Tensor, cache: LayerCache, start: int) -> None:
         """Insert positions start.. into each round's (bucket, position) order."""
@@ -271,7 +291,7 @@ class LSHSelfAttention(HeadSlicedAttention):
         R = S.shape[2]
         n = R * Lp // M
         chunk = (torch.arange(R, device=q.device) * Lp + cache.newest_rank) // M  # (B, H, R)
-        offsets = torch.tensor(window_offsets(n, cfg.n_chunks_before, 0), device=q.device)
+        offsets = torch.tensor(window(cfg, n, cfg.n_chunks_before, 0), device=q.device)
         win = (chunk.unsqueeze(-1) + offsets) % n  # (B, H, R, W)
         slots = (win.unsqueeze(-1) * M + torch.arange(M, device=q.device)).flatten(-2)
         rounds, j = slots // Lp, slots % Lp  # (B, H, R, K)

@@ -15,6 +15,8 @@ Subcommands:
     synthetic the paper's duplication task: ``synthetic train`` and ``synthetic eval``
     demo      train the default preset for a few minutes, evaluate, and print a sample
     build-kernels  build the native CPU kernels ahead of their first use
+    import-hf a Hugging Face Reformer directory as a run (generate, eval, fine-tune)
+    export-hf a run's weights as a Hugging Face Reformer directory
 
 The library's notes (the ``reformer`` logger: a kernel build starting and ending) are
 printed on stderr above any progress bar.
@@ -70,7 +72,7 @@ def _brief_spin_wait() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reformer.cli import evaluate, kernels, sample, train  # PyTorch: see main
+    from reformer.cli import evaluate, interop, kernels, sample, train  # PyTorch: see main
 
     parser = argparse.ArgumentParser(
         prog="reformer", description="Train Reformer models on text, pictures or the paper's "
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parsers(sub)
     evaluate.add_parsers(sub)
     kernels.add_parsers(sub)
+    interop.add_parsers(sub)
     return parser
 
 

@@ -135,7 +135,8 @@ inline float gather_key_row(const T* __restrict q_row, const T* __restrict v_row
   float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
   for (int64_t j = 0; j < E; ++j) squares += to_float(q_row[j]) * to_float(q_row[j]);
-  const float norm = std::sqrt(squares);
+  // eps < 0: keys q / sqrt(|q|^2 - eps) (Hugging Face's), a divisor that never needs the floor
+  const float norm = std::sqrt(eps < 0.0f ? squares - eps : squares);
   const float d = std::max(norm, eps);
 #pragma omp simd
   for (int64_t j = 0; j < E; ++j) unit[j] = round_to<T>(to_float(raw[j]) / d);
