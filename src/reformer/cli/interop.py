@@ -50,6 +50,9 @@ def import_run(source: str | Path, run_dir: str | Path, changes: dict | None = N
     Args:
         changes: TrainConfig fields (default: train's, with :data:`FINE_TUNE`).
     """
+    if ckpt.has_checkpoint(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; choose another --out (continue that "
+                         f"run with: reformer train --out {run_dir} --resume)")
     model = from_hf(source, dtype=torch.float32)  # runs train in float32 (bf16 by autocast)
     config = model.config
     if config.vocab_size < BYTES:

@@ -41,8 +41,8 @@ def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, 
     bold = highlight and sys.stdout.isatty()
     print("\033[1m" if bold else "", end="")
     pieces = []
-    for token in tokens:
-        pieces.append(decoder.decode(bytes([token])))
+    for token in tokens:  # ids past the bytes (an imported model's specials) print as U+FFFD
+        pieces.append(decoder.decode(bytes([token])) if token < 256 else "\ufffd")
         print(pieces[-1], end="", flush=True)
         if deadline is not None and time.monotonic() > deadline:
             pieces.append(" [... time's up]")

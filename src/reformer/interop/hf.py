@@ -6,7 +6,8 @@ by :mod:`reformer.interop.hf_config`) and the weights, ``model.safetensors`` or
 with an ``*.index.json``. :func:`from_hf` turns one, or a live ``ReformerModelWithLMHead``,
 into a :class:`reformer.ReformerLM`; :func:`to_hf` writes a directory that
 ``ReformerModelWithLMHead.from_pretrained`` loads with no missing or unexpected keys. Reading
-needs no ``transformers``.
+needs no ``transformers``. The settings that are refused, and why, are listed in
+:mod:`reformer.interop.hf_config` (and docs/interop.md).
 
 Semantics are not this package's business: it maps names, shapes and settings, and marks the
 imported config ``hf_compat=True``, under which our model computes HF's function (its key
@@ -30,7 +31,8 @@ Weights, HF -> ours (per layer i: ``reformer.encoder.layers.{i}.`` -> ``stack.bl
 
 Axial table k is (1, .., n_k, .., 1, d_k) in HF (n_k on axis k) and (n_k, d_k) here; learned
 positions are ``position_embeddings.embedding`` -> ``pos``. Every HF weight must be used and
-every one of ours produced: an unknown or a missing name is refused.
+every one of ours produced: an unknown or a missing name is refused. (Checkpoints of
+transformers 3.x also hold each attention layer's mask constants, which are dropped.)
 
 Decision: ``lm_head.bias`` was tied to ``lm_head.decoder.bias`` in transformers 4 (a
 safetensors file holds either name); transformers 5 keeps it as a separate parameter that its
@@ -76,6 +78,10 @@ _TOP = (("reformer.embeddings.word_embeddings.weight", "embed.weight"),
         ("lm_head.decoder.weight", "head.weight"), ("lm_head.decoder.bias", "head.bias"))
 _POSITIONS = "reformer.embeddings.position_embeddings."
 _TIED_BIAS = "lm_head.bias"
+# Attention mask values that transformers before 4.x saved as persistent buffers (constants,
+# not weights: -1e3, -1e5, -1e4, -1e9); old checkpoints hold them, and they are dropped.
+_MASK_CONSTANTS = ("self_mask_value_float16", "self_mask_value_float32", "mask_value_float16",
+                   "mask_value_float32")
 Shapes = tuple[tuple[int, ...], tuple[int, ...]]  # (from, to) of a tensor that changes shape
 Move = tuple[str, str, Shapes | None]  # (from name, to name, shapes)
 
@@ -103,7 +109,8 @@ def _moves(cfg: ReformerConfig) -> list[Move]:
 
 def _move(src: dict[str, torch.Tensor], pairs: list[Move], what: str
           ) -> dict[str, torch.Tensor]:
-    """{to: src[frm] in shape (from-shape, to-shape)}; every key of ``src`` must be used."""
+    """``src`` renamed by ``pairs`` and reshaped where they give shapes; every pair must find
+    its tensor and every tensor of ``src`` must be used."""
     left = dict(src)
     missing = [frm for frm, _, _ in pairs if frm not in left]
     if missing:
@@ -131,7 +138,8 @@ def _few(names: list[str]) -> str:
 def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ReformerConfig
                   ) -> dict[str, torch.Tensor]:
     """A ``ReformerLM`` state dict from a ``ReformerModelWithLMHead`` one (tensors shared)."""
-    hf = dict(hf_state)
+    hf = {k: v for k, v in hf_state.items()
+          if not (".self_attention." in k and k.rsplit(".", 1)[1] in _MASK_CONSTANTS)}
     tied = hf.pop(_TIED_BIAS, None)  # see the module docstring
     if tied is not None and "lm_head.decoder.bias" not in hf:
         hf["lm_head.decoder.bias"] = tied

@@ -34,7 +34,7 @@ from typing import Any
 
 from reformer.config import ReformerConfig, fail
 
-# transformers' ReformerConfig defaults (the same in 4.x and 5.x): config.json may omit them.
+# transformers' ReformerConfig defaults (the same in 4.x and 5.x), for keys a config.json omits.
 HF_DEFAULTS: dict[str, Any] = {
     "attention_head_size": 64, "attn_layers": ["local", "lsh", "local", "lsh", "local", "lsh"],
     "axial_pos_embds": True, "axial_pos_shape": [64, 64], "axial_pos_embds_dim": [64, 192],
@@ -96,8 +96,9 @@ def config_from_hf(hf: dict[str, Any]) -> ReformerConfig:
     unknown = sorted(k for k in hf if k not in HF_DEFAULTS and k not in IGNORED
                      and not k.startswith("_"))
     if unknown:
-        raise ValueError(f"unknown Hugging Face config keys {unknown} may change the model; "
-                         "re-save the checkpoint with transformers 4 or later (save_pretrained)")
+        raise ValueError(f"unknown Hugging Face config keys {unknown}: transformers 4 and 5 "
+                         "ignore them, so the model may not be the one trained (older "
+                         "versions' names?); set the current keys to match and remove these")
     h = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in HF_DEFAULTS}}
     kinds = tuple(h["attn_layers"])
     _check_importable(h, kinds)
