@@ -143,10 +143,13 @@ def in_world(args: argparse.Namespace, make: Callable[[World], Trainer]) -> int:
     if device is None and args.resume:
         device = ckpt.read_config(resume_dir(args)).training.device
     world = init_world(device or "auto")
+    finished = False
     try:
-        return train_and_report(make(world))
+        code = train_and_report(make(world))
+        finished = True
+        return code
     finally:
-        close_world(world)
+        close_world(world, wait=finished)
 
 
 def describe(trainer: Trainer) -> str:

@@ -125,7 +125,15 @@ def init_world(device: str = "auto") -> World:
     return world
 
 
-def close_world(world: World) -> None:
-    """Leave the process group (after the last collective)."""
+def close_world(world: World, wait: bool = True) -> None:
+    """Leave the process group (after the last collective).
+
+    With ``wait``, every process first waits for the others to get here: a process that tore
+    its gloo connections down while rank 0 was still writing the run's files made rank 0's
+    gloo threads abort ("terminate called without an active exception", exit -6), seen once
+    in CI. After a failure (``wait=False``) another process may never arrive.
+    """
     if world.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
