@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     )
     from reformer.config import ReformerConfig
     from reformer.hashing import hash_vectors, sample_rotations
-    from reformer.model import ReformerLM, ReformerOutput
+    from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
+    from reformer.model import ReformerLM, ReformerOutput, ReformerTrunk
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,8 @@ _HOMES = {
                            "full_attention", "local_attention", "lsh_attention"),
     "reformer.config": ("ReformerConfig",),
     "reformer.hashing": ("hash_vectors", "sample_rotations"),
-    "reformer.model": ("ReformerLM", "ReformerOutput"),
+    "reformer.heads": ("ReformerForMaskedLM", "ReformerForSequenceClassification"),
+    "reformer.model": ("ReformerLM", "ReformerOutput", "ReformerTrunk"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -42,8 +44,11 @@ __all__ = [
     "LSHSelfAttention",
     "LocalSelfAttention",
     "ReformerConfig",
+    "ReformerForMaskedLM",
+    "ReformerForSequenceClassification",
     "ReformerLM",
     "ReformerOutput",
+    "ReformerTrunk",
     "full_attention",
     "hash_vectors",
     "local_attention",

@@ -1,4 +1,4 @@
-"""ReformerLM: tokens -> logits and next-token loss (DESIGN.md 1.1).
+"""ReformerLM: tokens -> logits and next-token loss (DESIGN.md 1.1), on the shared trunk.
 
     x = Embedding(tokens) + PositionalEmbedding          (B, L, D)
     (y1, y2) = ReversibleStack(x, x)                      (B, L, D) each
@@ -51,8 +51,11 @@ class ReformerOutput:
 torch.export.register_dataclass(ReformerOutput, serialized_type_name="reformer.ReformerOutput")
 
 
-class ReformerLM(nn.Module):
-    """A Reformer language model."""
+class ReformerTrunk(nn.Module):
+    """The shared trunk (DESIGN.md 3.4): embedding, positions, the reversible stack and the
+    final LayerNorm(2D); the language model and the heads of heads.py add only their
+    projection and loss. A subclass adds its head in ``__init__`` and then calls
+    ``self.apply(self._init_weights)``."""
 
     def __init__(self, config: ReformerConfig) -> None:
         super().__init__()
@@ -61,8 +64,6 @@ class ReformerLM(nn.Module):
         self.pos = positional_embedding(config)
         self.stack = ReversibleStack(config)
         self.norm = nn.LayerNorm(2 * config.d_model, eps=config.layer_norm_eps)
-        self.head = nn.Linear(2 * config.d_model, config.vocab_size)
-        self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -108,6 +109,27 @@ class ReformerLM(nn.Module):
         if self.pos is not None:
             x = x + self.pos(input_ids.shape[1], offset).to(x.dtype)
         return F.dropout(x, self.config.dropout, self.training)
+
+    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                n_hashes: int | None = None, owned_grads: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack's outputs (y1, y2), (B, L, D) each, for checked inputs; ``owned_grads``:
+        their gradients will be fresh tensors that nothing else holds (the stack may reuse
+        their storage)."""
+        if n_hashes is not None:
+            check_positive_int("n_hashes", n_hashes)
+        mask = None if attention_mask is None else attention_mask.bool()
+        call = CallInfo(attention_mask=mask, n_hashes=n_hashes, owned_grads=owned_grads)
+        return self.stack(self.embed_tokens(input_ids), call)
+
+
+class ReformerLM(ReformerTrunk):
+    """A Reformer language model."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__(config)
+        self.head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int) -> list[LayerCache]:

@@ -1,0 +1,41 @@
+"""BERT-style token masking for masked language modelling (Devlin et al. 2019, section 3.1).
+
+Of the real tokens (``attention_mask``), each is chosen with probability ``p`` (0.15); a chosen
+token becomes ``mask_token_id`` with probability 0.8, a uniformly random token of the
+vocabulary with 0.1, and stays itself with 0.1. The labels hold the original token at the
+chosen positions and -100 (not predicted) everywhere else, the convention of
+:class:`reformer.heads.ReformerForMaskedLM`.
+
+Shapes: B batch, L length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reformer.config import fail, is_int, is_real
+
+KEEP, RANDOM = 0.1, 0.1  # of the chosen tokens; the rest (0.8) become the mask token
+
+
+def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
+              p: float = 0.15, attention_mask: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids -> (masked inputs (B, L), labels (B, L) with -100 where not chosen)."""
+    if not is_real(p) or not 0 < p <= 1:
+        fail("p", p, "must lie in (0, 1] (the share of tokens to predict)", "pass e.g. 0.15")
+    if not is_int(mask_token_id) or not 0 <= mask_token_id < vocab_size:
+        fail("mask_token_id", mask_token_id, f"is not an id of the vocabulary [0, {vocab_size})",
+             "reserve one id of the vocabulary for the mask token (e.g. vocab_size - 1)")
+    draw = torch.rand(input_ids.shape + (2,), generator=generator).to(input_ids.device)
+    chosen = draw[..., 0] < p
+    if attention_mask is not None:
+        chosen &= attention_mask.bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    action = draw[..., 1]  # uniform: [0, 0.8) mask, [0.8, 0.9) random, [0.9, 1) keep
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator
+                               ).to(input_ids)
+    inputs = torch.where(chosen & (action < 1 - KEEP - RANDOM), mask_token_id, input_ids)
+    inputs = torch.where(chosen & (action >= 1 - KEEP - RANDOM) & (action < 1 - KEEP),
+                         random_ids, inputs)
+    return inputs, labels

@@ -1,0 +1,158 @@
+"""Task heads on the shared trunk (DESIGN.md 3.4): masked language modelling and sequence
+classification. Each adds one projection and its loss to :class:`reformer.model.ReformerTrunk`
+(the language model, :class:`reformer.ReformerLM`, is the third) and computes only what the
+loss needs.
+
+    (y1, y2) = trunk(tokens)                                    (B, L, D) each
+    masked LM:       logits = Linear(LayerNorm(concat(y1, y2)))  at the masked positions only
+    classification:  logits = Linear(pool(LayerNorm(concat(y1, y2))))              (B, C)
+
+Shapes: B batch, L length, D d_model, V vocab_size, C classes, n masked positions.
+
+Decisions:
+- Both heads need the whole sequence on both sides, so they refuse a causal config (build
+  the trunk with ``causal=False``).
+- The masked-LM loss is the mean cross-entropy over the positions whose label is not -100
+  (those :func:`reformer.data.masking.bert_mask` chose): only their n rows of (y1, y2) are
+  normalised and projected, never the (L, V) logits.
+- Pooling is the mean over real tokens (``attention_mask``; all tokens without one) or the
+  first token. The mean is taken block by block by one autograd node that recomputes each
+  block's LayerNorm in its backward (:class:`_ChunkedMeanPool`), so no (L, 2D) tensor exists;
+  its backward returns fresh dL/dy1, dL/dy2, which the reversible stack may reuse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from reformer.config import ReformerConfig, check_positive_int, fail
+from reformer.layers import row_chunks
+from reformer.model import ReformerOutput, ReformerTrunk
+from reformer.reversible import _leaf_params
+
+POOLINGS = ("mean", "first")
+
+
+def _bidirectional(config: ReformerConfig, what: str) -> None:
+    if config.causal:
+        fail("causal", True, f"makes {what} see only earlier tokens",
+             "build the model with causal=False (and n_chunks_after >= 1 for context from "
+             "later chunks)")
+
+
+class ReformerForMaskedLM(ReformerTrunk):
+    """BERT-style masked language modelling: predict the tokens at the masked positions."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        _bidirectional(config, "a masked language model")
+        super().__init__(config)
+        self.head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                n_hashes: int | None = None) -> ReformerOutput:
+        """Logits (B, L, V) without labels; with labels (B, L) (-100: not predicted) the mean
+        loss over the labelled positions and their logits (n, V) in row-major order."""
+        self._check_inputs(input_ids, attention_mask, labels)
+        y1, y2 = self.streams(input_ids, attention_mask, n_hashes)
+        if labels is None:
+            return ReformerOutput(logits=self.head(self.norm(torch.cat([y1, y2], dim=-1))))
+        chosen = labels != -100  # (B, L)
+        hidden = self.norm(torch.cat([y1[chosen], y2[chosen]], dim=-1))  # (n, 2D)
+        logits = self.head(hidden)
+        if not logits.shape[0]:  # nothing to predict: a zero that keeps the graph
+            return ReformerOutput(logits=logits, loss=logits.sum())
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return ReformerOutput(logits=logits, loss=F.cross_entropy(wide, labels[chosen].long()))
+
+
+class ReformerForSequenceClassification(ReformerTrunk):
+    """One label per sequence from the pooled final states.
+
+    Args:
+        config: the trunk (``causal=False``).
+        n_classes: C.
+        pooling: "mean" (over real tokens) or "first" (the first token's state).
+    """
+
+    def __init__(self, config: ReformerConfig, n_classes: int, pooling: str = "mean") -> None:
+        _bidirectional(config, "a sequence classifier")
+        check_positive_int("n_classes", n_classes)
+        if pooling not in POOLINGS:
+            fail("pooling", pooling, "is unknown", f"use one of {POOLINGS}")
+        super().__init__(config)
+        self.n_classes, self.pooling = n_classes, pooling
+        self.head = nn.Linear(2 * config.d_model, n_classes)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                n_hashes: int | None = None) -> ReformerOutput:
+        """Logits (B, C) and, with labels (B,) in [0, C), the mean cross-entropy."""
+        self._check_inputs(input_ids, attention_mask, None)
+        if labels is not None and (labels.shape != input_ids.shape[:1]
+                                   or int(labels.min()) < 0
+                                   or int(labels.max()) >= self.n_classes):
+            raise ValueError(f"labels must be (B,) = {tuple(input_ids.shape[:1])} class ids "
+                             f"in [0, {self.n_classes}); got shape {tuple(labels.shape)}")
+        y1, y2 = self.streams(input_ids, attention_mask, n_hashes,
+                              owned_grads=self.pooling == "mean")
+        if self.pooling == "first":
+            pooled = self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1))  # (B, 2D)
+        else:
+            weights = _mean_weights(input_ids, attention_mask, y1.dtype)
+            pooled = _ChunkedMeanPool.apply(y1, y2, weights, self.norm,
+                                            self.config.loss_chunk_size, *self.norm.parameters())
+        logits = self.head(pooled)  # (B, C)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
+        return ReformerOutput(logits=logits, loss=loss)
+
+
+def _mean_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) weights 1/count over each sequence's real tokens, 0 on padding."""
+    real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("a sequence has no real token (its attention_mask is all False); "
+                         "mean pooling needs at least one")
+    real = real.to(dtype)
+    return real / real.sum(dim=1, keepdim=True)
+
+
+class _ChunkedMeanPool(torch.autograd.Function):
+    """``sum_t w[b, t] LayerNorm(concat(y1, y2))[b, t]`` -> (B, 2D), a block of positions at
+    a time; the backward recomputes each block on detached stand-ins of the norm's parameters
+    and returns fresh dL/dy1, dL/dy2 (as model.py's chunked loss does)."""
+
+    @staticmethod
+    def forward(ctx, y1, y2, weights, norm, chunk, *params):
+        ctx.norm, ctx.chunk = norm, chunk
+        ctx.save_for_backward(y1, y2, weights)
+        pooled = y1.new_zeros(y1.shape[0], 2 * y1.shape[-1])
+        for s in row_chunks(y1.shape[1], chunk):
+            hidden = norm(torch.cat([y1[:, s], y2[:, s]], dim=-1))  # (B, l, 2D)
+            pooled += torch.einsum("bl,bld->bd", weights[:, s], hidden)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_pooled):
+        y1, y2, weights = ctx.saved_tensors
+        params = _leaf_params(ctx.norm)
+        param_grads = [torch.zeros_like(p) for p in params.values()]
+        grad_y1, grad_y2 = torch.empty_like(y1), torch.empty_like(y2)
+        D = y1.shape[-1]
+        with torch.enable_grad():
+            for s in row_chunks(y1.shape[1], ctx.chunk):
+                joined = torch.cat([y1[:, s], y2[:, s]], dim=-1).detach().requires_grad_(True)
+                hidden = functional_call(ctx.norm, params, (joined,))
+                part = torch.einsum("bl,bld->bd", weights[:, s], hidden)
+                g, *grads = torch.autograd.grad(part, [joined, *params.values()], grad_pooled)
+                grad_y1[:, s], grad_y2[:, s] = g[..., :D], g[..., D:]
+                for total, gp in zip(param_grads, grads, strict=True):
+                    total += gp
+        return (grad_y1, grad_y2, None, None, None, *param_grads)
