@@ -195,8 +195,9 @@ def _flex_attention(q, k, v, pos, valid, spec) -> tuple[torch.Tensor, torch.Tens
 
     block_mask = None if offsets is None else band_block_mask(N // M, tuple(offsets), circular,
                                                               M, q.device)
-    tile = {} if M >= 128 else {"BLOCK_M": M, "BLOCK_N": M, "bwd_BLOCK_M1": M,
-                                "bwd_BLOCK_N1": M, "bwd_BLOCK_M2": M, "bwd_BLOCK_N2": M}
+    # The forward's tiles must divide the block (chunk) size, and its default is 128 wide;
+    # the backward keeps only the configurations whose tiles divide it (inductor's filter).
+    tile = {} if M >= 128 else {"fwd_BLOCK_M": M, "fwd_BLOCK_N": M}
     out, aux = _flex_call(q.is_cuda)(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
         return_aux=_flex_module.AuxRequest(lse=True), kernel_options=tile or None)
