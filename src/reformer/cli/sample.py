@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from reformer.data import text
-from reformer.generation import check_filters, check_sampling, sample
+from reformer.generation import check_filters, check_sampling, sample, sample_batch
 from reformer.model import ReformerLM
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import TrainConfig, check_device
@@ -53,25 +53,59 @@ def stream_sample(model: ReformerLM, prompt: torch.Tensor, max_new_tokens: int, 
     return "".join(pieces)
 
 
-def read_prompt(args: argparse.Namespace) -> torch.Tensor:
-    """The prompt's (L,) byte ids from --prompt or --prompt-file (default: a newline)."""
+def read_prompts(args: argparse.Namespace) -> list[tuple[str | None, torch.Tensor]]:
+    """(the text to echo or None, the (L,) byte ids) of each prompt: every --prompt, or the
+    --prompt-file's, or a newline (these two not echoed)."""
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("pass either --prompt or --prompt-file, not both")
     if args.prompt_file is not None:
         prompt = text.to_ids(np.frombuffer(Path(args.prompt_file).read_bytes(), np.uint8))
         if len(prompt) == 0:
             raise ValueError(f"the prompt file {args.prompt_file} is empty")
-        return prompt
-    prompt = text.encode(args.prompt if args.prompt is not None else "\n")
-    if len(prompt) == 0:
-        raise ValueError("the prompt is empty; pass --prompt with some text")
-    return prompt
+        return [(None, prompt)]
+    if args.prompt is None:
+        return [(None, text.encode("\n"))]
+    prompts = [(p, text.encode(p)) for p in args.prompt]
+    for i, (_, ids) in enumerate(prompts):
+        if len(ids) == 0:
+            which = "the prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
+            raise ValueError(f"{which} is empty; pass --prompt with some text")
+    return prompts
+
+
+def decode_bytes(tokens: list[int]) -> str:
+    """Byte ids -> text, as :func:`stream_sample` prints it (ids past the bytes as U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [decoder.decode(bytes([t])) if t < 256 else "\ufffd" for t in tokens]
+    return "".join(pieces) + decoder.decode(b"", final=True)
+
+
+def print_batch(model: ReformerLM, prompts: list[tuple[str | None, torch.Tensor]],
+                args: argparse.Namespace) -> None:
+    """--n continuations of each prompt, sampled in one batch (per decoding length), each
+    printed under a header line "--- prompt i/P, sample j/N ---".
+
+    Continuation k = (i - 1) * N + (j - 1) draws with the sampling seed --seed + k, and LSH
+    rotations (a model without hash_seed) come from --seed for all (:func:`sample_batch`), so
+    the first (prompt 1, sample 1) is what ``reformer generate`` prints for prompt 1 alone.
+    """
+    continuations = sample_batch(
+        model, [ids for _, ids in prompts], args.max_new_tokens, n_per_prompt=args.n,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, context=args.context,
+        seed=args.seed)
+    for k, tokens in enumerate(continuations):
+        i, j = divmod(k, args.n)
+        echo = prompts[i][0] or ""
+        print(f"--- prompt {i + 1}/{len(prompts)}, sample {j + 1}/{args.n} ---")
+        print(echo + decode_bytes(tokens), flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # Everything is checked before the prompt is echoed, so that an error is all one sees.
     check_device(args.device)
-    prompt = read_prompt(args)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n} must be >= 1 (continuations of each prompt)")
+    prompts = read_prompts(args)
     run = ckpt.read_config(args.checkpoint)
     if run.training.task != "text":
         hint = "reformer complete" if run.training.task == "images" else "reformer synthetic eval"
@@ -80,8 +114,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(run.model, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, context=args.context)
     model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
-    if args.prompt_file is None:
-        print(args.prompt or "", end="", flush=True)
+    if len(prompts) > 1 or args.n > 1:
+        print_batch(model, prompts, args)
+        return 0
+    echo, prompt = prompts[0]
+    print(echo or "", end="", flush=True)
     stream_sample(model, prompt, args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, context=args.context)
     return 0
@@ -183,9 +220,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
                      help="a run directory of reformer train")
-    gen.add_argument("--prompt", help="text to continue (default: a newline)")
+    gen.add_argument("--prompt", action="append",
+                     help="text to continue (default: a newline); give it again for more "
+                     "prompts, sampled together")
     gen.add_argument("--prompt-file", type=Path, metavar="FILE",
                      help="read the prompt from this file instead")
+    gen.add_argument("--n", type=int, default=1, metavar="N",
+                     help="continuations of each prompt, sampled together in one batch; "
+                     "with N > 1 or several prompts each is printed under a header line "
+                     "(default: %(default)s)")
     gen.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
                      help="bytes to sample, >= 0 (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
