@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from reformer.config import ReformerConfig, check_positive_int, fail
 from reformer.layers import row_chunks
-from reformer.model import ReformerOutput, ReformerTrunk
+from reformer.model import ReformerOutput, ReformerTrunk, pad_inputs
 from reformer.reversible import _leaf_params
 
 POOLINGS = ("mean", "first")
@@ -58,9 +58,14 @@ class ReformerForMaskedLM(ReformerTrunk):
         """Logits (B, L, V) without labels; with labels (B, L) (-100: not predicted) the mean
         loss over the labelled positions and their logits (n, V) in row-major order."""
         self._check_inputs(input_ids, attention_mask, labels)
+        length, pad = input_ids.shape[1], self._hf_padding(input_ids.shape[1])
+        if pad:  # Hugging Face's padding to the chunk lengths' lcm (hf_compat)
+            input_ids, attention_mask, labels = pad_inputs(
+                input_ids, attention_mask, labels, pad, self.config.pad_token_id)
         y1, y2 = self.streams(input_ids, attention_mask, n_hashes)
         if labels is None:
-            return ReformerOutput(logits=self.head(self.norm(torch.cat([y1, y2], dim=-1))))
+            logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))
+            return ReformerOutput(logits=logits[:, :length])
         chosen = labels != -100  # (B, L)
         hidden = self.norm(torch.cat([y1[chosen], y2[chosen]], dim=-1))  # (n, 2D)
         logits = self.head(hidden)
@@ -99,6 +104,10 @@ class ReformerForSequenceClassification(ReformerTrunk):
                                    or int(labels.max()) >= self.n_classes):
             raise ValueError(f"labels must be (B,) = {tuple(input_ids.shape[:1])} class ids "
                              f"in [0, {self.n_classes}); got shape {tuple(labels.shape)}")
+        pad = self._hf_padding(input_ids.shape[1])
+        if pad:  # Hugging Face's padding (hf_compat): masked, so no pooled token
+            input_ids, attention_mask, _ = pad_inputs(input_ids, attention_mask, None, pad,
+                                                      self.config.pad_token_id)
         y1, y2 = self.streams(input_ids, attention_mask, n_hashes,
                               owned_grads=self.pooling == "mean")
         if self.pooling == "first":

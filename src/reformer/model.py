@@ -122,6 +122,19 @@ class ReformerTrunk(nn.Module):
         call = CallInfo(attention_mask=mask, n_hashes=n_hashes, owned_grads=owned_grads)
         return self.stack(self.embed_tokens(input_ids), call)
 
+    def _hf_padding(self, length: int) -> int:
+        """Positions Hugging Face's model adds before its layers (``hf_compat``): up to a
+        multiple of the lcm of its layers' chunk lengths, when longer than the shortest."""
+        cfg = self.config
+        if not cfg.hf_compat:
+            return 0
+        kinds = {cfg.layer_kind(i) for i in range(cfg.n_layers)}
+        chunks = [c for kind, c in (("lsh", cfg.chunk_length), ("local", cfg.local_chunk_length))
+                  if kind in kinds]
+        if not chunks or length <= min(chunks):
+            return 0
+        return -length % math.lcm(*chunks)
+
 
 class ReformerLM(ReformerTrunk):
     """A Reformer language model."""
@@ -191,7 +204,7 @@ class ReformerLM(ReformerTrunk):
             attention_mask = attention_mask.bool()
         length, pad = input_ids.shape[1], self._hf_padding(input_ids.shape[1])
         if pad:  # Hugging Face's padding to the chunk lengths' lcm (hf_compat)
-            input_ids, attention_mask, labels = _pad_inputs(
+            input_ids, attention_mask, labels = pad_inputs(
                 input_ids, attention_mask, labels, pad, self.config.pad_token_id)
         fused_loss = labels is not None and not return_logits
         # The fused loss is then the only consumer of (y1, y2), and its gradients are its own.
@@ -203,19 +216,6 @@ class ReformerLM(ReformerTrunk):
         if total is None:
             return ReformerOutput(logits=logits)
         return ReformerOutput(logits=logits, loss=total / (targets != -100).sum().clamp(min=1))
-
-    def _hf_padding(self, length: int) -> int:
-        """Positions Hugging Face's model adds before its layers (``hf_compat``): up to a
-        multiple of the lcm of its layers' chunk lengths, when longer than the shortest."""
-        cfg = self.config
-        if not cfg.hf_compat:
-            return 0
-        kinds = {cfg.layer_kind(i) for i in range(cfg.n_layers)}
-        chunks = [c for kind, c in (("lsh", cfg.chunk_length), ("local", cfg.local_chunk_length))
-                  if kind in kinds]
-        if not chunks or length <= min(chunks):
-            return 0
-        return -length % math.lcm(*chunks)
 
     def forward_slice(self, input_ids: torch.Tensor, offset: int, call: CallInfo,
                       targets: torch.Tensor | None = None, return_logits: bool = True
@@ -245,7 +245,7 @@ class ReformerLM(ReformerTrunk):
         return logits, _loss_sum(logits.flatten(0, 1), targets.flatten())
 
 
-def _pad_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def pad_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 labels: torch.Tensor | None, pad: int, pad_id: int) -> tuple:
     """``pad`` more positions: ``pad_id`` tokens, masked, with no targets."""
     B, L = input_ids.shape

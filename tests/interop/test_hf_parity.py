@@ -175,3 +175,20 @@ def test_greedy_generation_equals_hf_generate():
         got = list(sample(ours, prompt[0], 20, top_k=1, use_cache=False))[-20:]
         assert got == want
     assert len(set(want)) > 2  # the model does not just repeat one token
+
+
+@pytest.mark.parametrize("length", [32, 20])  # HF's training length; padded to the lcm
+def test_masked_lm_head_equals_hf_reformer_for_masked_lm(length):
+    from reformer.heads import ReformerForMaskedLM
+
+    hf = hf_model(is_decoder=False, lsh_num_chunks_after=1, local_num_chunks_after=1).eval()
+    imported = from_hf(hf)
+    ours = ReformerForMaskedLM(imported.config).double().eval()
+    ours.load_state_dict(imported.state_dict())
+    tokens = ids(2, length)
+    theirs = hf(tokens).logits
+    assert (ours(tokens).logits - theirs).abs().max() <= 1e-9
+    labels = torch.full_like(tokens, -100)
+    labels[:, ::3] = tokens[:, ::3]
+    want = torch.nn.functional.cross_entropy(theirs.flatten(0, 1), labels.flatten())
+    assert abs(ours(tokens, labels=labels).loss - want) <= 1e-9
