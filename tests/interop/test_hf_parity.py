@@ -178,13 +178,13 @@ def test_greedy_generation_equals_hf_generate():
 
 
 @pytest.mark.parametrize("length", [32, 20])  # HF's training length; padded to the lcm
-def test_masked_lm_head_equals_hf_reformer_for_masked_lm(length):
+def test_masked_lm_imports_and_equals_hf_reformer_for_masked_lm(tmp_path, length):
     from reformer.heads import ReformerForMaskedLM
+    from reformer.interop.hf import to_hf
 
     hf = hf_model(is_decoder=False, lsh_num_chunks_after=1, local_num_chunks_after=1).eval()
-    imported = from_hf(hf)
-    ours = ReformerForMaskedLM(imported.config).double().eval()
-    ours.load_state_dict(imported.state_dict())
+    ours = from_hf(hf)
+    assert isinstance(ours, ReformerForMaskedLM)
     tokens = ids(2, length)
     theirs = hf(tokens).logits
     assert (ours(tokens).logits - theirs).abs().max() <= 1e-9
@@ -192,3 +192,19 @@ def test_masked_lm_head_equals_hf_reformer_for_masked_lm(length):
     labels[:, ::3] = tokens[:, ::3]
     want = torch.nn.functional.cross_entropy(theirs.flatten(0, 1), labels.flatten())
     assert abs(ours(tokens, labels=labels).loss - want) <= 1e-9
+    # and back: transformers' ReformerForMaskedLM loads it with nothing missing
+    to_hf(ours, tmp_path / "mlm")
+    back, info = transformers.ReformerForMaskedLM.from_pretrained(
+        tmp_path / "mlm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    back = back.double().eval()
+    assert (back(tokens).logits - theirs).abs().max() <= 1e-6  # axial tables load as fp32
+
+
+def test_importing_a_masked_lm_as_a_run_is_refused(tmp_path, capsys):
+    from reformer.cli import main
+    from reformer.interop.hf import to_hf
+
+    to_hf(from_hf(hf_model(is_decoder=False, vocab_size=256)), tmp_path / "mlm")
+    assert main(["import-hf", str(tmp_path / "mlm"), "--out", str(tmp_path / "run")]) == 2
+    assert "masked language model" in capsys.readouterr().err

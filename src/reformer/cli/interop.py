@@ -55,6 +55,10 @@ def import_run(source: str | Path, run_dir: str | Path, changes: dict | None = N
                          f"run with: reformer train --out {run_dir} --resume)")
     model = from_hf(source, dtype=torch.float32)  # runs train in float32 (bf16 by autocast)
     config = model.config
+    if not config.causal:
+        raise ValueError("the model is a masked language model (is_decoder false), and runs "
+                         "train language models only for now; use it from Python "
+                         "(reformer.interop.hf.from_hf gives a ReformerForMaskedLM)")
     if config.vocab_size < BYTES:
         raise ValueError(f"the model's vocab_size={config.vocab_size} is smaller than the "
                          f"{BYTES} byte values a run reads; use it from Python "

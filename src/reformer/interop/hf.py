@@ -55,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from reformer.config import ReformerConfig, fail
+from reformer.heads import ReformerForMaskedLM
 from reformer.interop.hf_config import config_from_hf, config_to_hf
 from reformer.model import ReformerLM
 
@@ -156,12 +157,16 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ReformerConfig
 
 
 # ---------------------------------------------------------------------------- models
-def from_hf(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -> ReformerLM:
-    """Our model, in eval mode on the CPU, with the weights of an HF Reformer.
+def from_hf(source: str | os.PathLike | Any, dtype: torch.dtype | None = None
+            ) -> ReformerLM | ReformerForMaskedLM:
+    """Our model, in eval mode on the CPU, with the weights of an HF Reformer: a
+    ``ReformerLM`` for a causal one (``ReformerModelWithLMHead``), a
+    :class:`reformer.heads.ReformerForMaskedLM` for a bidirectional one (HF's
+    ``ReformerForMaskedLM``: the same weights, ``is_decoder`` false).
 
     Args:
         source: a directory (config.json and model.safetensors or pytorch_model.bin) or a
-            live ``transformers.ReformerModelWithLMHead``.
+            live ``transformers`` model of either class.
         dtype: the model's dtype (default: that of the HF word embeddings).
     """
     if isinstance(source, (str, os.PathLike)):
@@ -175,8 +180,9 @@ def from_hf(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -
     config = config_from_hf(hf_config)
     state = state_from_hf(hf_state, config)
     dtype = dtype or state["embed.weight"].dtype
+    cls = ReformerLM if config.causal else ReformerForMaskedLM
     with torch.random.fork_rng(devices=[]):  # building draws weights: leave the caller's RNG
-        model = ReformerLM(config).to(dtype)
+        model = cls(config).to(dtype)
     for name, target in model.state_dict().items():
         if name not in state:
             raise ValueError(f"our model has {name}, which no HF weight maps to; this "
@@ -226,12 +232,13 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
                          "again") from err
 
 
-def to_hf(model: ReformerLM, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as an HF directory: config.json and model.safetensors; returns it.
+def to_hf(model: ReformerLM | ReformerForMaskedLM, directory: str | os.PathLike) -> Path:
+    """Write ``model`` as an HF directory: config.json and model.safetensors; returns it
+    (a ``ReformerModelWithLMHead``, or a ``ReformerForMaskedLM`` for ours).
 
     Files of the same names in ``directory`` are replaced.
     """
-    config = config_to_hf(model.config)
+    config = config_to_hf(model.config, masked_lm=isinstance(model, ReformerForMaskedLM))
     weights = state_to_hf(model.state_dict(), model.config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     config["dtype"] = str(tensors["lm_head.decoder.weight"].dtype).removeprefix("torch.")

@@ -156,17 +156,19 @@ def _attention_dropout(h: dict[str, Any], kinds: tuple[str, ...]) -> float:
     return rates.get("lsh", rates.get("local", 0.0))
 
 
-def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
-    """An HF ``config.json`` dict for ``cfg`` (``transformers.ReformerConfig(**d)`` takes it).
+def config_to_hf(cfg: ReformerConfig, masked_lm: bool = False) -> dict[str, Any]:
+    """An HF ``config.json`` dict for ``cfg`` (``transformers.ReformerConfig(**d)`` takes it):
+    of a ``ReformerModelWithLMHead``, or with ``masked_lm`` a ``ReformerForMaskedLM``.
 
     Settings that only schedule the computation (reversible, *_chunk_size) are not written.
     """
     kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
-    _check_exportable(cfg, kinds)
+    _check_exportable(cfg, kinds, masked_lm)
     before, after = cfg.local_neighbours()
     nb = cfg.n_buckets
     d: dict[str, Any] = {theirs: getattr(cfg, ours) for theirs, ours in _SAME + _LSH}
-    d.update(architectures=["ReformerModelWithLMHead"], model_type="reformer",
+    architecture = "ReformerForMaskedLM" if masked_lm else "ReformerModelWithLMHead"
+    d.update(architectures=[architecture], model_type="reformer",
              attn_layers=kinds, num_buckets=list(nb) if isinstance(nb, tuple) else nb,
              local_num_chunks_before=before, local_num_chunks_after=after,
              hidden_act=cfg.ff_activation, lsh_attention_probs_dropout_prob=cfg.attention_dropout,
@@ -179,7 +181,7 @@ def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
     return d
 
 
-def _check_exportable(cfg: ReformerConfig, kinds: list[str]) -> None:
+def _check_exportable(cfg: ReformerConfig, kinds: list[str], masked_lm: bool) -> None:
     if "full" in kinds:
         fail("attn_layers", cfg.attn_layers, "has full attention, which HF's Reformer lacks",
              "export a model of lsh and local layers")
@@ -191,9 +193,9 @@ def _check_exportable(cfg: ReformerConfig, kinds: list[str]) -> None:
     if cfg.pos_embedding == "axial" and len(cfg.axial_pos_shape) != 2:
         fail("axial_pos_shape", cfg.axial_pos_shape, "must have two axes for HF (its "
              "evaluation reads exactly two)", "train with a two-axis shape")
-    if not cfg.causal:
-        fail("causal", False, "cannot be exported: ReformerModelWithLMHead is a decoder "
-             "(is_decoder=True)", "export a causal model")
+    if not cfg.causal and not masked_lm:
+        fail("causal", False, "cannot be exported as ReformerModelWithLMHead, a decoder "
+             "(is_decoder=True)", "export a causal model, or a ReformerForMaskedLM")
     if not cfg.hf_compat:
         fail("hf_compat", False, "describes another function than HF's Reformer computes "
              "(key epsilon, circular windows, padding, rotation draws)",
