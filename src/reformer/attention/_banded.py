@@ -125,10 +125,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 
 
 def _bias(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor | None,
-          causal: bool, self_mask: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The additive mask for query/key positions that broadcast together."""
+          causal: bool, self_mask: bool, dtype: torch.dtype) -> torch.Tensor | float:
+    """The additive mask for query/key positions that broadcast together (0.0 when nothing
+    is masked). Pointwise and allocation-free, as FlexAttention's score function must be."""
     invalid_value, self_value = mask_values(dtype)
-    bias = torch.zeros((), dtype=dtype, device=qpos.device)
+    bias: torch.Tensor | float = 0.0
     if causal:
         bias = bias + (kpos > qpos).to(dtype) * invalid_value
     if kvalid is not None:
