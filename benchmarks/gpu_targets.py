@@ -81,7 +81,3 @@ GPU_TARGETS: list[tuple[str, Callable[[Results], tuple[str, str]]]] = [
     ("Kernel launches per layer <= 300, the same at 4K, 16K, 64K", check_launches),
 ]
 
-
-def evaluate_gpu(res: Results) -> list[tuple[str, str, str]]:
-    """[(target, PASS | FAIL | not measured, the numbers behind it)]."""
-    return [(name, *check(res)) for name, check in GPU_TARGETS]

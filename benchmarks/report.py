@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from flops import train_step_flops
-from gpu_targets import evaluate_gpu
+from gpu_targets import GPU_TARGETS
 from results_io import BUSY_SHARE, Results, cell, length_label, memory_gib, ok, table
 from targets import evaluate, matmul_fraction, speedup
 
@@ -190,7 +190,7 @@ def header(res: Results) -> list[str]:
 
 def checklist(res: Results) -> list[str]:
     """The issue's targets: issue 3's on the CPU, issue 23's on a GPU."""
-    title, rows = (("Targets (issue 23)", evaluate_gpu(res)) if res.on_gpu() else
+    title, rows = (("Targets (issue 23)", evaluate(res, GPU_TARGETS)) if res.on_gpu() else
                    ("Targets (issue 3)", evaluate(res)))
     rows = [[name, f"**{v}**", notes] for name, v, notes in rows]
     return [f"## {title}", "", table(["target", "verdict", "numbers"], rows), ""]

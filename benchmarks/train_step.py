@@ -167,7 +167,7 @@ def run_steps(args: argparse.Namespace) -> dict:
 def run_launches(args: argparse.Namespace) -> dict:
     """Kernel launches (CUDA) or cuda-plan operators (CPU) per layer of one training step."""
     from reformer.attention._banded import flex_available
-    from reformer.plan import count_kernel_ops, forced
+    from reformer.plan import count_cuda_launches, count_kernel_ops, forced
 
     device = torch.device(args.device)
     counts, t0 = [], time.perf_counter()
@@ -183,7 +183,7 @@ def run_launches(args: argparse.Namespace) -> dict:
             wait(device)
 
         if device.type == "cuda":
-            counts.append(cuda_launches(step))
+            counts.append(count_cuda_launches(step))
         else:
             with forced("cuda"):
                 counts.append(sum(count_kernel_ops(step).values()))
@@ -194,16 +194,6 @@ def run_launches(args: argparse.Namespace) -> dict:
             "two_layer_step": counts[1], "per_layer": counts[1] - counts[0],
             "seconds": time.perf_counter() - t0, "torch": torch.__version__,
             "peak_rss_gib": peak_rss_gib(), **gpu_name(device)}
-
-
-def cuda_launches(step) -> int:
-    """cudaLaunchKernel calls (and the driver API's) in one ``step``, after a warm-up one."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    return sum(1 for e in prof.events() if "LaunchKernel" in e.name)
 
 
 def gpu_name(device: torch.device) -> dict:

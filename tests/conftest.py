@@ -5,6 +5,7 @@ threads waiting for each other make every small op several times slower than one
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,17 @@ def random_ids(batch: int, length: int, seed: int = 0, vocab: int = TINY["vocab_
 def ids():
     """``ids(batch, length, seed=0)`` -> random (B, L) token ids below TINY's vocab_size."""
     return random_ids
+
+
+def train_text_run(folder: Path, config: ReformerConfig) -> Path:
+    """A run of ``config`` trained for one step on a short text in ``folder``: its directory
+    (for command-line tests that need a checkpoint)."""
+    from reformer.cli import main
+
+    (folder / "model.json").write_text(config.to_json())
+    (folder / "text.txt").write_text("Now is the winter of our discontent. " * 40)
+    assert main(["train", "--config", str(folder / "model.json"), "--data",
+                 str(folder / "text.txt"), "--steps", "1", "--eval-every", "1",
+                 "--eval-windows", "1", "--batch-size", "1", "--out", str(folder / "run"),
+                 "--device", "cpu"]) == 0
+    return folder / "run"

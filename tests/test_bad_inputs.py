@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train_text_run
 from reformer import ReformerConfig, ReformerLM
 from reformer.attention import ATTENTION_MODULES
 from reformer.cli import main
@@ -38,13 +39,7 @@ def write_pictures(folder: Path, n: int, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("text")
-    (d / "model.json").write_text(TINY.to_json())
-    (d / "text.txt").write_text("Now is the winter of our discontent. " * 40)
-    assert main(["train", "--config", str(d / "model.json"), "--data", str(d / "text.txt"),
-                 "--steps", "1", "--eval-every", "1", "--eval-windows", "1", "--batch-size",
-                 "1", "--out", str(d / "run"), "--device", "cpu"]) == 0
-    return d / "run"
+    return train_text_run(tmp_path_factory.mktemp("text"), TINY)
 
 
 @pytest.fixture(scope="module")

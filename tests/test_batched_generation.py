@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_text_run
 from reformer import ReformerConfig
 from reformer import generation as generation_module
 from reformer.cli import main
@@ -154,13 +155,7 @@ TEXT_MODEL = ReformerConfig(vocab_size=256, d_model=16, n_heads=2, d_ff=32, n_la
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("text")
-    (d / "model.json").write_text(TEXT_MODEL.to_json())
-    (d / "text.txt").write_text("Now is the winter of our discontent. " * 40)
-    assert main(["train", "--config", str(d / "model.json"), "--data", str(d / "text.txt"),
-                 "--steps", "1", "--eval-every", "1", "--eval-windows", "1", "--batch-size",
-                 "1", "--out", str(d / "run"), "--device", "cpu"]) == 0
-    return d / "run"
+    return train_text_run(tmp_path_factory.mktemp("text"), TEXT_MODEL)
 
 
 def generate(capsys, run: Path, *flags: str) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from conftest import TINY, random_ids
 from reformer import ReformerConfig, ReformerLM
 from reformer.cli import main
 from reformer.generation import sample
-from reformer.plan import forced
+from reformer.plan import count_cuda_launches, forced
 from reformer.training.trainer import Callback, Trainer
 from training import test_trainer
 from training.test_trainer import MODEL, make_run, train_losses
@@ -222,16 +222,11 @@ def test_flex_attention_on_cuda_matches_the_cpu_reference(kind):
 
 def cuda_launches(model: ReformerLM, ids: torch.Tensor) -> int:
     """Kernels launched on the GPU by one training step (after a warm-up step)."""
-    from torch.profiler import ProfilerActivity, profile
-
     def step():
         model(ids, labels=ids, return_logits=False).loss.backward()
         torch.cuda.synchronize()
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    return sum(1 for e in prof.events() if "LaunchKernel" in e.name or e.name == "cuLaunchKernel")
+    return count_cuda_launches(step)
 
 
 @needs_cuda

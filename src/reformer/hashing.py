@@ -171,15 +171,19 @@ def _signed_argmax(proj: torch.Tensor) -> torch.Tensor:
     return torch.where(hi_val >= -lo_val, hi_idx, lo_idx + proj.shape[-1])
 
 
-def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_bucket(buckets: torch.Tensor, inverse: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The permutation that sorts all R*L items by (round, bucket, position), and its inverse.
 
     Args:
         buckets: (B, H, R, L) ids in [0, NB] (NB = the padding bucket).
+        inverse: also compute ``undo`` (the C++ counting sort makes it in the same pass
+            anyway; PyTorch's path skips the scatter when False).
 
     Returns:
         ``s_items`` (B, H, R*L): item index r*L + i at each sorted slot, and ``undo``
-        (B, H, R*L): the sorted slot of each item, so that ``s_x.gather(-1, undo)`` unsorts.
+        (B, H, R*L): the sorted slot of each item, so that ``s_x.gather(-1, undo)`` unsorts
+        (or None).
     """
     B, H, R, L = buckets.shape
     native = _native.op("bucket_sort", buckets, _SORT_DTYPES)
@@ -191,7 +195,7 @@ def sort_by_bucket(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     within = buckets.sort(dim=-1, stable=True).indices  # (B, H, R, L) positions
     rounds = torch.arange(R, device=buckets.device).view(1, 1, R, 1) * L
     s_items = (within + rounds).reshape(B, H, R * L)
-    return s_items, inverse_permutation(s_items)
+    return s_items, inverse_permutation(s_items) if inverse else None
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

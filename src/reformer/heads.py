@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from reformer.config import ReformerConfig, check_positive_int, fail
 from reformer.layers import row_chunks
-from reformer.model import ReformerOutput, ReformerTrunk, pad_inputs
+from reformer.model import ReformerOutput, ReformerTrunk
 from reformer.reversible import _leaf_params
 
 POOLINGS = ("mean", "first")
@@ -58,10 +58,8 @@ class ReformerForMaskedLM(ReformerTrunk):
         """Logits (B, L, V) without labels; with labels (B, L) (-100: not predicted) the mean
         loss over the labelled positions and their logits (n, V) in row-major order."""
         self._check_inputs(input_ids, attention_mask, labels)
-        length, pad = input_ids.shape[1], self._hf_padding(input_ids.shape[1])
-        if pad:  # Hugging Face's padding to the chunk lengths' lcm (hf_compat)
-            input_ids, attention_mask, labels = pad_inputs(
-                input_ids, attention_mask, labels, pad, self.config.pad_token_id)
+        length = input_ids.shape[1]
+        input_ids, attention_mask, labels = self.hf_padded(input_ids, attention_mask, labels)
         y1, y2 = self.streams(input_ids, attention_mask, n_hashes)
         if labels is None:
             logits = self.head(self.norm(torch.cat([y1, y2], dim=-1)))
@@ -104,10 +102,8 @@ class ReformerForSequenceClassification(ReformerTrunk):
                                    or int(labels.max()) >= self.n_classes):
             raise ValueError(f"labels must be (B,) = {tuple(input_ids.shape[:1])} class ids "
                              f"in [0, {self.n_classes}); got shape {tuple(labels.shape)}")
-        pad = self._hf_padding(input_ids.shape[1])
-        if pad:  # Hugging Face's padding (hf_compat): masked, so no pooled token
-            input_ids, attention_mask, _ = pad_inputs(input_ids, attention_mask, None, pad,
-                                                      self.config.pad_token_id)
+        # hf_compat's padding is masked: it adds no pooled token
+        input_ids, attention_mask, _ = self.hf_padded(input_ids, attention_mask)
         y1, y2 = self.streams(input_ids, attention_mask, n_hashes,
                               owned_grads=self.pooling == "mean")
         if self.pooling == "first":

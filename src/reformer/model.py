@@ -122,18 +122,23 @@ class ReformerTrunk(nn.Module):
         call = CallInfo(attention_mask=mask, n_hashes=n_hashes, owned_grads=owned_grads)
         return self.stack(self.embed_tokens(input_ids), call)
 
-    def _hf_padding(self, length: int) -> int:
-        """Positions Hugging Face's model adds before its layers (``hf_compat``): up to a
-        multiple of the lcm of its layers' chunk lengths, when longer than the shortest."""
-        cfg = self.config
-        if not cfg.hf_compat:
-            return 0
+    def hf_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  labels: torch.Tensor | None = None) -> tuple:
+        """The inputs as Hugging Face's model pads them before its layers (``hf_compat``; else
+        unchanged): up to a multiple of the lcm of its layers' chunk lengths, when longer than
+        the shortest, with ``pad_token_id`` tokens, masked, without targets (-100 labels)."""
+        cfg, (B, L) = self.config, input_ids.shape
         kinds = {cfg.layer_kind(i) for i in range(cfg.n_layers)}
         chunks = [c for kind, c in (("lsh", cfg.chunk_length), ("local", cfg.local_chunk_length))
                   if kind in kinds]
-        if not chunks or length <= min(chunks):
-            return 0
-        return -length % math.lcm(*chunks)
+        pad = -L % math.lcm(*chunks) if cfg.hf_compat and chunks and L > min(chunks) else 0
+        if not pad:
+            return input_ids, attention_mask, labels
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+        return (F.pad(input_ids, (0, pad), value=cfg.pad_token_id),
+                F.pad(attention_mask.bool(), (0, pad), value=False),
+                None if labels is None else F.pad(labels, (0, pad), value=-100))
 
 
 class ReformerLM(ReformerTrunk):
@@ -202,16 +207,14 @@ class ReformerLM(ReformerTrunk):
             check_positive_int("n_hashes", n_hashes)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
-        length, pad = input_ids.shape[1], self._hf_padding(input_ids.shape[1])
-        if pad:  # Hugging Face's padding to the chunk lengths' lcm (hf_compat)
-            input_ids, attention_mask, labels = pad_inputs(
-                input_ids, attention_mask, labels, pad, self.config.pad_token_id)
+        length = input_ids.shape[1]
+        input_ids, attention_mask, labels = self.hf_padded(input_ids, attention_mask, labels)
         fused_loss = labels is not None and not return_logits
         # The fused loss is then the only consumer of (y1, y2), and its gradients are its own.
         call = CallInfo(attention_mask=attention_mask, n_hashes=n_hashes, owned_grads=fused_loss)
         targets = None if labels is None else shifted_targets(labels)  # (B, L)
         logits, total = self.forward_slice(input_ids, 0, call, targets, return_logits)
-        if pad and logits is not None:
+        if logits is not None and logits.shape[1] != length:  # hf_compat's padding
             logits = logits[:, :length]
         if total is None:
             return ReformerOutput(logits=logits)
@@ -243,18 +246,6 @@ class ReformerLM(ReformerTrunk):
         if targets is None:
             return logits, None
         return logits, _loss_sum(logits.flatten(0, 1), targets.flatten())
-
-
-def pad_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor | None, pad: int, pad_id: int) -> tuple:
-    """``pad`` more positions: ``pad_id`` tokens, masked, with no targets."""
-    B, L = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
-    input_ids = F.pad(input_ids, (0, pad), value=pad_id)
-    attention_mask = F.pad(attention_mask, (0, pad), value=False)
-    labels = None if labels is None else F.pad(labels, (0, pad), value=-100)
-    return input_ids, attention_mask, labels
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -356,3 +356,20 @@ def test_lsh_attention_rejects_bad_arguments():
         lsh_attention(qk, v, rotations[:, :4], chunk_length=M)  # E = 4 != 8
     with pytest.raises(ValueError, match="rotations"):
         lsh_attention(qk, v, [rotations, rotations[:, :, :1]], chunk_length=M)  # R differs
+
+
+def test_repeated_chunks_refuse_what_only_the_blocks_support():
+    # hf_compat, one sorted chunk and a window of two: Hugging Face's look-around repeats the
+    # chunk, which the tensor-operator path computes but attention dropout cannot ride on
+    from reformer.attention.lsh import LSHSelfAttention
+    from reformer.config import ReformerConfig
+
+    config = ReformerConfig(d_model=16, n_heads=2, vocab_size=8, chunk_length=8, n_hashes=1,
+                            n_buckets=2, max_seq_len=8, hf_compat=True, attention_dropout=0.1)
+    layer = LSHSelfAttention(config).double()
+    x = torch.randn(1, 8, 16, dtype=F64)
+    layer.eval()
+    assert layer(x).shape == (1, 8, 16)  # no dropout in evaluation: computed
+    layer.train()
+    with pytest.raises(ValueError, match="fewer than the window's 2"):
+        layer(x)

@@ -74,7 +74,7 @@ def lsh_banded(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *,
     """
     B, H, Lp, E = qk.shape
     R = buckets.shape[2]
-    s_items, _ = sort_by_bucket(buckets)  # (B, H, N)
+    s_items, _ = sort_by_bucket(buckets, inverse=False)  # (B, H, N)
     s_pos = s_items % Lp  # original position of each sorted item
     rows = s_pos.unsqueeze(-1).expand(B, H, R * Lp, E)
     k = unit_keys(qk, key_offset)  # before the R-fold copies

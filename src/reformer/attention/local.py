@@ -109,12 +109,12 @@ class LocalSelfAttention(HeadSlicedAttention):
         cfg = self.config
         dropout = self.attention_dropout()
         n = -(-projected[0].shape[2] // cfg.local_chunk_length)
-        offsets = window(cfg, n, *cfg.local_neighbours()) if cfg.hf_compat else None
+        before, after = cfg.local_neighbours()
+        offsets = window(cfg, n, before, after) if cfg.hf_compat else None
         # repeated chunks (hf_compat, a window wider than the sequence) stay blockwise
         if (plan_for(projected[0].device).banded and dropout == 0
                 and (offsets is None or consecutive(offsets))):
             return _local_banded(*projected, cfg, attention_mask)
-        before, after = cfg.local_neighbours()
         return local_attention(*projected, chunk_length=cfg.local_chunk_length,
                                n_chunks_before=before, n_chunks_after=after,
                                causal=cfg.causal, attention_mask=attention_mask,

@@ -225,13 +225,20 @@ class LSHSelfAttention(HeadSlicedAttention):
             # each layer keeps its ids until its backward: the smallest type that holds them
             # (ids are <= NB) is 4x less than int64
             small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
-            buckets = hash_vectors(qk, sliced, mask, block=plan.rows(HASH_SLICE))
-            state.buckets[heads.start] = buckets.to(torch.int16 if small else torch.int32)
-            buckets = state.buckets[heads.start]
+            buckets = state.buckets[heads.start] = hash_vectors(
+                qk, sliced, mask, block=plan.rows(HASH_SLICE)).to(
+                    torch.int16 if small else torch.int32)
         dropout = self.attention_dropout()
         n = buckets.shape[2] * Lp // cfg.chunk_length
         offsets = window(cfg, n, cfg.n_chunks_before, cfg.n_chunks_after)
-        if not consecutive(offsets) or (plan.banded and not cfg.dedup_rounds and dropout == 0):
+        banded = not cfg.dedup_rounds and dropout == 0
+        if not consecutive(offsets) and not banded:
+            raise ValueError(
+                f"{n} sorted chunks are fewer than the window's {len(offsets)}: Hugging Face's "
+                "look-around then repeats chunks (hf_compat), which attention dropout and "
+                "dedup_rounds do not support; use longer sequences, or attention_dropout=0 "
+                "and dedup_rounds=False")
+        if not consecutive(offsets) or (plan.banded and banded):
             out = _banded.lsh_banded(  # any offsets (repeated chunks: tensor operators)
                 qk, v, buckets.long(), chunk_length=cfg.chunk_length, offsets=offsets,
                 causal=cfg.causal, attention_mask=mask, key_offset=key_offset(cfg))
