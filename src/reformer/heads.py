@@ -113,7 +113,8 @@ class ReformerForSequenceClassification(ReformerTrunk):
             pooled = _ChunkedMeanPool.apply(y1, y2, weights, self.norm,
                                             self.config.loss_chunk_size, *self.norm.parameters())
         logits = self.head(pooled)  # (B, C)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+        loss = None if labels is None else F.cross_entropy(wide, labels.long())
         return ReformerOutput(logits=logits, loss=loss)
 
 
@@ -161,3 +162,18 @@ class _ChunkedMeanPool(torch.autograd.Function):
                 for total, gp in zip(param_grads, grads, strict=True):
                     total += gp
         return (grad_y1, grad_y2, None, None, None, *param_grads)
+
+
+def build_model(config: ReformerConfig, head: str = "lm", n_classes: int = 0,
+                pooling: str = "mean") -> ReformerTrunk:
+    """The model a task trains (``Task.head``): the language model, the masked language
+    model, or a classifier of ``n_classes`` with ``pooling``."""
+    if head == "lm":
+        from reformer.model import ReformerLM
+        return ReformerLM(config)
+    if head == "mlm":
+        return ReformerForMaskedLM(config)
+    if head == "classify":
+        return ReformerForSequenceClassification(config, n_classes, pooling)
+    fail("head", head, "is unknown", "use lm, mlm or classify")
+    raise AssertionError  # fail raises

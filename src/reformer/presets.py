@@ -19,6 +19,10 @@ Presets:
 - ``images-cpu``: pictures pixel by pixel at 32x32x3 = 3,072 tokens (local attention within
   about two rows of sub-pixels, LSH across the picture), sized to learn visibly in 20 minutes
   on a 2-core CPU; axial positions shaped (row, column, channel).
+- ``listops``, ``classify``, ``mlm``: bidirectional trunks (``causal=False``, LSH looking
+  one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (vocabulary
+  16, up to 2,000 tokens, first-token pooling), byte-level text classification at 4K, and
+  masked language modelling of 4K windows (vocabulary 257: the bytes and the mask token).
 - ``imagenet64``: the paper's image setting, 64x64x3 = 12,288 tokens, 12 layers of d_model
   1024 (a GPU model; the layer layout is ours).
 - ``enwik8``: the paper's byte-level model (Kitaev et al. 2020, section 5): 12 layers,
@@ -92,6 +96,44 @@ PRESETS: dict[str, Preset] = {
                 attn_head_chunk_size=4),
             training=dict(task="images", image_size=32, image_channels=3, seq_len=3072,
                           batch_size=4, steps=3000, max_minutes=20.0, lr=2e-3,
+                          warmup_steps=50, eval_every=100, eval_windows=8,
+                          checkpoint_every=100),
+        ),
+        Preset(
+            name="listops",
+            description="Long Range Arena's ListOps: a 4-layer bidirectional classifier, "
+            "up to 2,000 tokens (CPU)",
+            model=ReformerConfig(
+                vocab_size=16, d_model=128, n_heads=4, d_ff=256, n_layers=4,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=2048,
+                attn_head_chunk_size=4),
+            training=dict(task="listops", seq_len=2048, batch_size=32, steps=3000,
+                          max_minutes=90.0, lr=1e-3, warmup_steps=100, eval_every=100,
+                          eval_windows=400, checkpoint_every=100, pooling="first"),
+        ),
+        Preset(
+            name="classify",
+            description="a 4-layer bidirectional text classifier over bytes, 4K context (CPU)",
+            model=ReformerConfig(
+                vocab_size=256, d_model=128, n_heads=4, d_ff=512, n_layers=4,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
+                attn_head_chunk_size=4),
+            training=dict(task="classify", seq_len=4096, batch_size=8, steps=1000, lr=1e-3,
+                          warmup_steps=50, eval_every=100, eval_windows=256,
+                          checkpoint_every=100),
+        ),
+        Preset(
+            name="mlm",
+            description="masked language modelling: a 4-layer bidirectional byte model, "
+            "4K windows of Shakespeare (CPU)",
+            model=ReformerConfig(
+                vocab_size=257, d_model=128, n_heads=4, d_ff=512, n_layers=4,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
+                attn_head_chunk_size=4),
+            training=dict(task="mlm", seq_len=4096, batch_size=4, steps=2000, lr=2e-3,
                           warmup_steps=50, eval_every=100, eval_windows=8,
                           checkpoint_every=100),
         ),

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from reformer import ReformerConfig
+from reformer.data.task import task_head
 from reformer.presets import PRESETS, get_preset, with_seq_len
 from reformer.training.config import RunConfig, TrainConfig, resolve_run_config
 from reformer.training.optim import build_optimizer, lr_at
@@ -19,10 +20,12 @@ def test_presets_are_consistent(name):
     train = TrainConfig(**preset.training)
     assert preset.model.max_seq_len == train.seq_len
     assert preset.model.vocab_size >= build_task_vocab(train.task)
+    assert preset.model.causal == (task_head(train.task) == "lm")  # the heads read both ways
 
 
 def build_task_vocab(task: str) -> int:
-    return {"text": 256, "images": 256, "synthetic": 128}[task]
+    return {"text": 256, "images": 256, "synthetic": 128, "classify": 256, "listops": 16,
+            "mlm": 257}[task]
 
 
 def test_enwik8_is_the_papers_model():

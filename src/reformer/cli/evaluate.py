@@ -8,11 +8,11 @@ from pathlib import Path
 
 from reformer.cli.train import add_train_flags, in_world, resume_dir, train_changes
 from reformer.config import ReformerConfig
-from reformer.data.task import UNITS
+from reformer.data.task import UNITS, task_head
 from reformer.training import checkpoint as ckpt
 from reformer.training.checkpoint import with_attention
 from reformer.training.config import RunConfig, check_device, resolve_run_config
-from reformer.training.evaluate import evaluate_attentions, evaluate_run
+from reformer.training.evaluate import evaluate_attentions, evaluate_head_run, evaluate_run
 from reformer.training.trainer import Trainer
 
 
@@ -33,9 +33,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_at_least("--n-hashes", args.n_hashes, 1, "hash rounds")
     check_at_least("--windows", args.windows, 1, "held-out windows")
     check_at_least("--seq-len", args.seq_len, 2, "one token and one target")
+    run = ckpt.read_config(args.checkpoint)
+    unit = UNITS[run.training.task]
+    if task_head(run.training.task) != "lm":
+        if args.data or args.seq_len is not None:
+            raise ValueError(f"--data and --seq-len apply to language-model runs; "
+                             f"{args.checkpoint} is a {run.training.task} run (evaluate other "
+                             "data by training with it as --val-data)")
+        scores = evaluate_head_run(args.checkpoint, args.split, args.n_hashes or (None,),
+                                   n_examples=args.windows, device=args.device)
+        print(f"{args.split} set; hash rounds   bits/{unit}   accuracy")
+        for rounds, (bits, accuracy) in scores.items():
+            print(f"{rounds:>11}   {bits:9.4f}   {100 * accuracy:7.2f}%")
+        return 0
+    if args.split != "validation":
+        raise ValueError(f"--split {args.split} applies to ListOps runs; {args.checkpoint} is "
+                         f"a {run.training.task} run (pass --data for other held-out text)")
     results = evaluate_run(args.checkpoint, args.data or (), args.n_hashes or (None,),
                            n_windows=args.windows, seq_len=args.seq_len, device=args.device)
-    unit = UNITS[ckpt.read_config(args.checkpoint).training.task]
     print(f"hash rounds   bits/{unit}")
     for rounds, bpc in results.items():
         print(f"{rounds:>11}   {bpc:9.4f}")
@@ -99,7 +114,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--n-hashes", type=int, nargs="+", metavar="R",
                     help="hash rounds, e.g. 1 2 4 8 for a table (default: the model's)")
     ev.add_argument("--windows", type=int, metavar="N",
-                    help="number of windows (default: the run's eval_windows)")
+                    help="number of windows, or examples for classifiers (default: the run's "
+                    "eval_windows)")
+    ev.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="ListOps runs: the held-out split to score (default: %(default)s)")
     ev.add_argument("--seq-len", type=int, metavar="N",
                     help="window length (default: the run's seq_len)")
     ev.add_argument("--device", default="auto",

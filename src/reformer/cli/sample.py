@@ -108,12 +108,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     run = ckpt.read_config(args.checkpoint)
     if run.training.task != "text":
-        hint = "reformer complete" if run.training.task == "images" else "reformer synthetic eval"
+        hint = {"images": "reformer complete", "synthetic": "reformer synthetic eval"}.get(
+            run.training.task, "reformer eval")
         raise ValueError(f"{args.checkpoint} is a {run.training.task} run, not a text model; "
                          f"use {hint}")
     check_sampling(run.model, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, context=args.context)
-    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device),
+                                 args.n_hashes, language_model=True)
     if len(prompts) > 1 or args.n > 1:
         print_batch(model, prompts, args)
         return 0
@@ -191,7 +193,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
     from reformer.data import images
 
     cfg, keep, out = check_complete_args(args)
-    model, _ = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    model, _ = ckpt.load_model(args.checkpoint, resolve_device(args.device),
+                                 args.n_hashes, language_model=True)
     pictures = held_out_pictures(args, cfg)
     tokens = torch.stack([images.image_to_tokens(p) for p in pictures])  # (N, L)
     bits = [evaluate_sequences(model, t[None], seed=cfg.seed)[0] for t in tokens]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from reformer.cli.sample import stream_sample
 from reformer.data import text
 from reformer.data.task import TASKS
+from reformer.heads import POOLINGS
 from reformer.parallel.data_parallel import PARALLEL
 from reformer.parallel.world import World, close_world, init_world
 from reformer.presets import DEFAULT_PRESET, PRESETS
@@ -38,9 +39,10 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
-                "seed", "device", "parallel")
+                "seed", "device", "parallel", "pooling", "mask_prob")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
-TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic"}
+TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic",
+                "classify": "classify", "listops": "listops", "mlm": "mlm"}
 
 
 # ----------------------------------------------------------------------------- train
@@ -266,7 +268,16 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help=f"context length in bytes {default('seq_len')}")
     if not synthetic and not demo:
         p.add_argument("--task", choices=TASKS,
-                       help="text (default), images, or the synthetic duplication task")
+                       help="text (default), images, the synthetic duplication task, classify "
+                       "(labelled text: --data FOLDER of class folders, or FILE.jsonl of "
+                       '{"text", "label"} lines), listops (Long Range Arena, generated) or mlm '
+                       "(masked language modelling of text)")
+        p.add_argument("--pooling", choices=POOLINGS,
+                       help="classify, listops: the classifier reads the mean of the real "
+                       "tokens' states or the first token's (default: the preset's, first for "
+                       "listops, else mean)")
+        p.add_argument("--mask-prob", type=float, metavar="X",
+                       help="mlm: share of tokens masked and predicted (default: 0.15)")
         p.add_argument("--images", nargs="+", metavar="PATH",
                        help="folders, files or globs of PNG/JPEG pictures (default: crops of "
                        "scikit-image's photographs)")

@@ -2,8 +2,8 @@
 
 Of the real tokens (``attention_mask``), each is chosen with probability ``p`` (0.15); a chosen
 token becomes ``mask_token_id`` with probability 0.8, a uniformly random token of the
-vocabulary with 0.1, and stays itself with 0.1. The labels hold the original token at the
-chosen positions and -100 (not predicted) everywhere else, the convention of
+vocabulary other than the mask token with 0.1, and stays itself with 0.1. The labels hold the
+original token at the chosen positions and -100 (not predicted) everywhere else, the convention of
 :class:`reformer.heads.ReformerForMaskedLM`.
 
 Shapes: B batch, L length.
@@ -33,8 +33,9 @@ def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
         chosen &= attention_mask.bool()
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     action = draw[..., 1]  # uniform: [0, 0.8) mask, [0.8, 0.9) random, [0.9, 1) keep
-    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator
+    random_ids = torch.randint(0, vocab_size - 1, input_ids.shape, generator=generator
                                ).to(input_ids)
+    random_ids += random_ids >= mask_token_id  # any token but the mask token
     inputs = torch.where(chosen & (action < 1 - KEEP - RANDOM), mask_token_id, input_ids)
     inputs = torch.where(chosen & (action >= 1 - KEEP - RANDOM) & (action < 1 - KEEP),
                          random_ids, inputs)

@@ -5,7 +5,11 @@ hides what the tokens are. Three tasks exist:
 
 - ``text``: random windows of byte-level text (reformer.data.text);
 - ``images``: whole pictures as raster-order byte sequences (reformer.data.images);
-- ``synthetic``: the paper's duplication task 0w0w (reformer.data.synthetic).
+- ``synthetic``: the paper's duplication task 0w0w (reformer.data.synthetic);
+- ``classify``, ``listops`` and ``mlm`` train the heads of reformer.heads (labelled text,
+  Long Range Arena's ListOps, masked language modelling; reformer.data.labelled). Their
+  batches are ``(input_ids, attention_mask, labels)`` (the mask None where every token is
+  real), labels (B,) class ids for the classifiers.
 
 Shapes: B batch, L sequence length, N evaluation sequences.
 
@@ -41,8 +45,17 @@ import torch
 
 from reformer.config import is_int
 
-TASKS = ("text", "images", "synthetic")
-UNITS = {"text": "char", "images": "dim", "synthetic": "symbol"}  # what one token is
+TASKS = ("text", "images", "synthetic", "classify", "listops", "mlm")
+# what one token (or, for the classifiers, one example) is
+UNITS = {"text": "char", "images": "dim", "synthetic": "symbol", "classify": "example",
+         "listops": "example", "mlm": "masked char"}
+HEADS = ("lm", "classify", "mlm")  # the model a task trains (reformer.heads.build_model)
+TASK_HEADS = {"classify": "classify", "listops": "classify", "mlm": "mlm"}  # others: lm
+
+
+def task_head(task: str) -> str:
+    """The head (one of HEADS) that the task ``task`` trains."""
+    return TASK_HEADS.get(task, "lm")
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class TaskSpec:
     batch_size: int = 1  # per rank: a global micro-batch is world * batch_size
     eval_windows: int = 4
     seed: int = 0
+    mask_prob: float = 0.15  # mlm: the share of tokens masked and predicted
     rank: int = 0  # this process's index among the data-parallel processes
     world: int = 1  # the number of data-parallel processes
 
@@ -91,6 +105,12 @@ class Task(ABC):
 
     name: str  # one of TASKS
     vocab_size: int  # the smallest model vocabulary that holds every token
+    n_classes: int = 0  # classifiers: C
+
+    @property
+    def head(self) -> str:
+        """The model this task trains: one of HEADS."""
+        return task_head(self.name)
 
     @property
     def unit(self) -> str:
@@ -98,12 +118,13 @@ class Task(ABC):
         return UNITS[self.name]
 
     @abstractmethod
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels), both (B, L) int64; labels -100 = no loss."""
+    def next_batch(self) -> tuple[torch.Tensor | None, ...]:
+        """(input_ids, labels), both (B, L) int64, labels -100 = no loss; for the heads'
+        tasks (input_ids, attention_mask, labels)."""
 
     @abstractmethod
-    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed held-out (input_ids, labels), both (N, L)."""
+    def eval_set(self) -> tuple[torch.Tensor | None, ...]:
+        """The fixed held-out set, shaped as ``next_batch``'s with N rows."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -136,4 +157,7 @@ def build_task(spec: TaskSpec) -> Task:
     if spec.task == "synthetic":
         from reformer.data.synthetic import DuplicationTask
         return DuplicationTask(spec)
+    if spec.task in ("classify", "listops", "mlm"):
+        from reformer.data.labelled import BUILDERS
+        return BUILDERS[spec.task](spec)
     raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")

@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from reformer.config import ReformerConfig
-from reformer.model import ReformerLM
+from reformer.data.task import task_head
+from reformer.heads import build_model
+from reformer.model import ReformerTrunk
 from reformer.training.config import RunConfig
 
 FORMAT = 1
@@ -165,7 +167,7 @@ def _weights_step(data: bytes) -> int:
 # ------------------------------------------------------------------------- saving
 def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]
                     ) -> Checkpoint:
-    """Save ``weights`` (a ReformerLM's ``state_dict``) and ``state`` (which holds "step") as
+    """Save ``weights`` (a model's ``state_dict``) and ``state`` (which holds "step") as
     the newest checkpoint, atomically.
 
     The caller holds the run's :class:`RunLock`. Older checkpoints are deleted once the new one
@@ -218,7 +220,7 @@ def remove_stale(run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------ loading
-def load_weights(run_dir: str | Path, model: ReformerLM) -> int:
+def load_weights(run_dir: str | Path, model: ReformerTrunk) -> int:
     """Load the newest checkpoint's weights into ``model``; returns the step they were saved at."""
     for attempt in range(3):
         found = latest_checkpoint(run_dir)
@@ -234,7 +236,8 @@ def load_weights(run_dir: str | Path, model: ReformerLM) -> int:
     return _load_weight_bytes(Path(run_dir), found, data, model)
 
 
-def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes, model: ReformerLM) -> int:
+def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes,
+                       model: ReformerTrunk) -> int:
     try:
         tensors, step = load_safetensors(data), _weights_step(data)
     except (SafetensorError, ValueError) as err:
@@ -248,7 +251,7 @@ def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes, model: Ref
     return step
 
 
-def load_checkpoint(run_dir: Path, model: ReformerLM) -> dict[str, Any]:
+def load_checkpoint(run_dir: Path, model: ReformerTrunk) -> dict[str, Any]:
     """Load the newest checkpoint: its weights into ``model``; returns its trainer state.
 
     The caller holds the run's :class:`RunLock`, so the checkpoint cannot change meanwhile.
@@ -287,9 +290,10 @@ def _damaged(run_dir: Path, path: Path, err: Exception) -> ValueError:
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                n_hashes: int | None = None, attention: str | None = None,
-               dedup_rounds: bool | None = None) -> tuple[ReformerLM, RunConfig]:
+               dedup_rounds: bool | None = None, language_model: bool = False
+               ) -> tuple[ReformerTrunk, RunConfig]:
     """The trained model of a run directory (its newest checkpoint), in eval mode, and its
-    configuration.
+    configuration: a ReformerLM, or the head its task trains (reformer.heads).
 
     Args:
         n_hashes: rebuild the model with this many LSH rounds (the weights do not depend on
@@ -298,16 +302,36 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
             "full" to evaluate an LSH-trained model exactly; the weights are shared.
         dedup_rounds: turn the LSH de-duplication of pairs found by several rounds on or off
             (it has no parameters).
+        language_model: refuse a run that trained a head (a ValueError saying so), for
+            commands that generate text.
     """
     run = read_config(run_dir)
+    if language_model and task_head(run.training.task) != "lm":
+        raise ValueError(f"{run_dir} trained a {run.training.task} model, which does not "
+                         "generate text; pass the run directory of a language model (task text, "
+                         "images or synthetic)")
     config = run.model if n_hashes is None else run.model.replace(n_hashes=n_hashes)
     if attention is not None:
         config = with_attention(config, attention)
     if dedup_rounds is not None:
         config = config.replace(dedup_rounds=dedup_rounds)
-    model = ReformerLM(config)
+    head = task_head(run.training.task)
+    n_classes = _stored_classes(Path(run_dir)) if head == "classify" else 0
+    model = build_model(config, head, n_classes, run.training.pooling)
     load_weights(run_dir, model)
     return model.to(device).eval(), run
+
+
+def _stored_classes(run_dir: Path) -> int:
+    """A classifier's number of classes: the rows of its newest checkpoint's head."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return 2  # load_weights says that there is no checkpoint
+    try:
+        with safe_open(str(found.weights), framework="pt") as f:
+            return int(f.get_slice("head.weight").get_shape()[0])
+    except (SafetensorError, OSError, KeyError) as err:
+        raise _damaged(run_dir, found.weights, err) from err
 
 
 def with_attention(config: ReformerConfig, attention: str) -> ReformerConfig:

@@ -25,6 +25,7 @@ import torch
 
 from reformer.config import ReformerConfig, is_int, is_real, require
 from reformer.data.task import TASKS, TaskSpec
+from reformer.heads import POOLINGS
 from reformer.parallel.data_parallel import PARALLEL
 from reformer.presets import DEFAULT_PRESET, get_preset, with_seq_len
 
@@ -38,7 +39,7 @@ RESUMABLE_FIELDS = frozenset({"steps", "max_minutes", "eval_every", "eval_window
 class TrainConfig:
     """A training run: data, optimisation, evaluation and checkpoint schedule."""
 
-    task: str = "text"  # text | images | synthetic (reformer.data.task)
+    task: str = "text"  # text | images | synthetic | classify | listops | mlm (data.task)
     data: tuple[str, ...] = ()  # files, folders or globs; empty = the task's default data
     val_data: tuple[str, ...] = ()  # held-out files; empty = the tail of ``data``
     val_fraction: float = 0.05
@@ -64,6 +65,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
+    # the heads' tasks (reformer.data.labelled): classifier pooling, share of tokens masked
+    pooling: str = "mean"  # classify, listops: mean (over real tokens) or first (token)
+    mask_prob: float = 0.15  # mlm
     # under torchrun: ddp (whole model per process), fsdp (sharded per layer) or sequence
     # (each sequence split across the processes; reformer.parallel.sequence)
     parallel: str = "ddp"
@@ -96,6 +100,10 @@ class TrainConfig:
         require(is_int(self.seed) and self.seed >= 0, "seed", self.seed,
                  "must be a non-negative integer", "pass e.g. seed=0")
         check_device(self.device)
+        require(self.pooling in POOLINGS, "pooling", self.pooling, "is unknown",
+                 f"use one of {POOLINGS}")
+        require(_is_number(self.mask_prob) and 0 < self.mask_prob <= 1, "mask_prob",
+                 self.mask_prob, "must lie in (0, 1]", "pass e.g. mask_prob=0.15")
         require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",
                  f"use one of {PARALLEL}")
 

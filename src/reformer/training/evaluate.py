@@ -1,4 +1,5 @@
-"""Evaluation of a saved run: held-out bits per token for several numbers of hash rounds.
+"""Evaluation of a saved run: held-out bits per token (or, for the heads, per example or
+masked token, and accuracy) for several numbers of hash rounds.
 
 The paper (section 5) trains LSH models with few rounds and evaluates them with more: "at 8
 rounds it almost matches full attention". The weights do not depend on ``n_hashes``, so one
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from reformer.config import check_positive_int
 from reformer.data import text
-from reformer.data.task import build_task
+from reformer.data.task import build_task, task_head
 from reformer.training.checkpoint import load_model, read_config
-from reformer.training.metrics import evaluate_sequences
+from reformer.training.metrics import evaluate_examples, evaluate_sequences
 from reformer.training.trainer import resolve_device
 
 
@@ -34,6 +35,10 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
     Returns:
         {R: bpc} with R the number of rounds actually used.
     """
+    run = read_config(run_dir)
+    if task_head(run.training.task) != "lm":
+        raise ValueError(f"{run_dir} is a {run.training.task} run; evaluate it with "
+                         "evaluate_head_run (bits per example or masked token, and accuracy)")
     model, run = load_model(run_dir, resolve_device(device))
     cfg = run.training
     seq_len = _given_or(seq_len, "seq_len", cfg.seq_len)
@@ -59,6 +64,40 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
         results[rounds] = evaluate_sequences(model, inputs, labels, n_hashes=rounds,
                                              seed=cfg.seed,
                                              precision=precision or cfg.precision)[0]
+    return results
+
+
+def evaluate_head_run(run_dir: str | Path, split: str = "validation",
+                      n_hashes: Sequence[int | None] = (None,), n_examples: int | None = None,
+                      device: str = "auto", precision: str | None = None
+                      ) -> dict[int, tuple[float, float]]:
+    """Held-out loss and accuracy of a classifier or masked-LM run, per number of hash rounds.
+
+    Args:
+        split: "validation" (the run's held-out set) or, for ListOps, "test" (examples that
+            neither training nor validation drew).
+        n_examples: how many examples (default: the run's eval_windows; for sequences of the
+            mlm task, windows).
+
+    Returns:
+        {R: (bits per example or per masked token, accuracy)}.
+    """
+    model, run = load_model(run_dir, resolve_device(device))
+    cfg = run.training
+    if split not in ("validation", "test"):
+        raise ValueError(f"split={split!r} is unknown; use validation or test")
+    if split == "test" and cfg.task != "listops":
+        raise ValueError(f"only ListOps has a test split; {run_dir} is a {cfg.task} run "
+                         "(evaluate on other data by passing it as the run's --val-data)")
+    n = _given_or(n_examples, "n_examples", cfg.eval_windows)
+    task = build_task(cfg.replace(eval_windows=n).task_spec())
+    held_out = task.test_set(n) if split == "test" else task.eval_set()
+    results = {}
+    for r in n_hashes:
+        rounds = _given_or(r, "n_hashes", run.model.n_hashes)
+        bits, metrics = evaluate_examples(model, *held_out, n_hashes=rounds, seed=cfg.seed,
+                                          precision=precision or cfg.precision)
+        results[rounds] = (bits, metrics["accuracy"])
     return results
 
 

@@ -25,6 +25,7 @@ from reformer.parallel.world import World
 from reformer.training.checkpoint import atomic_write_bytes
 
 LN2 = math.log(2.0)
+EVAL_BATCH = 8  # examples per forward when evaluating a head
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
 
@@ -93,6 +94,54 @@ def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Te
     keys = sorted(sums)
     nats, count, *totals = world.all_sum([nats, count, *(sums[k] for k in keys)], device)
     return nats / max(count, 1) / LN2, {k: v / n for k, v in zip(keys, totals, strict=True)}
+
+
+@torch.no_grad()
+def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
+                      attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                      n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
+                      world: World | None = None, batch_size: int = EVAL_BATCH
+                      ) -> tuple[float, dict[str, float]]:
+    """Held-out loss and accuracy of a head (reformer.heads) over N examples.
+
+    Classifiers (labels (N,)): bits per example and the share of examples classified right.
+    Masked LM (labels (N, L), -100 = not masked): bits per masked token and the share of masked
+    tokens predicted right. Examples run ``batch_size`` at a time, each batch cut to its
+    longest real example, batch k with the global RNG seeded by ``seed + k``; with a ``world``
+    of processes, process r runs batches r, r + P, ... and the sums are all-reduced.
+
+    Returns:
+        (bits per example or masked token, {"accuracy": share right}).
+    """
+    world = world or World()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    starts = range(0, len(inputs), batch_size)
+    n_batches = len(starts)
+    mine = range(world.rank, -(-n_batches // world.size) * world.size, world.size)
+    nats = count = correct = 0.0
+    with fixed_rng(seed, device), autocast(device, precision):
+        for k in mine:
+            j, weight = min(k, n_batches - 1), 1.0 if k < n_batches else 0.0
+            torch.manual_seed(seed + j)
+            rows = slice(starts[j], starts[j] + batch_size)
+            x, y = inputs[rows], labels[rows]
+            m = None if attention_mask is None else attention_mask[rows]
+            if m is not None:  # cut the columns that only pad
+                length = int(m.any(dim=0).nonzero().max()) + 1
+                x, m = x[:, :length], m[:, :length]
+                y = y[:, :length] if y.dim() == 2 else y
+            x, y = x.to(device), y.to(device)
+            out = model(x, attention_mask=None if m is None else m.to(device), labels=y,
+                        n_hashes=n_hashes)
+            target = y if y.dim() == 1 else y[y != -100]
+            n = target.numel() * weight
+            nats, count = nats + out.loss.item() * n, count + n
+            correct += int((out.logits.argmax(dim=-1) == target).sum()) * weight
+    model.train(was_training)
+    nats, count, correct = world.all_sum([nats, count, correct], device)
+    return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1)}
 
 
 def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,

@@ -6,6 +6,11 @@ accumulates the gradients of their mean losses (under bf16 autocast if asked), c
 global gradient norm and takes one AdamW step at the scheduled learning rate
 (reformer.training.optim).
 
+The task chooses the model (``Task.head``; reformer.heads.build_model): the language model,
+or for the classify, listops and mlm tasks a classifier or masked LM on the same trunk, fed
+``(input_ids, attention_mask, labels)``. Their evaluation reports the loss per example (per
+masked token for mlm) in bits and the accuracy (metrics.evaluate_examples).
+
 Decisions:
 - Exact resume: the checkpoint holds the weights, the optimizer moments, the step and elapsed
   time (all the schedule depends on), the global torch RNG state (fresh LSH rotations and
@@ -48,7 +53,8 @@ import torch
 
 from reformer.config import ReformerConfig
 from reformer.data.task import Task, build_task
-from reformer.model import ReformerLM
+from reformer.heads import build_model
+from reformer.model import ReformerTrunk
 from reformer.parallel.data_parallel import (
     finish_gradients,
     full_model_state,
@@ -62,7 +68,14 @@ from reformer.parallel.world import World
 from reformer.training import checkpoint as ckpt
 from reformer.training import rundir
 from reformer.training.config import RunConfig, TrainConfig, check_device
-from reformer.training.metrics import LN2, MetricsLog, autocast, evaluate_sequences, plot_metrics
+from reformer.training.metrics import (
+    LN2,
+    MetricsLog,
+    autocast,
+    evaluate_examples,
+    evaluate_sequences,
+    plot_metrics,
+)
 from reformer.training.optim import build_optimizer, lr_at, progress, set_lr
 from reformer.training.reports import Callback, EvalReport, RunResult, StepReport
 from reformer.training.resume import (
@@ -104,6 +117,9 @@ class Trainer:
         self.sequence = cfg.parallel == "sequence" and self.world.distributed
         data_rank, data_world = (0, 1) if self.sequence else (self.world.rank, self.world.size)
         self.task: Task = build_task(cfg.task_spec(data_rank, data_world))
+        if self.sequence and self.task.head != "lm":
+            raise ValueError(f"parallel='sequence' trains language models only; the "
+                             f"{cfg.task} task trains a {self.task.head} head: use ddp")
         if self.sequence and self.task.extra_metrics is not None:
             raise ValueError(f"parallel='sequence' cannot evaluate the {cfg.task} task (its "
                              "metrics need every position's logits in one process); use ddp")
@@ -122,7 +138,8 @@ class Trainer:
         """Under the lock: build the model, load the newest checkpoint or start afresh."""
         self.world.on_main(lambda: self._claim_run_dir(resume))
         torch.manual_seed(self.run.training.seed)
-        module = ReformerLM(self.run.model)
+        module = build_model(self.run.model, self.task.head, self.task.n_classes,
+                             self.run.training.pooling)
         state = ckpt.load_checkpoint(self.run_dir, module) if resume else None
         module.to(self.device)
         self.model = wrap(module, self.run.training.parallel, self.device) \
@@ -146,8 +163,9 @@ class Trainer:
         ckpt.remove_stale(self.run_dir)
 
     @property
-    def module(self) -> ReformerLM:
-        """The ReformerLM (inside DDP's wrapper; sharded in place under FSDP2)."""
+    def module(self) -> ReformerTrunk:
+        """The ReformerLM or the task's head (inside DDP's wrapper; sharded in place under
+        FSDP2)."""
         return unwrap(self.model)
 
     def close(self) -> None:
@@ -238,11 +256,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(cfg.grad_accum):
-            batch, labels = (t.to(self.device) for t in self.task.next_batch())  # (B, L) each
+            batch = [None if t is None else t.to(self.device) for t in self.task.next_batch()]
             # Only the last micro-batch's backward communicates (all-reduce, reduce-scatter).
             with gradient_sync(self.model, i == cfg.grad_accum - 1):
                 with autocast(self.device, cfg.precision):
-                    loss = self.model(batch, labels=labels, return_logits=False).loss
+                    loss = self._loss(batch)
                 (loss / cfg.grad_accum).backward()
             total += loss.item()
         finish_gradients(self.model)
@@ -255,6 +273,15 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         return loss_value, time.perf_counter() - t0
+
+    def _loss(self, batch: list[torch.Tensor | None]) -> torch.Tensor:
+        """The mean loss of one micro-batch: (input_ids, labels) for the language model,
+        (input_ids, attention_mask, labels) for a head."""
+        if self.task.head == "lm":
+            inputs, labels = batch  # (B, L) each
+            return self.model(inputs, labels=labels, return_logits=False).loss
+        inputs, mask, labels = batch
+        return self.model(inputs, attention_mask=mask, labels=labels).loss
 
     def _diverged(self, loss: float) -> ValueError:
         """The error for a non-finite loss: what to change, and what is on disk."""
@@ -289,8 +316,17 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation, saving
     def evaluate(self) -> EvalReport:
-        """Held-out bits per token, with the model's rounds and each of eval_n_hashes."""
+        """Held-out bits per token (per example for the classifiers), with the model's rounds
+        and each of eval_n_hashes; the heads' accuracy in ``metrics``."""
         cfg = self.run.training
+        if self.task.head != "lm":
+            held_out = self.task.eval_set()
+            first, metrics = evaluate_examples(self.module, *held_out, seed=cfg.seed,
+                                               precision=cfg.precision, world=self.world)
+            extra = {r: evaluate_examples(self.module, *held_out, n_hashes=r, seed=cfg.seed,
+                                          precision=cfg.precision, world=self.world)[0]
+                     for r in cfg.eval_n_hashes}
+            return EvalReport(step=self.step, val_bpc=first, by_n_hashes=extra, metrics=metrics)
         inputs, labels = self.task.eval_set()
         # Sequence parallelism: all processes evaluate each sequence together.
         model, world = (self.model, None) if self.sequence else (self.module, self.world)

@@ -1,0 +1,285 @@
+"""Tasks with one label per example (classification, ListOps) and masked language modelling.
+
+These feed the heads of reformer.heads rather than the language model; a batch is
+``(input_ids, attention_mask, labels)``:
+
+- ``classify``: the user's labelled text: a folder with one sub-folder per class (each file one
+  example; the class is the sub-folder's name) or a JSONL file of ``{"text": ..., "label":
+  ...}`` lines. Bytes are the tokens; an example longer than ``seq_len`` is cut to its first
+  ``seq_len`` bytes. Labels (B,) are class ids in the sorted order of the class names.
+- ``listops``: the Long Range Arena ListOps task, generated (reformer.data.listops).
+- ``mlm``: random windows of text with BERT masking (reformer.data.masking); the mask token is
+  id 256, one past the bytes. Labels (B, L) hold the original byte at the chosen positions and
+  -100 elsewhere.
+
+Shapes: B batch, L padded length (at most ``seq_len``), N held-out examples.
+
+Decisions:
+- A batch is padded with id 0 to the longest example in it, rounded up to a multiple of
+  ``PAD_MULTIPLE`` (at most ``seq_len``); the attention mask marks the real tokens. Short
+  batches cost less than padding every example to ``seq_len``.
+- Training examples are drawn with replacement by a seeded generator whose state goes into
+  checkpoints (exact resume), with the data-parallel rule of reformer.data.task: every rank
+  draws the global micro-batch's indices and keeps its rows.
+- Held-out examples: the ``val_data`` given, else a fixed ``val_fraction`` of the examples (a
+  permutation seeded by 0, so the split does not depend on the run's seed); ListOps has its
+  own validation and test splits. The evaluation set is the first ``eval_windows`` of them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reformer.data import listops
+from reformer.data.masking import bert_mask
+from reformer.data.task import Task, TaskSpec
+from reformer.data.text import TextTask, resolve_paths
+
+PAD_MULTIPLE = 64
+MASK_TOKEN = 256  # the mlm task's mask id: one past the 256 byte values
+Example = tuple[torch.Tensor, int]  # (L,) ids, class id
+
+
+def pad_examples(examples: Sequence[Example], seq_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, L), attention mask (B, L), labels (B,)) with L the longest example rounded up
+    to PAD_MULTIPLE, at most ``seq_len``; longer examples are cut to ``seq_len``."""
+    longest = max(min(len(ids), seq_len) for ids, _ in examples)
+    length = min(seq_len, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    batch = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, (ids, _) in enumerate(examples):
+        n = min(len(ids), length)
+        batch[row, :n], mask[row, :n] = ids[:n], True
+    labels = torch.tensor([label for _, label in examples], dtype=torch.long)
+    return batch, mask, labels
+
+
+class ExampleTask(Task):
+    """Examples drawn by index with replacement; subclasses say how to read example i."""
+
+    n_train: int  # training examples (indices [0, n_train))
+    n_held_out: int  # held-out examples (indices [0, n_held_out))
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    @abstractmethod
+    def train_example(self, index: int) -> Example: ...
+
+    @abstractmethod
+    def held_out(self, index: int) -> Example: ...
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        picks = torch.randint(0, self.n_train, (spec.global_batch,), generator=self.generator)
+        return pad_examples([self.train_example(i) for i in picks[spec.rank_rows].tolist()],
+                            spec.seq_len)
+
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = min(self.spec.eval_windows, self.n_held_out)
+        return pad_examples([self.held_out(i) for i in range(n)], self.spec.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class ListOpsTask(ExampleTask):
+    """ListOps: 10 classes; training, validation and test examples generated from the seed.
+
+    Every run generates the same examples (seed 0 of reformer.data.listops), whatever its own
+    ``seed``, so that results of different runs are comparable; the run's seed orders them.
+    """
+
+    name, vocab_size, n_classes = "listops", len(listops.VOCAB), listops.N_CLASSES
+    n_train = 96_000  # as in the LRA release
+    n_held_out = 2_000
+    DATA_SEED = 0
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.lo_spec = listops.ListOpsSpec(max_length=min(spec.seq_len, 2000),
+                                           min_length=min(500, spec.seq_len))
+
+    def _example(self, split: str, index: int) -> Example:
+        symbols, value = listops.example(self.DATA_SEED, split, index, self.lo_spec)
+        return listops.encode(symbols), value
+
+    def train_example(self, index: int) -> Example:
+        return self._example("train", index)
+
+    def held_out(self, index: int) -> Example:
+        return self._example("validation", index)
+
+    def test_set(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``n`` test examples (never seen in training or validation)."""
+        return pad_examples([self._example("test", i) for i in range(n)], self.spec.seq_len)
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"max_length": self.lo_spec.max_length, "min_length": self.lo_spec.min_length}
+
+    def describe(self) -> str:
+        return (f"ListOps (generated): {self.lo_spec.min_length}-{self.lo_spec.max_length} "
+                f"tokens, {self.n_classes} classes; {self.n_train:,} training examples, "
+                f"{min(self.spec.eval_windows, self.n_held_out)} validation examples per "
+                "evaluation")
+
+
+class ClassifyTask(ExampleTask):
+    """The user's labelled text (see the module docstring for the formats)."""
+
+    name, vocab_size = "classify", 256
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        if not spec.data:
+            raise ValueError("the classify task has no default data; pass --data with a folder "
+                             "of class folders (one text file per example) or a JSONL file of "
+                             '{"text": ..., "label": ...} lines')
+        train = read_labelled(spec.data)
+        if spec.val_data:
+            held_out = read_labelled(spec.val_data)
+        else:
+            order = np.random.default_rng(0).permutation(len(train))
+            n_val = max(1, int(len(train) * spec.val_fraction))
+            if n_val >= len(train):
+                raise ValueError(f"{len(train)} examples are too few to hold out "
+                                 f"val_fraction={spec.val_fraction} of them; add examples or "
+                                 "pass --val-data")
+            held_out = [train[i] for i in order[-n_val:]]
+            train = [train[i] for i in order[:-n_val]]
+        self.classes = sorted({label for _, label in train})
+        if len(self.classes) < 2:
+            raise ValueError(f"the training data has {len(self.classes)} class "
+                             f"({self.classes}); a classifier needs at least 2")
+        unknown = sorted({label for _, label in held_out} - set(self.classes))
+        if unknown:
+            raise ValueError(f"held-out labels {unknown[:5]} never occur in the training data "
+                             f"(classes {self.classes[:10]}); fix the labels or the split")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.n_classes = len(self.classes)
+        self.train = [(ids, index[c]) for ids, c in train]
+        self.val = [(ids, index[c]) for ids, c in held_out]
+        self.n_train, self.n_held_out = len(self.train), len(self.val)
+
+    def train_example(self, index: int) -> Example:
+        return self.train[index]
+
+    def held_out(self, index: int) -> Example:
+        return self.val[index]
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"train_examples": self.n_train, "val_examples": self.n_held_out,
+                "classes": self.n_classes}
+
+    def describe(self) -> str:
+        return (f"{self.n_train:,} training and {self.n_held_out:,} held-out examples, "
+                f"{self.n_classes} classes ({', '.join(self.classes[:6])}"
+                f"{', ...' if self.n_classes > 6 else ''})")
+
+
+def read_labelled(paths: Sequence[str]) -> list[tuple[torch.Tensor, str]]:
+    """(byte ids, class name) for every example of JSONL files and class folders."""
+    examples: list[tuple[torch.Tensor, str]] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            classes = sorted(p for p in path.iterdir() if p.is_dir())
+            if not classes:
+                raise ValueError(f"{path} holds no class folders; put each class's files in "
+                                 "a sub-folder named after the class, or pass a JSONL file")
+            for folder in classes:
+                examples += [(_ids(f.read_bytes()), folder.name)
+                             for f in resolve_paths([str(folder)])]
+        elif path.suffix == ".jsonl" and path.is_file():
+            examples += _read_jsonl(path)
+        else:
+            raise ValueError(f"{given!r} is neither a folder of class folders nor a .jsonl "
+                             "file; pass one of those")
+    if not examples:
+        raise ValueError(f"{list(paths)} hold no examples")
+    return examples
+
+
+def _read_jsonl(path: Path) -> list[tuple[torch.Tensor, str]]:
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text, label = record["text"], record["label"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{n} is not a JSON object with \"text\" and \"label\" "
+                             f"({err}); write one such object per line") from err
+        if not isinstance(text, str) or not isinstance(label, (str, int)) or not text:
+            raise ValueError(f"{path}:{n}: \"text\" must be a non-empty string and \"label\" a "
+                             f"string or an integer; got {type(text).__name__} and "
+                             f"{type(label).__name__}")
+        examples.append((_ids(text.encode("utf-8")), str(label)))
+    return examples
+
+
+def _ids(data: bytes) -> torch.Tensor:
+    if not data:
+        data = b" "  # an empty file still is an example of its class
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+class MaskedTextTask(Task):
+    """Masked language modelling on random windows of text (BERT masking of 15%)."""
+
+    name, vocab_size = "mlm", MASK_TOKEN + 1
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.text = TextTask(spec)
+        self.spec = spec
+        self.generator = torch.Generator().manual_seed(spec.seed + 1)
+        held_out = torch.Generator().manual_seed(0)  # the same masks whatever the run's seed
+        self.val_inputs, self.val_labels = self._mask(self.text.val_windows, held_out)
+
+    def _mask(self, ids: torch.Tensor, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return bert_mask(ids, MASK_TOKEN, self.vocab_size, p=self.spec.mask_prob,
+                         generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, None, torch.Tensor]:
+        # the whole global micro-batch is masked (same generator calls on every rank); the
+        # text sampler already returned this rank's rows only, so draw for world * B rows
+        ids = self.text.sampler.next_batch()
+        spec = self.spec
+        full = ids.new_zeros((spec.global_batch, ids.shape[1]))
+        full[spec.rank_rows] = ids
+        inputs, labels = self._mask(full, self.generator)
+        return inputs[spec.rank_rows], None, labels[spec.rank_rows]
+
+    def eval_set(self) -> tuple[torch.Tensor, None, torch.Tensor]:
+        return self.val_inputs, None, self.val_labels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"text": self.text.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.text.load_state_dict(state["text"])
+        self.generator.set_state(state["generator"])
+
+    def fingerprint(self) -> dict[str, int]:
+        return self.text.fingerprint()
+
+    def describe(self) -> str:
+        return f"{self.text.describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"
+
+
+BUILDERS: dict[str, Callable[[TaskSpec], Task]] = {
+    "classify": ClassifyTask, "listops": ListOpsTask, "mlm": MaskedTextTask}

@@ -1,0 +1,144 @@
+"""Training the heads: classify, listops and mlm runs train, evaluate, resume exactly, load
+back as their heads and are scored by ``reformer eval``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from reformer import ReformerConfig
+from reformer.__main__ import main
+from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
+from reformer.training import checkpoint as ckpt
+from reformer.training.config import RunConfig, TrainConfig
+from reformer.training.evaluate import evaluate_head_run, evaluate_run
+from reformer.training.metrics import evaluate_examples
+from reformer.training.trainer import Callback, Trainer
+
+TRUNK = dict(d_model=16, n_heads=2, d_ff=32, n_layers=2, attn_layers=("local", "lsh"),
+             n_hashes=2, chunk_length=16, local_chunk_length=16, n_chunks_after=1,
+             causal=False, dropout=0.1)
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    """Labels that a model can read off the text: the first word names the class."""
+    rows = [{"text": ("yes " if i % 2 else "no ") + "words " * (i % 9), "label": i % 2}
+            for i in range(80)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def head_run(task, data=(), vocab=256, seq_len=128, model=None, **changes) -> RunConfig:
+    model = ReformerConfig(vocab_size=vocab, max_seq_len=seq_len, **{**TRUNK, **(model or {})})
+    train = dict(task=task, data=tuple(str(d) for d in data), seq_len=seq_len, batch_size=4,
+                 steps=6, warmup_steps=2, eval_every=3, eval_windows=8, checkpoint_every=100,
+                 seed=3, device="cpu", lr=3e-3)
+    return RunConfig(model, TrainConfig(**{**train, **changes}), preset=None)
+
+
+RUNS = {"classify": lambda d: head_run("classify", [d]),
+        "listops": lambda d: head_run("listops", vocab=16, seq_len=2048, batch_size=2,
+                                      eval_windows=4, pooling="first"),
+        "mlm": lambda d: head_run("mlm", vocab=257)}
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, report):
+        if report.step == self.step:
+            trainer.request_stop("test")
+
+
+def records(run_dir, kind):
+    lines = (run_dir / ckpt.METRICS_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("task", sorted(RUNS))
+def test_head_runs_resume_exactly_and_log_accuracy(tmp_path, reviews, task):
+    run = RUNS[task](reviews)
+    straight = Trainer.create(tmp_path / "a", run).run_loop()
+    assert straight.step == 6 and all("accuracy" in e.metrics for e in straight.evals)
+    Trainer.create(tmp_path / "b", run).run_loop(StopAt(3))
+    Trainer.resume(tmp_path / "b").run_loop()
+    losses = [[r["loss"] for r in records(tmp_path / d, "train")] for d in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    evals = records(tmp_path / "a", "eval")
+    assert [e["step"] for e in evals] == [0, 3, 6] and 0 <= evals[-1]["val_accuracy"] <= 1
+
+    model, _ = ckpt.load_model(tmp_path / "a")
+    kind = ReformerForMaskedLM if task == "mlm" else ReformerForSequenceClassification
+    assert isinstance(model, kind)
+    if task != "mlm":
+        assert model.n_classes == (2 if task == "classify" else 10)
+    scored = evaluate_head_run(tmp_path / "a")  # the run's own held-out set, as in training
+    bits, accuracy = scored[run.model.n_hashes]
+    assert bits == pytest.approx(evals[-1]["val_bpc"], rel=1e-6)
+    assert accuracy == pytest.approx(evals[-1]["val_accuracy"])
+
+
+def test_a_classifier_learns_the_word_that_names_the_class(tmp_path, reviews):
+    run = head_run("classify", [reviews], steps=40, eval_every=40, lr=1e-2,
+                   model={"dropout": 0.0})
+    result = Trainer.create(tmp_path / "r", run).run_loop()
+    assert result.evals[0].metrics["accuracy"] <= 0.75
+    assert result.evals[-1].metrics["accuracy"] == 1.0
+
+
+def test_batched_evaluation_equals_one_example_at_a_time(reviews, tmp_path):
+    """Cutting padding columns and batching change nothing (full attention: no rotations)."""
+    from reformer.data.task import build_task
+    config = ReformerConfig(vocab_size=256, max_seq_len=128, **{**TRUNK, "attn_layers": (
+        "full", "local"), "dropout": 0.0})
+    torch.manual_seed(0)
+    model = ReformerForSequenceClassification(config, 2).double()
+    task = build_task(head_run("classify", [reviews]).training.task_spec())
+    ids, mask, labels = task.eval_set()
+    together = evaluate_examples(model, ids, mask, labels, batch_size=8)
+    alone = evaluate_examples(model, ids, mask, labels, batch_size=1)
+    assert together[0] == pytest.approx(alone[0], rel=1e-9)
+    assert together[1] == alone[1]
+    with torch.no_grad():  # by hand, on the padded batch
+        out = model(ids, attention_mask=mask, labels=labels)
+    assert together[0] == pytest.approx(out.loss.item() / math.log(2), rel=1e-9)
+    right = (out.logits.argmax(-1) == labels).float().mean().item()
+    assert together[1]["accuracy"] == pytest.approx(right)
+
+
+def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_path, reviews,
+                                                                         capsys):
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps(ReformerConfig(vocab_size=256, max_seq_len=256,
+                                                **TRUNK).to_dict()))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "classify", "--data", str(reviews), "--config", str(config),
+                 "--steps", "2", "--batch-size", "2", "--eval-windows", "4", "--seq-len",
+                 "256", "--device", "cpu", "--out", str(out)]) == 0
+    assert "bits/example" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out), "--windows", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "%" in printed
+    assert main(["eval", "--checkpoint", str(out), "--split", "test"]) == 2
+    assert "only ListOps has a test split" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "yes"]) == 2
+    assert "is a classify run, not a text model; use reformer eval" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="evaluate_head_run"):
+        evaluate_run(out)
+    with pytest.raises(ValueError, match="trained a classify model, which does not generate"):
+        ckpt.load_model(out, language_model=True)
+
+
+def test_heads_refuse_causal_trunks_and_sequence_parallelism(tmp_path, reviews):
+    causal = head_run("classify", [reviews])
+    causal = RunConfig(causal.model.replace(causal=True, n_chunks_after=0), causal.training)
+    with pytest.raises(ValueError, match="causal=True makes a sequence classifier"):
+        Trainer.create(tmp_path / "c", causal)
+    with pytest.raises(ValueError, match="vocab_size=256 cannot hold the mlm task's 257"):
+        Trainer.create(tmp_path / "m", head_run("mlm"))
