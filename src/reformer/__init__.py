@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         lsh_attention,
     )
     from reformer.config import ReformerConfig
+    from reformer.encoder_decoder import ReformerEncoderDecoder
     from reformer.hashing import hash_vectors, sample_rotations
     from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
     from reformer.model import ReformerLM, ReformerOutput, ReformerTrunk
@@ -33,6 +34,7 @@ _HOMES = {
     "reformer.attention": ("FullSelfAttention", "LSHSelfAttention", "LocalSelfAttention",
                            "full_attention", "local_attention", "lsh_attention"),
     "reformer.config": ("ReformerConfig",),
+    "reformer.encoder_decoder": ("ReformerEncoderDecoder",),
     "reformer.hashing": ("hash_vectors", "sample_rotations"),
     "reformer.heads": ("ReformerForMaskedLM", "ReformerForSequenceClassification"),
     "reformer.model": ("ReformerLM", "ReformerOutput", "ReformerTrunk"),
@@ -44,6 +46,7 @@ __all__ = [
     "LSHSelfAttention",
     "LocalSelfAttention",
     "ReformerConfig",
+    "ReformerEncoderDecoder",
     "ReformerForMaskedLM",
     "ReformerForSequenceClassification",
     "ReformerLM",

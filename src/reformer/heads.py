@@ -165,9 +165,10 @@ class _ChunkedMeanPool(torch.autograd.Function):
 
 
 def build_model(config: ReformerConfig, head: str = "lm", n_classes: int = 0,
-                pooling: str = "mean") -> ReformerTrunk:
+                pooling: str = "mean") -> nn.Module:
     """The model a task trains (``Task.head``): the language model, the masked language
-    model, or a classifier of ``n_classes`` with ``pooling``."""
+    model, a classifier of ``n_classes`` with ``pooling``, or an encoder-decoder whose
+    encoder and decoder both take ``config``'s shape."""
     if head == "lm":
         from reformer.model import ReformerLM
         return ReformerLM(config)
@@ -175,5 +176,8 @@ def build_model(config: ReformerConfig, head: str = "lm", n_classes: int = 0,
         return ReformerForMaskedLM(config)
     if head == "classify":
         return ReformerForSequenceClassification(config, n_classes, pooling)
-    fail("head", head, "is unknown", "use lm, mlm or classify")
+    if head == "seq2seq":
+        from reformer.encoder_decoder import ReformerEncoderDecoder
+        return ReformerEncoderDecoder.from_config(config)
+    fail("head", head, "is unknown", "use lm, mlm, classify or seq2seq")
     raise AssertionError  # fail raises

@@ -23,6 +23,9 @@ Presets:
   one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (vocabulary
   16, up to 2,000 tokens, first-token pooling), byte-level text classification at 4K, and
   masked language modelling of 4K windows (vocabulary 257: the bytes and the mask token).
+- ``seq2seq``: the encoder-decoder (reformer.encoder_decoder) with this shape on both sides,
+  the encoder reading both ways and the decoder causally (vocabulary 258: the bytes, the
+  start and the end token).
 - ``imagenet64``: the paper's image setting, 64x64x3 = 12,288 tokens, 12 layers of d_model
   1024 (a GPU model; the layer layout is ours).
 - ``enwik8``: the paper's byte-level model (Kitaev et al. 2020, section 5): 12 layers,
@@ -135,6 +138,19 @@ PRESETS: dict[str, Preset] = {
                 attn_head_chunk_size=4),
             training=dict(task="mlm", seq_len=4096, batch_size=4, steps=2000, lr=2e-3,
                           warmup_steps=50, eval_every=100, eval_windows=8,
+                          checkpoint_every=100),
+        ),
+        Preset(
+            name="seq2seq",
+            description="an encoder-decoder over bytes: 2 + 2 layers, d_model 128, sources "
+            "and targets up to 4K bytes (CPU)",
+            model=ReformerConfig(
+                vocab_size=258, d_model=128, n_heads=4, d_ff=512, n_layers=2,
+                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
+                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
+                attn_head_chunk_size=4),
+            training=dict(task="seq2seq", seq_len=4096, batch_size=8, steps=2000, lr=1e-3,
+                          warmup_steps=50, eval_every=100, eval_windows=64,
                           checkpoint_every=100),
         ),
         Preset(

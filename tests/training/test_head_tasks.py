@@ -79,7 +79,8 @@ def test_head_runs_resume_exactly_and_log_accuracy(tmp_path, reviews, task):
     if task != "mlm":
         assert model.n_classes == (2 if task == "classify" else 10)
     scored = evaluate_head_run(tmp_path / "a")  # the run's own held-out set, as in training
-    bits, accuracy = scored[run.model.n_hashes]
+    bits, metrics = scored[run.model.n_hashes]
+    accuracy = metrics["accuracy"]
     assert bits == pytest.approx(evals[-1]["val_bpc"], rel=1e-6)
     assert accuracy == pytest.approx(evals[-1]["val_accuracy"])
 
@@ -142,3 +143,49 @@ def test_heads_refuse_causal_trunks_and_sequence_parallelism(tmp_path, reviews):
         Trainer.create(tmp_path / "c", causal)
     with pytest.raises(ValueError, match="vocab_size=256 cannot hold the mlm task's 257"):
         Trainer.create(tmp_path / "m", head_run("mlm"))
+
+
+@pytest.fixture
+def reversals(tmp_path):
+    """Pairs whose target is the source reversed."""
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(60):
+        word = "".join(chr(97 + int(c)) for c in torch.randint(0, 4, (5,), generator=rng))
+        rows.append({"source": word, "target": word[::-1]})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_seq2seq_batches_frame_the_target_and_label_only_real_tokens(reversals):
+    from reformer.data.labelled import BOS, EOS
+    from reformer.data.task import build_task
+    task = build_task(head_run("seq2seq", [reversals], vocab=258).training.task_spec())
+    src, mask, tgt, labels = task.next_batch()
+    assert src.shape == mask.shape and tgt.shape == labels.shape and src.shape[0] == 4
+    for s, m, t, y in zip(src, mask, tgt, labels, strict=True):
+        word = bytes(s[m].tolist())
+        real = y != -100
+        assert t[real].tolist() == [BOS, *word[::-1], EOS] and torch.equal(y[real], t[real])
+        assert not t[~real].any()
+
+
+def test_seq2seq_run_learns_to_reverse_and_resumes_exactly(tmp_path, reversals):
+    from reformer.encoder_decoder import ReformerEncoderDecoder
+    run = head_run("seq2seq", [reversals], vocab=258, steps=150, eval_every=75, lr=1e-2,
+                   model={"dropout": 0.0, "attn_layers": ("full",)})
+    result = Trainer.create(tmp_path / "a", run).run_loop()
+    first, last = result.evals[0].metrics, result.evals[-1].metrics
+    assert first["exact_match"] == 0.0 and first["accuracy"] < 0.2 and last["accuracy"] > 0.5
+    model, _ = ckpt.load_model(tmp_path / "a")
+    assert isinstance(model, ReformerEncoderDecoder) and not model.encoder.config.causal
+    assert model.decoder.config.causal
+    short = RunConfig(run.model, run.training.replace(steps=4, eval_every=2))
+    Trainer.create(tmp_path / "b", short).run_loop(StopAt(2))
+    Trainer.resume(tmp_path / "b").run_loop()
+    Trainer.create(tmp_path / "c", short).run_loop()
+    assert records(tmp_path / "b", "train") and [r["loss"] for r in records(
+        tmp_path / "b", "train")] == [r["loss"] for r in records(tmp_path / "c", "train")]
+    scored = evaluate_head_run(tmp_path / "a")
+    assert scored[run.model.n_hashes][1] == pytest.approx(last)

@@ -25,7 +25,7 @@ def test_presets_are_consistent(name):
 
 def build_task_vocab(task: str) -> int:
     return {"text": 256, "images": 256, "synthetic": 128, "classify": 256, "listops": 16,
-            "mlm": 257}[task]
+            "mlm": 257, "seq2seq": 258}[task]
 
 
 def test_enwik8_is_the_papers_model():

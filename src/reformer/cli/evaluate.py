@@ -42,9 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              "data by training with it as --val-data)")
         scores = evaluate_head_run(args.checkpoint, args.split, args.n_hashes or (None,),
                                    n_examples=args.windows, device=args.device)
-        print(f"{args.split} set; hash rounds   bits/{unit}   accuracy")
-        for rounds, (bits, accuracy) in scores.items():
-            print(f"{rounds:>11}   {bits:9.4f}   {100 * accuracy:7.2f}%")
+        names = list(next(iter(scores.values()))[1])
+        print(f"{args.split} set; hash rounds   bits/{unit}   " + "   ".join(names))
+        for rounds, (bits, metrics) in scores.items():
+            print(f"{rounds:>11}   {bits:9.4f}   "
+                  + "   ".join(f"{100 * metrics[k]:{len(k) - 1}.2f}%" for k in names))
         return 0
     if args.split != "validation":
         raise ValueError(f"--split {args.split} applies to ListOps runs; {args.checkpoint} is "

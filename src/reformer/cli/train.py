@@ -42,7 +42,8 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "seed", "device", "parallel", "pooling", "mask_prob")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic",
-                "classify": "classify", "listops": "listops", "mlm": "mlm"}
+                "classify": "classify", "listops": "listops", "mlm": "mlm",
+                "seq2seq": "seq2seq"}
 
 
 # ----------------------------------------------------------------------------- train
@@ -270,8 +271,9 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
         p.add_argument("--task", choices=TASKS,
                        help="text (default), images, the synthetic duplication task, classify "
                        "(labelled text: --data FOLDER of class folders, or FILE.jsonl of "
-                       '{"text", "label"} lines), listops (Long Range Arena, generated) or mlm '
-                       "(masked language modelling of text)")
+                       '{"text", "label"} lines), listops (Long Range Arena, generated), mlm '
+                       "(masked language modelling of text) or seq2seq (the encoder-decoder on "
+                       '--data FILE.jsonl of {"source", "target"} lines)')
         p.add_argument("--pooling", choices=POOLINGS,
                        help="classify, listops: the classifier reads the mean of the real "
                        "tokens' states or the first token's (default: the preset's, first for "

@@ -11,6 +11,9 @@ These feed the heads of reformer.heads rather than the language model; a batch i
 - ``mlm``: random windows of text with BERT masking (reformer.data.masking); the mask token is
   id 256, one past the bytes. Labels (B, L) hold the original byte at the chosen positions and
   -100 elsewhere.
+- ``seq2seq``: the user's pairs of texts, a JSONL file of ``{"source": ..., "target": ...}``
+  lines, for the encoder-decoder; a batch is ``(input_ids, attention_mask, decoder_input_ids,
+  labels)`` with the target framed by start and end tokens (ids 256 and 257).
 
 Shapes: B batch, L padded length (at most ``seq_len``), N held-out examples.
 
@@ -147,18 +150,7 @@ class ClassifyTask(ExampleTask):
             raise ValueError("the classify task has no default data; pass --data with a folder "
                              "of class folders (one text file per example) or a JSONL file of "
                              '{"text": ..., "label": ...} lines')
-        train = read_labelled(spec.data)
-        if spec.val_data:
-            held_out = read_labelled(spec.val_data)
-        else:
-            order = np.random.default_rng(0).permutation(len(train))
-            n_val = max(1, int(len(train) * spec.val_fraction))
-            if n_val >= len(train):
-                raise ValueError(f"{len(train)} examples are too few to hold out "
-                                 f"val_fraction={spec.val_fraction} of them; add examples or "
-                                 "pass --val-data")
-            held_out = [train[i] for i in order[-n_val:]]
-            train = [train[i] for i in order[:-n_val]]
+        train, held_out = split_examples(spec, read_labelled)
         self.classes = sorted({label for _, label in train})
         if len(self.classes) < 2:
             raise ValueError(f"the training data has {len(self.classes)} class "
@@ -189,6 +181,22 @@ class ClassifyTask(ExampleTask):
                 f"{', ...' if self.n_classes > 6 else ''})")
 
 
+def split_examples(spec: TaskSpec, read: Callable[[Sequence[str]], list]
+                   ) -> tuple[list, list]:
+    """(training, held-out) examples: ``read(spec.val_data)`` if given, else the last
+    ``val_fraction`` of ``read(spec.data)`` in an order permuted with seed 0 (the same split
+    whatever the run's seed)."""
+    train = read(spec.data)
+    if spec.val_data:
+        return train, read(spec.val_data)
+    order = np.random.default_rng(0).permutation(len(train))
+    n_val = max(1, int(len(train) * spec.val_fraction))
+    if n_val >= len(train):
+        raise ValueError(f"{len(train)} examples are too few to hold out val_fraction="
+                         f"{spec.val_fraction} of them; add examples or pass --val-data")
+    return [train[i] for i in order[:-n_val]], [train[i] for i in order[-n_val:]]
+
+
 def read_labelled(paths: Sequence[str]) -> list[tuple[torch.Tensor, str]]:
     """(byte ids, class name) for every example of JSONL files and class folders."""
     examples: list[tuple[torch.Tensor, str]] = []
@@ -214,21 +222,29 @@ def read_labelled(paths: Sequence[str]) -> list[tuple[torch.Tensor, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[torch.Tensor, str]]:
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            text, label = record["text"], record["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{n} is not a JSON object with \"text\" and \"label\" "
-                             f"({err}); write one such object per line") from err
+    for n, (text, label) in _jsonl_records(path, "text", "label"):
         if not isinstance(text, str) or not isinstance(label, (str, int)) or not text:
             raise ValueError(f"{path}:{n}: \"text\" must be a non-empty string and \"label\" a "
                              f"string or an integer; got {type(text).__name__} and "
                              f"{type(label).__name__}")
         examples.append((_ids(text.encode("utf-8")), str(label)))
     return examples
+
+
+def _jsonl_records(path: Path, *keys: str) -> list[tuple[int, list]]:
+    """(line number, [record[key] for key in keys]) for every non-empty line of a JSONL file."""
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append((n, [record[k] for k in keys]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            names = " and ".join(f'"{k}"' for k in keys)
+            raise ValueError(f"{path}:{n} is not a JSON object with {names} ({err}); write "
+                             "one such object per line") from err
+    return records
 
 
 def _ids(data: bytes) -> torch.Tensor:
@@ -281,5 +297,79 @@ class MaskedTextTask(Task):
         return f"{self.text.describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"
 
 
+BOS, EOS = 256, 257  # the seq2seq task's start and end tokens: after the 256 bytes
+
+
+def pad_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(source ids (B, S), source mask (B, S), decoder inputs (B, T), labels (B, T)).
+
+    The decoder reads ``[BOS, target..., EOS]`` (cut to ``seq_len``) and its labels are the
+    same ids, -100 on the padding; both sides are padded like :func:`pad_examples`.
+    """
+    sources, mask, _ = pad_examples([(src, 0) for src, _ in pairs], seq_len)
+    framed = [(torch.cat([torch.tensor([BOS]), tgt, torch.tensor([EOS])]), 0)
+              for _, tgt in pairs]
+    targets, real, _ = pad_examples(framed, seq_len)
+    return sources, mask, targets, targets.masked_fill(~real, -100)
+
+
+class PairTask(Task):
+    """Sequence to sequence on the user's pairs: JSONL lines ``{"source": ..., "target":
+    ...}``, both texts read as bytes (at most ``seq_len`` each; the target with its start and
+    end tokens)."""
+
+    name, vocab_size = "seq2seq", EOS + 1
+
+    def __init__(self, spec: TaskSpec) -> None:
+        if not spec.data:
+            raise ValueError("the seq2seq task has no default data; pass --data with a JSONL "
+                             'file of {"source": ..., "target": ...} lines')
+        self.spec = spec
+        self.train, self.val = split_examples(spec, read_pairs)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        spec = self.spec
+        picks = torch.randint(0, len(self.train), (spec.global_batch,), generator=self.generator)
+        return pad_pairs([self.train[i] for i in picks[spec.rank_rows].tolist()], spec.seq_len)
+
+    def eval_set(self) -> tuple[torch.Tensor, ...]:
+        return pad_pairs(self.val[:self.spec.eval_windows], self.spec.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def fingerprint(self) -> dict[str, int]:
+        return {"train_pairs": len(self.train), "val_pairs": len(self.val)}
+
+    def describe(self) -> str:
+        return (f"{len(self.train):,} training and {len(self.val):,} held-out pairs "
+                f"({min(self.spec.eval_windows, len(self.val))} per evaluation)")
+
+
+def read_pairs(paths: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(source bytes, target bytes) of every line of JSONL files."""
+    pairs = []
+    for given in paths:
+        path = Path(given)
+        if path.suffix != ".jsonl" or not path.is_file():
+            raise ValueError(f"{given!r} is not a .jsonl file; the seq2seq task reads JSONL "
+                             'lines {"source": ..., "target": ...}')
+        for n, (source, target) in _jsonl_records(path, "source", "target"):
+            if not (isinstance(source, str) and isinstance(target, str) and source):
+                raise ValueError(f"{path}:{n}: \"source\" must be a non-empty string and "
+                                 "\"target\" a string")
+            pairs.append((_ids(source.encode("utf-8")),
+                          torch.tensor(list(target.encode("utf-8")), dtype=torch.long)))
+    if not pairs:
+        raise ValueError(f"{list(paths)} hold no pairs")
+    return pairs
+
+
 BUILDERS: dict[str, Callable[[TaskSpec], Task]] = {
-    "classify": ClassifyTask, "listops": ListOpsTask, "mlm": MaskedTextTask}
+    "classify": ClassifyTask, "listops": ListOpsTask, "mlm": MaskedTextTask,
+    "seq2seq": PairTask}

@@ -10,6 +10,8 @@ hides what the tokens are. Three tasks exist:
   Long Range Arena's ListOps, masked language modelling; reformer.data.labelled). Their
   batches are ``(input_ids, attention_mask, labels)`` (the mask None where every token is
   real), labels (B,) class ids for the classifiers.
+- ``seq2seq`` trains the encoder-decoder on pairs of texts; its batches are ``(input_ids,
+  attention_mask, decoder_input_ids, labels)``.
 
 Shapes: B batch, L sequence length, N evaluation sequences.
 
@@ -45,12 +47,13 @@ import torch
 
 from reformer.config import is_int
 
-TASKS = ("text", "images", "synthetic", "classify", "listops", "mlm")
+TASKS = ("text", "images", "synthetic", "classify", "listops", "mlm", "seq2seq")
 # what one token (or, for the classifiers, one example) is
 UNITS = {"text": "char", "images": "dim", "synthetic": "symbol", "classify": "example",
-         "listops": "example", "mlm": "masked char"}
-HEADS = ("lm", "classify", "mlm")  # the model a task trains (reformer.heads.build_model)
-TASK_HEADS = {"classify": "classify", "listops": "classify", "mlm": "mlm"}  # others: lm
+         "listops": "example", "mlm": "masked char", "seq2seq": "target byte"}
+HEADS = ("lm", "classify", "mlm", "seq2seq")  # the models (reformer.heads.build_model)
+TASK_HEADS = {"classify": "classify", "listops": "classify", "mlm": "mlm",
+              "seq2seq": "seq2seq"}  # the other tasks train the language model
 
 
 def task_head(task: str) -> str:
@@ -157,7 +160,7 @@ def build_task(spec: TaskSpec) -> Task:
     if spec.task == "synthetic":
         from reformer.data.synthetic import DuplicationTask
         return DuplicationTask(spec)
-    if spec.task in ("classify", "listops", "mlm"):
+    if spec.task in TASK_HEADS:
         from reformer.data.labelled import BUILDERS
         return BUILDERS[spec.task](spec)
     raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")

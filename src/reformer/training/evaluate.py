@@ -15,7 +15,7 @@ from reformer.config import check_positive_int
 from reformer.data import text
 from reformer.data.task import build_task, task_head
 from reformer.training.checkpoint import load_model, read_config
-from reformer.training.metrics import evaluate_examples, evaluate_sequences
+from reformer.training.metrics import evaluate_head, evaluate_sequences
 from reformer.training.trainer import resolve_device
 
 
@@ -70,7 +70,7 @@ def evaluate_run(run_dir: str | Path, data: Sequence[str | Path] = (),
 def evaluate_head_run(run_dir: str | Path, split: str = "validation",
                       n_hashes: Sequence[int | None] = (None,), n_examples: int | None = None,
                       device: str = "auto", precision: str | None = None
-                      ) -> dict[int, tuple[float, float]]:
+                      ) -> dict[int, tuple[float, dict[str, float]]]:
     """Held-out loss and accuracy of a classifier or masked-LM run, per number of hash rounds.
 
     Args:
@@ -80,7 +80,8 @@ def evaluate_head_run(run_dir: str | Path, split: str = "validation",
             mlm task, windows).
 
     Returns:
-        {R: (bits per example or per masked token, accuracy)}.
+        {R: (bits per example, masked or target token, {"accuracy": ..., and for seq2seq
+        "exact_match": ...})}.
     """
     model, run = load_model(run_dir, resolve_device(device))
     cfg = run.training
@@ -95,9 +96,8 @@ def evaluate_head_run(run_dir: str | Path, split: str = "validation",
     results = {}
     for r in n_hashes:
         rounds = _given_or(r, "n_hashes", run.model.n_hashes)
-        bits, metrics = evaluate_examples(model, *held_out, n_hashes=rounds, seed=cfg.seed,
-                                          precision=precision or cfg.precision)
-        results[rounds] = (bits, metrics["accuracy"])
+        results[rounds] = evaluate_head(model, task.head, held_out, n_hashes=rounds,
+                                        seed=cfg.seed, precision=precision or cfg.precision)
     return results
 
 

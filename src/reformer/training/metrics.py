@@ -129,9 +129,8 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
             x, y = inputs[rows], labels[rows]
             m = None if attention_mask is None else attention_mask[rows]
             if m is not None:  # cut the columns that only pad
-                length = int(m.any(dim=0).nonzero().max()) + 1
-                x, m = x[:, :length], m[:, :length]
-                y = y[:, :length] if y.dim() == 2 else y
+                x, m = _cut(x, m)
+                y = y[:, :x.shape[1]] if y.dim() == 2 else y
             x, y = x.to(device), y.to(device)
             out = model(x, attention_mask=None if m is None else m.to(device), labels=y,
                         n_hashes=n_hashes)
@@ -142,6 +141,62 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
     model.train(was_training)
     nats, count, correct = world.all_sum([nats, count, correct], device)
     return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor,
+                   decoder_inputs: torch.Tensor, labels: torch.Tensor,
+                   n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
+                   world: World | None = None, batch_size: int = EVAL_BATCH
+                   ) -> tuple[float, dict[str, float]]:
+    """Held-out loss of an encoder-decoder over N pairs, teacher-forced, in bits per target
+    token; the share of target tokens predicted right and of pairs whose every target token is
+    right ("exact_match": exactly the pairs that greedy decoding reproduces). Batches, seeds
+    and processes as :func:`evaluate_examples`."""
+    from reformer.model import shifted_targets
+    world = world or World()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    starts = range(0, len(inputs), batch_size)
+    n_batches = len(starts)
+    mine = range(world.rank, -(-n_batches // world.size) * world.size, world.size)
+    nats = count = correct = exact = 0.0
+    with fixed_rng(seed, device), autocast(device, precision):
+        for k in mine:
+            j, weight = min(k, n_batches - 1), 1.0 if k < n_batches else 0.0
+            torch.manual_seed(seed + j)
+            rows = slice(starts[j], starts[j] + batch_size)
+            src, m = _cut(inputs[rows], attention_mask[rows])
+            y = labels[rows]
+            tgt, y = (t[:, :int((y != -100).any(dim=0).nonzero().max()) + 1]
+                      for t in (decoder_inputs[rows], y))
+            out = model(src.to(device), tgt.to(device), attention_mask=m.to(device),
+                        labels=y.to(device))
+            targets = shifted_targets(y.to(device))  # (b, T): position t predicts y[t + 1]
+            valid = targets != -100
+            right = (out.logits.argmax(dim=-1) == targets) & valid
+            n = int(valid.sum()) * weight
+            nats, count = nats + out.loss.item() * n, count + n
+            correct += int(right.sum()) * weight
+            exact += int((right | ~valid).all(dim=1).sum()) * weight
+    model.train(was_training)
+    nats, count, correct, exact = world.all_sum([nats, count, correct, exact], device)
+    return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1),
+                                        "exact_match": exact / len(inputs)}
+
+
+def _cut(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask without the columns that only pad."""
+    length = int(mask.any(dim=0).nonzero().max()) + 1
+    return ids[:, :length], mask[:, :length]
+
+
+def evaluate_head(model: torch.nn.Module, head: str, held_out: tuple, **settings: Any
+                  ) -> tuple[float, dict[str, float]]:
+    """:func:`evaluate_pairs` for the encoder-decoder, else :func:`evaluate_examples`."""
+    fn = evaluate_pairs if head == "seq2seq" else evaluate_examples
+    return fn(model, *held_out, **settings)
 
 
 def evaluate_bpc(model: ReformerLM, windows: torch.Tensor, n_hashes: int | None = None,

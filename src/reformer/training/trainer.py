@@ -8,8 +8,9 @@ global gradient norm and takes one AdamW step at the scheduled learning rate
 
 The task chooses the model (``Task.head``; reformer.heads.build_model): the language model,
 or for the classify, listops and mlm tasks a classifier or masked LM on the same trunk, fed
-``(input_ids, attention_mask, labels)``. Their evaluation reports the loss per example (per
-masked token for mlm) in bits and the accuracy (metrics.evaluate_examples).
+``(input_ids, attention_mask, labels)``; the seq2seq task trains the encoder-decoder. Their
+evaluation reports the loss per example (per masked or target token) in bits and the accuracy
+(metrics.evaluate_head).
 
 Decisions:
 - Exact resume: the checkpoint holds the weights, the optimizer moments, the step and elapsed
@@ -72,7 +73,7 @@ from reformer.training.metrics import (
     LN2,
     MetricsLog,
     autocast,
-    evaluate_examples,
+    evaluate_head,
     evaluate_sequences,
     plot_metrics,
 )
@@ -120,6 +121,9 @@ class Trainer:
         if self.sequence and self.task.head != "lm":
             raise ValueError(f"parallel='sequence' trains language models only; the "
                              f"{cfg.task} task trains a {self.task.head} head: use ddp")
+        if self.task.head == "seq2seq" and cfg.parallel == "fsdp" and self.world.distributed:
+            raise ValueError("parallel='fsdp' does not shard the encoder-decoder yet; train "
+                             "the seq2seq task with parallel='ddp'")
         if self.sequence and self.task.extra_metrics is not None:
             raise ValueError(f"parallel='sequence' cannot evaluate the {cfg.task} task (its "
                              "metrics need every position's logits in one process); use ddp")
@@ -280,6 +284,10 @@ class Trainer:
         if self.task.head == "lm":
             inputs, labels = batch  # (B, L) each
             return self.model(inputs, labels=labels, return_logits=False).loss
+        if self.task.head == "seq2seq":
+            inputs, mask, targets, labels = batch  # (B, S), (B, S), (B, T), (B, T)
+            return self.model(inputs, targets, attention_mask=mask, labels=labels,
+                              return_logits=False).loss
         inputs, mask, labels = batch
         return self.model(inputs, attention_mask=mask, labels=labels).loss
 
@@ -320,11 +328,11 @@ class Trainer:
         and each of eval_n_hashes; the heads' accuracy in ``metrics``."""
         cfg = self.run.training
         if self.task.head != "lm":
-            held_out = self.task.eval_set()
-            first, metrics = evaluate_examples(self.module, *held_out, seed=cfg.seed,
-                                               precision=cfg.precision, world=self.world)
-            extra = {r: evaluate_examples(self.module, *held_out, n_hashes=r, seed=cfg.seed,
-                                          precision=cfg.precision, world=self.world)[0]
+            held_out, head = self.task.eval_set(), self.task.head
+            first, metrics = evaluate_head(self.module, head, held_out, seed=cfg.seed,
+                                           precision=cfg.precision, world=self.world)
+            extra = {r: evaluate_head(self.module, head, held_out, n_hashes=r, seed=cfg.seed,
+                                      precision=cfg.precision, world=self.world)[0]
                      for r in cfg.eval_n_hashes}
             return EvalReport(step=self.step, val_bpc=first, by_n_hashes=extra, metrics=metrics)
         inputs, labels = self.task.eval_set()

@@ -1,0 +1,96 @@
+"""ListOps (Long Range Arena) results of finished runs: test accuracy and the curves.
+
+    reformer train --task listops --max-minutes 85 --out runs/listops-lsh
+    reformer train --task listops --config benchmarks/lra/listops-full.json \\
+        --max-minutes 85 --out runs/listops-full
+    python benchmarks/lra/listops_report.py runs/listops-lsh runs/listops-full \\
+        --test 2000 --out docs
+
+For each run it scores the newest checkpoint on the first ``--test`` examples of the ListOps
+test split (never drawn in training or validation) with ``reformer.training.evaluate``, reads
+the validation accuracy after every evaluation from ``metrics.jsonl`` with the wall time it was
+reached at, writes ``lra-listops.png`` (validation accuracy against minutes, one line per run)
+and ``lra-listops.json`` into ``--out``, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from reformer.training import checkpoint as ckpt
+from reformer.training.evaluate import evaluate_head_run
+
+PUBLISHED = {"Transformer (LRA paper)": 36.37, "Reformer (LRA paper)": 37.27}
+
+
+def curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, minutes, validation accuracy) after every evaluation of a run."""
+    records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
+    minutes = {r["step"]: r["elapsed_s"] / 60 for r in records if r["kind"] == "train"}
+    minutes[0] = 0.0
+    return [(r["step"], minutes.get(r["step"], float("nan")), r["val_accuracy"])
+            for r in records if r["kind"] == "eval"]
+
+
+def attention(run_dir: Path) -> str:
+    return "/".join(ckpt.read_config(run_dir).model.attn_layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="ListOps run directories")
+    parser.add_argument("--test", type=int, default=2000, help="test examples (default 2000)")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    results = []
+    for run_dir in args.runs:
+        t0 = time.perf_counter()
+        (bits, metrics), = evaluate_head_run(run_dir, "test", n_examples=args.test,
+                                             device="cpu").values()
+        accuracy = metrics["accuracy"]
+        points = curve(run_dir)
+        results.append({"run": run_dir.name, "attention": attention(run_dir),
+                        "steps": points[-1][0], "minutes": round(points[-1][1], 1),
+                        "test_examples": args.test, "test_accuracy": accuracy,
+                        "test_bits": bits, "best_val_accuracy": max(p[2] for p in points),
+                        "final_val_accuracy": points[-1][2], "curve": points,
+                        "eval_seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lra-listops.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / "lra-listops.png")
+    print("\n| model | attention | steps | minutes | test accuracy |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| ours ({r['run']}) | {r['attention']} | {r['steps']} | {r['minutes']} | "
+              f"{100 * r['test_accuracy']:.2f}% |")
+    for name, value in PUBLISHED.items():
+        print(f"| {name} | | | | {value:.2f}% |")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        steps, minutes, accuracy = zip(*r["curve"], strict=True)
+        ax.plot(minutes, [100 * a for a in accuracy], marker=".",
+                label=f"{r['attention']} (test {100 * r['test_accuracy']:.1f}%)")
+    ax.axhline(PUBLISHED["Reformer (LRA paper)"], color="grey", ls="--", lw=1,
+               label="LRA paper's best (37.27%)")
+    ax.axhline(10, color="grey", ls=":", lw=1, label="chance (10%)")
+    ax.set_xlabel("wall-clock minutes (2-core CPU)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("ListOps: validation accuracy during training")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
