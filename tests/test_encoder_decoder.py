@@ -276,3 +276,43 @@ def test_learns_to_reverse_short_sequences():
     model.eval()
     exact = (model.generate(src, 6, bos_id=1) == tgt[:, 1:]).all(dim=1).float().mean()
     assert exact > 0.9, f"exact match {exact:.2f}"
+
+
+def unseeded(decoder_kinds=("local", "full")):
+    """LSH rotations from the global RNG (no hash_seed): batching must seed them alike."""
+    torch.manual_seed(0)
+    encoder, decoder = configs(decoder_kinds, hash_seed=None)
+    return ReformerEncoderDecoder(encoder, decoder, 3).double().eval()
+
+
+def test_batched_translation_equals_one_source_at_a_time():
+    from reformer.encoder_decoder import translate_batch
+    model = unseeded()
+    g = torch.Generator().manual_seed(1)
+    sources = [torch.randint(1, 11, (n,), generator=g) for n in (9, 5, 9)]
+    together = translate_batch(model, sources, 6, bos_id=0, eos_id=10, n_per_source=2, seed=7,
+                               temperature=1.5)
+    alone = [translate_batch(model, [sources[k // 2]], 6, bos_id=0, eos_id=10, seed=7 + k,
+                             temperature=1.5)[0] for k in range(6)]
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 2  # the samples differ: the test can fail
+    greedy = translate_batch(model, sources, 6, bos_id=0, greedy=True)  # rotations: seed 0
+    torch.manual_seed(0)
+    assert greedy[2] == model.generate(sources[2][None], 6, 0)[0].tolist()
+
+
+def test_translation_stops_at_the_end_token_and_refuses_bad_arguments():
+    from reformer.encoder_decoder import translate_batch
+    model = unseeded()
+    source = [torch.arange(1, 8)]
+    full = translate_batch(model, source, 8, bos_id=0, greedy=True)[0]
+    stop = full[2]
+    cut = translate_batch(model, source, 8, bos_id=0, eos_id=stop, greedy=True)[0]
+    assert cut == full[:full.index(stop)]
+    for kwargs, named in (({"bos_id": 11}, "bos_id=11"), ({"eos_id": -1}, "eos_id=-1"),
+                          ({"n_per_source": 0}, "n_per_source"),
+                          ({"temperature": 0.0}, "temperature")):
+        with pytest.raises(ValueError, match=named):
+            translate_batch(model, source, 4, **{"bos_id": 0, **kwargs})
+    with pytest.raises(ValueError, match="non-empty"):
+        translate_batch(model, [torch.tensor([], dtype=torch.long)], 4, bos_id=0)

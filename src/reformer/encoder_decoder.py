@@ -493,3 +493,61 @@ class ReformerEncoderDecoder(nn.Module):
                 token = logits.argmax(dim=-1)
             out.append(token)
         return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def translate_batch(model: ReformerEncoderDecoder, sources: list[torch.Tensor],
+                    max_new_tokens: int, bos_id: int, eos_id: int | None = None, *,
+                    n_per_source: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, greedy: bool = False, seed: int = 0
+                    ) -> list[list[int]]:
+    """``n_per_source`` target sequences for each of ``sources`` ((S,) ids, lengths may
+    differ), decoded with the caches, in one batch per source length.
+
+    Sources of one length need no padding, so each batch computes what one source alone
+    would (with LSH encoders the bucket count follows the length): with the same ``seed``,
+    sequence k (source-major: sample j of source i at i * n_per_source + j) draws from
+    ``torch.Generator().manual_seed(seed + k)`` and the global RNG (LSH rotations without
+    ``hash_seed``) is seeded with ``seed`` for each batch, so its tokens equal those of the
+    source decoded alone as sequence 0 with seed ``seed + k``. A sequence ends at ``eos_id``
+    (not returned) or after ``max_new_tokens``.
+
+    Returns:
+        len(sources) * n_per_source lists of target ids, without bos and eos.
+    """
+    from reformer.generation import _draw, _global_rng_seeded, check_filters
+    check_positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("n_per_source", n_per_source)
+    check_filters(temperature, top_k, top_p)
+    vocab = model.decoder.config.vocab_size
+    for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
+        if token is not None and (not isinstance(token, int) or not 0 <= token < vocab):
+            fail(name, token, f"is not a token id in [0, {vocab})",
+                 "pass a token of the decoder's vocabulary")
+    if not sources or any(s.dim() != 1 or not len(s) for s in sources):
+        raise ValueError("sources must be a non-empty list of non-empty (S,) id tensors")
+    rows = [s for s in sources for _ in range(n_per_source)]
+    device = next(model.parameters()).device
+    groups: dict[int, list[int]] = {}
+    for k, source in enumerate(rows):
+        groups.setdefault(len(source), []).append(k)
+    out: list[list[int]] = [[] for _ in rows]
+    for group in groups.values():
+        with _global_rng_seeded(seed, device):
+            generators = [torch.Generator().manual_seed(seed + k) for k in group]
+            batch = torch.stack([rows[k] for k in group]).to(device)
+            cache = model.new_cache(batch, None, capacity=max_new_tokens)
+            token = torch.full((len(group),), bos_id, dtype=torch.long, device=device)
+            done = [False] * len(group)
+            for _ in range(max_new_tokens):
+                logits = model.step(token, cache)  # (b, V)
+                drawn = (logits.argmax(dim=-1).tolist() if greedy
+                         else _draw(logits, (temperature, top_k, top_p), generators))
+                for i, (k, t) in enumerate(zip(group, drawn, strict=True)):
+                    done[i] = done[i] or t == eos_id
+                    if not done[i]:
+                        out[k].append(t)
+                if all(done):
+                    break
+                token = torch.tensor(drawn, dtype=torch.long, device=device)
+    return out

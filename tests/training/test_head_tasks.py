@@ -189,3 +189,19 @@ def test_seq2seq_run_learns_to_reverse_and_resumes_exactly(tmp_path, reversals):
         tmp_path / "b", "train")] == [r["loss"] for r in records(tmp_path / "c", "train")]
     scored = evaluate_head_run(tmp_path / "a")
     assert scored[run.model.n_hashes][1] == pytest.approx(last)
+
+
+def test_cli_generates_targets_of_a_seq2seq_run(tmp_path, reversals, capsys):
+    run = head_run("seq2seq", [reversals], vocab=258, steps=2)
+    Trainer.create(tmp_path / "s", run).run_loop()
+    flags = ["generate", "--checkpoint", str(tmp_path / "s"), "--prompt", "abcd", "--prompt",
+             "dc", "--max-new-tokens", "5"]
+    assert main([*flags, "--n", "2", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    headers = [line for line in printed if line.startswith("--- source")]
+    assert headers == ["--- source 1/2, sample 1/2 ---", "--- source 1/2, sample 2/2 ---",
+                       "--- source 2/2, sample 1/2 ---", "--- source 2/2, sample 2/2 ---"]
+    assert main([*flags[:5], "--temperature", "0"]) == 0  # greedy, one source
+    assert capsys.readouterr().out.startswith("--- source 1/1, sample 1/1 ---")
+    assert main([*flags, "--context", "8"]) == 2
+    assert "--context applies to language models" in capsys.readouterr().err

@@ -100,6 +100,30 @@ def print_batch(model: ReformerLM, prompts: list[tuple[str | None, torch.Tensor]
         print(echo + decode_bytes(tokens), flush=True)
 
 
+def print_translations(prompts: list[tuple[str | None, torch.Tensor]],
+                       args: argparse.Namespace) -> int:
+    """A seq2seq run: --n targets for each prompt as the source, until the end token or
+    --max-new-tokens (at most the decoder's max_seq_len), each under a header "--- source
+    i/P, sample j/N ---"; greedy with --temperature 0."""
+    from reformer.data.labelled import BOS, EOS
+    from reformer.encoder_decoder import translate_batch
+    if args.context is not None:
+        raise ValueError("--context applies to language models; a seq2seq run reads the whole "
+                         "prompt as its source")
+    greedy = args.temperature == 0
+    model, run = ckpt.load_model(args.checkpoint, resolve_device(args.device), args.n_hashes)
+    longest = min(args.max_new_tokens, run.model.max_seq_len)  # the decoder's positions
+    targets = translate_batch(model, [ids for _, ids in prompts], longest, BOS,
+                              EOS, n_per_source=args.n, greedy=greedy,
+                              temperature=1.0 if greedy else args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    for k, tokens in enumerate(targets):
+        i, j = divmod(k, args.n)
+        print(f"--- source {i + 1}/{len(prompts)}, sample {j + 1}/{args.n} ---")
+        print(decode_bytes(tokens), flush=True)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # Everything is checked before the prompt is echoed, so that an error is all one sees.
     check_device(args.device)
@@ -107,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n {args.n} must be >= 1 (continuations of each prompt)")
     prompts = read_prompts(args)
     run = ckpt.read_config(args.checkpoint)
+    if run.training.task == "seq2seq":
+        return print_translations(prompts, args)
     if run.training.task != "text":
         hint = {"images": "reformer complete", "synthetic": "reformer synthetic eval"}.get(
             run.training.task, "reformer eval")
@@ -235,7 +261,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
                      help="bytes to sample, >= 0 (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                     help="> 0; lower is more conservative (default: %(default)s)")
+                     help="> 0; lower is more conservative; a seq2seq run decodes greedily "
+                     "with 0 (default: %(default)s)")
     gen.add_argument("--top-k", type=int, metavar="K",
                      help="sample among the K most likely bytes, K >= 1 (default: all)")
     gen.add_argument("--top-p", type=float, metavar="P",
