@@ -205,3 +205,10 @@ def test_cli_generates_targets_of_a_seq2seq_run(tmp_path, reversals, capsys):
     assert capsys.readouterr().out.startswith("--- source 1/1, sample 1/1 ---")
     assert main([*flags, "--context", "8"]) == 2
     assert "--context applies to language models" in capsys.readouterr().err
+
+
+def test_export_hf_refuses_a_classifier_run(tmp_path, reviews):
+    from reformer.cli.interop import export_run
+    Trainer.create(tmp_path / "c", head_run("classify", [reviews], steps=1)).run_loop()
+    with pytest.raises(ValueError, match="trained a classify model, which has no Hugging"):
+        export_run(tmp_path / "c", tmp_path / "hf", hf_compat=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from reformer.cli.train import train_changes
+from reformer.heads import ReformerForMaskedLM
 from reformer.interop.hf import from_hf, to_hf
 from reformer.model import ReformerLM
 from reformer.training import checkpoint as ckpt
@@ -100,13 +101,16 @@ def export_run(run_dir: str | Path, directory: str | Path, hf_compat: bool = Fal
         raise ValueError(f"{directory} is not an empty folder; choose a new or empty folder "
                          "for the Hugging Face directory")
     model, run = ckpt.load_model(run_dir)
+    if not isinstance(model, (ReformerLM, ReformerForMaskedLM)):
+        raise ValueError(f"{run_dir} trained a {run.training.task} model, which has no Hugging "
+                         "Face export here; export-hf writes language models (and mlm runs)")
     if not run.model.hf_compat:
         if not hf_compat:
             raise ValueError(f"{run_dir} was trained without hf_compat, and Hugging Face's "
                              "Reformer computes the hf_compat variant (key epsilon, circular "
                              "windows, padding); pass --hf-compat to export it anyway, then "
                              "check the exported model")
-        switched = ReformerLM(run.model.replace(hf_compat=True))
+        switched = type(model)(run.model.replace(hf_compat=True))
         switched.load_state_dict(model.state_dict())
         model = switched
     return to_hf(model, directory)

@@ -238,6 +238,9 @@ def to_hf(model: ReformerLM | ReformerForMaskedLM, directory: str | os.PathLike)
 
     Files of the same names in ``directory`` are replaced.
     """
+    if not isinstance(model, (ReformerLM, ReformerForMaskedLM)):
+        raise ValueError(f"a {type(model).__name__} has no Hugging Face export here; "
+                         "export-hf writes language models and masked language models")
     config = config_to_hf(model.config, masked_lm=isinstance(model, ReformerForMaskedLM))
     weights = state_to_hf(model.state_dict(), model.config)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
