@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reformer.data import listops
-from reformer.data.labelled import MASK_TOKEN, PAD_MULTIPLE, pad_examples
+from reformer.data.labelled import PAD_MULTIPLE, pad_examples
+from reformer.data.masking import MASK_TOKEN
 from reformer.data.task import TaskSpec, build_task
 
 

@@ -159,7 +159,7 @@ def reversals(tmp_path):
 
 
 def test_seq2seq_batches_frame_the_target_and_label_only_real_tokens(reversals):
-    from reformer.data.labelled import BOS, EOS
+    from reformer.data.pairs import BOS, EOS
     from reformer.data.task import build_task
     task = build_task(head_run("seq2seq", [reversals], vocab=258).training.task_spec())
     src, mask, tgt, labels = task.next_batch()

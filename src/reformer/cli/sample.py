@@ -105,7 +105,7 @@ def print_translations(prompts: list[tuple[str | None, torch.Tensor]],
     """A seq2seq run: --n targets for each prompt as the source, until the end token or
     --max-new-tokens (at most the decoder's max_seq_len), each under a header "--- source
     i/P, sample j/N ---"; greedy with --temperature 0."""
-    from reformer.data.labelled import BOS, EOS
+    from reformer.data.pairs import BOS, EOS
     from reformer.encoder_decoder import translate_batch
     if args.context is not None:
         raise ValueError("--context applies to language models; a seq2seq run reads the whole "

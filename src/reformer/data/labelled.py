@@ -1,4 +1,4 @@
-"""Tasks with one label per example (classification, ListOps) and masked language modelling.
+"""Tasks with one label per example: classification of the user's texts, and ListOps.
 
 These feed the heads of reformer.heads rather than the language model; a batch is
 ``(input_ids, attention_mask, labels)``:
@@ -8,12 +8,9 @@ These feed the heads of reformer.heads rather than the language model; a batch i
   ...}`` lines. Bytes are the tokens; an example longer than ``seq_len`` is cut to its first
   ``seq_len`` bytes. Labels (B,) are class ids in the sorted order of the class names.
 - ``listops``: the Long Range Arena ListOps task, generated (reformer.data.listops).
-- ``mlm``: random windows of text with BERT masking (reformer.data.masking); the mask token is
-  id 256, one past the bytes. Labels (B, L) hold the original byte at the chosen positions and
-  -100 elsewhere.
-- ``seq2seq``: the user's pairs of texts, a JSONL file of ``{"source": ..., "target": ...}``
-  lines, for the encoder-decoder; a batch is ``(input_ids, attention_mask, decoder_input_ids,
-  labels)`` with the target framed by start and end tokens (ids 256 and 257).
+
+The heads' two other tasks: mlm (text windows with BERT masking) in reformer.data.masking and
+seq2seq (pairs of texts for the encoder-decoder) in reformer.data.pairs.
 
 Shapes: B batch, L padded length (at most ``seq_len``), N held-out examples.
 
@@ -41,12 +38,10 @@ import numpy as np
 import torch
 
 from reformer.data import listops
-from reformer.data.masking import bert_mask
 from reformer.data.task import Task, TaskSpec
-from reformer.data.text import TextTask, resolve_paths
+from reformer.data.text import resolve_paths
 
 PAD_MULTIPLE = 64
-MASK_TOKEN = 256  # the mlm task's mask id: one past the 256 byte values
 Example = tuple[torch.Tensor, int]  # (L,) ids, class id
 
 
@@ -208,7 +203,7 @@ def read_labelled(paths: Sequence[str]) -> list[tuple[torch.Tensor, str]]:
                 raise ValueError(f"{path} holds no class folders; put each class's files in "
                                  "a sub-folder named after the class, or pass a JSONL file")
             for folder in classes:
-                examples += [(_ids(f.read_bytes()), folder.name)
+                examples += [(byte_ids(f.read_bytes()), folder.name)
                              for f in resolve_paths([str(folder)])]
         elif path.suffix == ".jsonl" and path.is_file():
             examples += _read_jsonl(path)
@@ -222,16 +217,16 @@ def read_labelled(paths: Sequence[str]) -> list[tuple[torch.Tensor, str]]:
 
 def _read_jsonl(path: Path) -> list[tuple[torch.Tensor, str]]:
     examples = []
-    for n, (text, label) in _jsonl_records(path, "text", "label"):
+    for n, (text, label) in jsonl_records(path, "text", "label"):
         if not isinstance(text, str) or not isinstance(label, (str, int)) or not text:
             raise ValueError(f"{path}:{n}: \"text\" must be a non-empty string and \"label\" a "
                              f"string or an integer; got {type(text).__name__} and "
                              f"{type(label).__name__}")
-        examples.append((_ids(text.encode("utf-8")), str(label)))
+        examples.append((byte_ids(text.encode("utf-8")), str(label)))
     return examples
 
 
-def _jsonl_records(path: Path, *keys: str) -> list[tuple[int, list]]:
+def jsonl_records(path: Path, *keys: str) -> list[tuple[int, list]]:
     """(line number, [record[key] for key in keys]) for every non-empty line of a JSONL file."""
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -247,129 +242,7 @@ def _jsonl_records(path: Path, *keys: str) -> list[tuple[int, list]]:
     return records
 
 
-def _ids(data: bytes) -> torch.Tensor:
+def byte_ids(data: bytes) -> torch.Tensor:
     if not data:
         data = b" "  # an empty file still is an example of its class
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-
-
-class MaskedTextTask(Task):
-    """Masked language modelling on random windows of text (BERT masking of 15%)."""
-
-    name, vocab_size = "mlm", MASK_TOKEN + 1
-
-    def __init__(self, spec: TaskSpec) -> None:
-        self.text = TextTask(spec)
-        self.spec = spec
-        self.generator = torch.Generator().manual_seed(spec.seed + 1)
-        held_out = torch.Generator().manual_seed(0)  # the same masks whatever the run's seed
-        self.val_inputs, self.val_labels = self._mask(self.text.val_windows, held_out)
-
-    def _mask(self, ids: torch.Tensor, generator: torch.Generator
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return bert_mask(ids, MASK_TOKEN, self.vocab_size, p=self.spec.mask_prob,
-                         generator=generator)
-
-    def next_batch(self) -> tuple[torch.Tensor, None, torch.Tensor]:
-        # the whole global micro-batch is masked (same generator calls on every rank); the
-        # text sampler already returned this rank's rows only, so draw for world * B rows
-        ids = self.text.sampler.next_batch()
-        spec = self.spec
-        full = ids.new_zeros((spec.global_batch, ids.shape[1]))
-        full[spec.rank_rows] = ids
-        inputs, labels = self._mask(full, self.generator)
-        return inputs[spec.rank_rows], None, labels[spec.rank_rows]
-
-    def eval_set(self) -> tuple[torch.Tensor, None, torch.Tensor]:
-        return self.val_inputs, None, self.val_labels
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"text": self.text.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.text.load_state_dict(state["text"])
-        self.generator.set_state(state["generator"])
-
-    def fingerprint(self) -> dict[str, int]:
-        return self.text.fingerprint()
-
-    def describe(self) -> str:
-        return f"{self.text.describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"
-
-
-BOS, EOS = 256, 257  # the seq2seq task's start and end tokens: after the 256 bytes
-
-
-def pad_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], seq_len: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(source ids (B, S), source mask (B, S), decoder inputs (B, T), labels (B, T)).
-
-    The decoder reads ``[BOS, target..., EOS]`` (cut to ``seq_len``) and its labels are the
-    same ids, -100 on the padding; both sides are padded like :func:`pad_examples`.
-    """
-    sources, mask, _ = pad_examples([(src, 0) for src, _ in pairs], seq_len)
-    framed = [(torch.cat([torch.tensor([BOS]), tgt, torch.tensor([EOS])]), 0)
-              for _, tgt in pairs]
-    targets, real, _ = pad_examples(framed, seq_len)
-    return sources, mask, targets, targets.masked_fill(~real, -100)
-
-
-class PairTask(Task):
-    """Sequence to sequence on the user's pairs: JSONL lines ``{"source": ..., "target":
-    ...}``, both texts read as bytes (at most ``seq_len`` each; the target with its start and
-    end tokens)."""
-
-    name, vocab_size = "seq2seq", EOS + 1
-
-    def __init__(self, spec: TaskSpec) -> None:
-        if not spec.data:
-            raise ValueError("the seq2seq task has no default data; pass --data with a JSONL "
-                             'file of {"source": ..., "target": ...} lines')
-        self.spec = spec
-        self.train, self.val = split_examples(spec, read_pairs)
-        self.generator = torch.Generator().manual_seed(spec.seed)
-
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        spec = self.spec
-        picks = torch.randint(0, len(self.train), (spec.global_batch,), generator=self.generator)
-        return pad_pairs([self.train[i] for i in picks[spec.rank_rows].tolist()], spec.seq_len)
-
-    def eval_set(self) -> tuple[torch.Tensor, ...]:
-        return pad_pairs(self.val[:self.spec.eval_windows], self.spec.seq_len)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def fingerprint(self) -> dict[str, int]:
-        return {"train_pairs": len(self.train), "val_pairs": len(self.val)}
-
-    def describe(self) -> str:
-        return (f"{len(self.train):,} training and {len(self.val):,} held-out pairs "
-                f"({min(self.spec.eval_windows, len(self.val))} per evaluation)")
-
-
-def read_pairs(paths: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(source bytes, target bytes) of every line of JSONL files."""
-    pairs = []
-    for given in paths:
-        path = Path(given)
-        if path.suffix != ".jsonl" or not path.is_file():
-            raise ValueError(f"{given!r} is not a .jsonl file; the seq2seq task reads JSONL "
-                             'lines {"source": ..., "target": ...}')
-        for n, (source, target) in _jsonl_records(path, "source", "target"):
-            if not (isinstance(source, str) and isinstance(target, str) and source):
-                raise ValueError(f"{path}:{n}: \"source\" must be a non-empty string and "
-                                 "\"target\" a string")
-            pairs.append((_ids(source.encode("utf-8")),
-                          torch.tensor(list(target.encode("utf-8")), dtype=torch.long)))
-    if not pairs:
-        raise ValueError(f"{list(paths)} hold no pairs")
-    return pairs
-
-
-BUILDERS: dict[str, Callable[[TaskSpec], Task]] = {
-    "classify": ClassifyTask, "listops": ListOpsTask, "mlm": MaskedTextTask,
-    "seq2seq": PairTask}

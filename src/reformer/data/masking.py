@@ -6,16 +6,24 @@ vocabulary other than the mask token with 0.1, and stays itself with 0.1. The la
 original token at the chosen positions and -100 (not predicted) everywhere else, the convention of
 :class:`reformer.heads.ReformerForMaskedLM`.
 
+:class:`MaskedTextTask` is the training CLI's ``--task mlm``: random windows of text
+(reformer.data.text) masked so, with the mask token id 256, one past the 256 byte values.
+
 Shapes: B batch, L length.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from reformer.config import fail, is_int, is_real
+from reformer.data.task import Task, TaskSpec
+from reformer.data.text import TextTask
 
 KEEP, RANDOM = 0.1, 0.1  # of the chosen tokens; the rest (0.8) become the mask token
+MASK_TOKEN = 256  # the mlm task's mask id: one past the 256 byte values
 
 
 def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
@@ -40,3 +48,47 @@ def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
     inputs = torch.where(chosen & (action >= 1 - KEEP - RANDOM) & (action < 1 - KEEP),
                          random_ids, inputs)
     return inputs, labels
+
+
+class MaskedTextTask(Task):
+    """Masked language modelling on random windows of text (BERT masking of 15%)."""
+
+    name, vocab_size = "mlm", MASK_TOKEN + 1
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.text = TextTask(spec)
+        self.spec = spec
+        self.generator = torch.Generator().manual_seed(spec.seed + 1)
+        held_out = torch.Generator().manual_seed(0)  # the same masks whatever the run's seed
+        self.val_inputs, self.val_labels = self._mask(self.text.val_windows, held_out)
+
+    def _mask(self, ids: torch.Tensor, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return bert_mask(ids, MASK_TOKEN, self.vocab_size, p=self.spec.mask_prob,
+                         generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, None, torch.Tensor]:
+        # the whole global micro-batch is masked (same generator calls on every rank); the
+        # text sampler already returned this rank's rows only, so draw for world * B rows
+        ids = self.text.sampler.next_batch()
+        spec = self.spec
+        full = ids.new_zeros((spec.global_batch, ids.shape[1]))
+        full[spec.rank_rows] = ids
+        inputs, labels = self._mask(full, self.generator)
+        return inputs[spec.rank_rows], None, labels[spec.rank_rows]
+
+    def eval_set(self) -> tuple[torch.Tensor, None, torch.Tensor]:
+        return self.val_inputs, None, self.val_labels
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"text": self.text.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.text.load_state_dict(state["text"])
+        self.generator.set_state(state["generator"])
+
+    def fingerprint(self) -> dict[str, int]:
+        return self.text.fingerprint()
+
+    def describe(self) -> str:
+        return f"{self.text.describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"

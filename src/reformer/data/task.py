@@ -160,7 +160,16 @@ def build_task(spec: TaskSpec) -> Task:
     if spec.task == "synthetic":
         from reformer.data.synthetic import DuplicationTask
         return DuplicationTask(spec)
-    if spec.task in TASK_HEADS:
-        from reformer.data.labelled import BUILDERS
-        return BUILDERS[spec.task](spec)
+    if spec.task == "classify":
+        from reformer.data.labelled import ClassifyTask
+        return ClassifyTask(spec)
+    if spec.task == "listops":
+        from reformer.data.labelled import ListOpsTask
+        return ListOpsTask(spec)
+    if spec.task == "mlm":
+        from reformer.data.masking import MaskedTextTask
+        return MaskedTextTask(spec)
+    if spec.task == "seq2seq":
+        from reformer.data.pairs import PairTask
+        return PairTask(spec)
     raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")
