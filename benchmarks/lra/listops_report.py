@@ -9,8 +9,10 @@
 For each run it scores the newest checkpoint on the first ``--test`` examples of the ListOps
 test split (never drawn in training or validation) with ``reformer.training.evaluate``, reads
 the validation accuracy after every evaluation from ``metrics.jsonl`` with the wall time it was
-reached at, writes ``lra-listops.png`` (validation accuracy against minutes, one line per run)
-and ``lra-listops.json`` into ``--out``, and prints a Markdown table.
+reached at, scores two rules that read no expression on the same test examples (the most
+frequent class, and the most frequent class of each root operator), writes
+``lra-listops.png`` (validation accuracy against minutes, one line per run) and
+``lra-listops.json`` into ``--out``, and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,12 +20,36 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from reformer.data import listops
+from reformer.data.labelled import ListOpsTask
 from reformer.training import checkpoint as ckpt
 from reformer.training.evaluate import evaluate_head_run
 
 PUBLISHED = {"Transformer (LRA paper)": 36.37, "Reformer (LRA paper)": 37.27}
+
+
+def baselines(n_test: int, n_fit: int = 5000) -> dict[str, float]:
+    """Test accuracy of two rules that read no expression: the most frequent class, and the
+    most frequent class of each root operator (both counted on ``n_fit`` training examples).
+    """
+    by_root: dict[str, Counter] = defaultdict(Counter)
+    for i in range(n_fit):
+        symbols, value = listops.example(ListOpsTask.DATA_SEED, "train", i)
+        by_root[symbols[0]][value] += 1
+    overall = sum(by_root.values(), Counter()).most_common(1)[0][0]
+    rule = {op: counts.most_common(1)[0][0] for op, counts in by_root.items()}
+    majority = root = 0
+    for i in range(n_test):
+        symbols, value = listops.example(ListOpsTask.DATA_SEED, "test", i)
+        majority += value == overall
+        root += value == rule[symbols[0]]
+    return {f"most frequent class ({overall})": majority / n_test,
+            "most frequent class per root operator ("
+            + ", ".join(f"{op[1:]} -> {v}" for op, v in sorted(rule.items())) + ")":
+            root / n_test}
 
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -59,14 +85,18 @@ def main() -> None:
                         "final_val_accuracy": points[-1][2], "curve": points,
                         "eval_seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+    rules = baselines(args.test)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lra-listops.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "lra-listops.json").write_text(json.dumps({"runs": results, "rules": rules},
+                                                          indent=1) + "\n")
     plot(results, args.out / "lra-listops.png")
     print("\n| model | attention | steps | minutes | test accuracy |")
     print("|---|---|---|---|---|")
     for r in results:
         print(f"| ours ({r['run']}) | {r['attention']} | {r['steps']} | {r['minutes']} | "
               f"{100 * r['test_accuracy']:.2f}% |")
+    for name, value in rules.items():
+        print(f"| rule: {name} | | | | {100 * value:.2f}% |")
     for name, value in PUBLISHED.items():
         print(f"| {name} | | | | {value:.2f}% |")
 
