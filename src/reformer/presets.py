@@ -111,8 +111,8 @@ PRESETS: dict[str, Preset] = {
                 attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
                 local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=2048,
                 attn_head_chunk_size=4),
-            training=dict(task="listops", seq_len=2048, batch_size=32, steps=3000,
-                          max_minutes=90.0, lr=1e-3, warmup_steps=100, eval_every=100,
+            training=dict(task="listops", seq_len=2048, batch_size=16, steps=3000,
+                          max_minutes=85.0, lr=1e-3, warmup_steps=100, eval_every=100,
                           eval_windows=400, checkpoint_every=100, pooling="first"),
         ),
         Preset(
