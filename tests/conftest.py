@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM
+from reformer.training.trainer import Callback
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler to build the native kernels")
@@ -69,3 +70,29 @@ def train_text_run(folder: Path, config: ReformerConfig) -> Path:
                  "--eval-windows", "1", "--batch-size", "1", "--out", str(folder / "run"),
                  "--device", "cpu"]) == 0
     return folder / "run"
+
+
+def graph_has(t: torch.Tensor, name: str) -> bool:
+    """Whether the autograd graph that produced ``t`` holds a node called ``name``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            return True
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
+class StopAt(Callback):
+    """Asks the trainer to stop after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, report):
+        if report.step == self.step:
+            trainer.request_stop("test")
+

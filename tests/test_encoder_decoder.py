@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import graph_has
 from reformer import ReformerConfig
 from reformer.encoder_decoder import ReformerEncoderDecoder
 
@@ -81,19 +82,6 @@ def reference(model, src, tgt, src_mask, tgt_mask, labels, cross=cross_reference
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                            ignore_index=-100)
     return logits, loss
-
-
-def graph_has(t, name):
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == name:
-            return True
-        todo.extend(n for n, _ in node.next_functions)
-    return False
 
 
 def gradients(model, logits, loss):

@@ -15,24 +15,11 @@ import pytest
 import torch
 
 import reformer.reversible as reversible_module
+from conftest import graph_has
 from reformer.reversible import CallInfo, ReversibleBlock
 
 ATOL = 1e-8
 REGULARISED = dict(dropout=0.1, attention_dropout=0.2, ff_chunk_size=5, attn_head_chunk_size=1)
-
-
-def graph_has(t: torch.Tensor, name: str) -> bool:
-    """Whether the autograd graph that produced ``t`` holds a node called ``name``."""
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == name:
-            return True
-        todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return False
 
 
 def run(model, ids, *, reversible: bool, seed: int = 1, **kwargs):

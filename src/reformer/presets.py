@@ -55,6 +55,14 @@ class Preset:
     training: dict[str, Any] = field(default_factory=dict)
 
 
+def _reads_both_ways(**shape: int) -> ReformerConfig:
+    """The heads' CPU trunk: d_model 128, 4 heads, local and LSH layers (2 rounds, chunks of
+    64) that look one chunk both ways."""
+    return ReformerConfig(d_model=128, n_heads=4, attn_layers=("local", "lsh"), n_hashes=2,
+                          chunk_length=64, local_chunk_length=64, n_chunks_after=1,
+                          causal=False, attn_head_chunk_size=4, **shape)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -106,11 +114,7 @@ PRESETS: dict[str, Preset] = {
             name="listops",
             description="Long Range Arena's ListOps: a 4-layer bidirectional classifier, "
             "up to 2,000 tokens (CPU)",
-            model=ReformerConfig(
-                vocab_size=16, d_model=128, n_heads=4, d_ff=256, n_layers=4,
-                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
-                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=2048,
-                attn_head_chunk_size=4),
+            model=_reads_both_ways(vocab_size=16, d_ff=256, n_layers=4, max_seq_len=2048),
             training=dict(task="listops", seq_len=2048, batch_size=16, steps=3000,
                           max_minutes=85.0, lr=1e-3, warmup_steps=100, eval_every=100,
                           eval_windows=400, checkpoint_every=100, pooling="first"),
@@ -118,11 +122,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="classify",
             description="a 4-layer bidirectional text classifier over bytes, 4K context (CPU)",
-            model=ReformerConfig(
-                vocab_size=256, d_model=128, n_heads=4, d_ff=512, n_layers=4,
-                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
-                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
-                attn_head_chunk_size=4),
+            model=_reads_both_ways(vocab_size=256, d_ff=512, n_layers=4, max_seq_len=4096),
             training=dict(task="classify", seq_len=4096, batch_size=8, steps=1000, lr=1e-3,
                           warmup_steps=50, eval_every=100, eval_windows=256,
                           checkpoint_every=100),
@@ -131,11 +131,7 @@ PRESETS: dict[str, Preset] = {
             name="mlm",
             description="masked language modelling: a 4-layer bidirectional byte model, "
             "4K windows of Shakespeare (CPU)",
-            model=ReformerConfig(
-                vocab_size=257, d_model=128, n_heads=4, d_ff=512, n_layers=4,
-                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
-                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
-                attn_head_chunk_size=4),
+            model=_reads_both_ways(vocab_size=257, d_ff=512, n_layers=4, max_seq_len=4096),
             training=dict(task="mlm", seq_len=4096, batch_size=4, steps=2000, lr=2e-3,
                           warmup_steps=50, eval_every=100, eval_windows=8,
                           checkpoint_every=100),
@@ -144,11 +140,7 @@ PRESETS: dict[str, Preset] = {
             name="seq2seq",
             description="an encoder-decoder over bytes: 2 + 2 layers, d_model 128, sources "
             "and targets up to 4K bytes (CPU)",
-            model=ReformerConfig(
-                vocab_size=258, d_model=128, n_heads=4, d_ff=512, n_layers=2,
-                attn_layers=("local", "lsh"), n_hashes=2, chunk_length=64,
-                local_chunk_length=64, n_chunks_after=1, causal=False, max_seq_len=4096,
-                attn_head_chunk_size=4),
+            model=_reads_both_ways(vocab_size=258, d_ff=512, n_layers=2, max_seq_len=4096),
             training=dict(task="seq2seq", seq_len=4096, batch_size=8, steps=2000, lr=1e-3,
                           warmup_steps=50, eval_every=100, eval_windows=64,
                           checkpoint_every=100),

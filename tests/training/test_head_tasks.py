@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import StopAt
 from reformer import ReformerConfig
 from reformer.__main__ import main
 from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
@@ -16,7 +17,7 @@ from reformer.training import checkpoint as ckpt
 from reformer.training.config import RunConfig, TrainConfig
 from reformer.training.evaluate import evaluate_head_run, evaluate_run
 from reformer.training.metrics import evaluate_examples
-from reformer.training.trainer import Callback, Trainer
+from reformer.training.trainer import Trainer
 
 TRUNK = dict(d_model=16, n_heads=2, d_ff=32, n_layers=2, attn_layers=("local", "lsh"),
              n_hashes=2, chunk_length=16, local_chunk_length=16, n_chunks_after=1,
@@ -45,15 +46,6 @@ RUNS = {"classify": lambda d: head_run("classify", [d]),
         "listops": lambda d: head_run("listops", vocab=16, seq_len=2048, batch_size=2,
                                       eval_windows=4, pooling="first"),
         "mlm": lambda d: head_run("mlm", vocab=257)}
-
-
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, trainer, report):
-        if report.step == self.step:
-            trainer.request_stop("test")
 
 
 def records(run_dir, kind):
@@ -189,6 +181,8 @@ def test_seq2seq_run_learns_to_reverse_and_resumes_exactly(tmp_path, reversals):
         tmp_path / "b", "train")] == [r["loss"] for r in records(tmp_path / "c", "train")]
     scored = evaluate_head_run(tmp_path / "a")
     assert scored[run.model.n_hashes][1] == pytest.approx(last)
+    with pytest.raises(ValueError, match="n_hashes=5: the encoder-decoder evaluates with"):
+        evaluate_head_run(tmp_path / "a", n_hashes=(5,))
 
 
 def test_cli_generates_targets_of_a_seq2seq_run(tmp_path, reversals, capsys):

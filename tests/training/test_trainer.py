@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from conftest import StopAt
 from reformer import ReformerConfig
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import RunConfig, TrainConfig
@@ -33,15 +34,6 @@ def make_run(corpus, **changes) -> RunConfig:
                  warmup_steps=2, eval_every=3, eval_windows=2, checkpoint_every=100, seed=3,
                  device="cpu")
     return RunConfig(MODEL, TrainConfig(**{**train, **changes}), preset=None)
-
-
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, trainer, report):
-        if report.step == self.step:
-            trainer.request_stop("test")
 
 
 def train_losses(run_dir) -> list[float]:

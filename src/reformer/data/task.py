@@ -38,6 +38,7 @@ trainer splits it); ``fingerprint`` does not depend on the rank.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,27 +150,16 @@ class Task(ABC):
     extra_metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
 
 
+# where each task's class lives (imported when the task is built)
+TASK_CLASSES = {"text": ("text", "TextTask"), "images": ("images", "ImageTask"),
+                "synthetic": ("synthetic", "DuplicationTask"),
+                "classify": ("labelled", "ClassifyTask"), "listops": ("labelled", "ListOpsTask"),
+                "mlm": ("masking", "MaskedTextTask"), "seq2seq": ("pairs", "PairTask")}
+
+
 def build_task(spec: TaskSpec) -> Task:
     """The task that ``spec.task`` names, with its data loaded and its sampler seeded."""
-    if spec.task == "text":
-        from reformer.data.text import TextTask
-        return TextTask(spec)
-    if spec.task == "images":
-        from reformer.data.images import ImageTask
-        return ImageTask(spec)
-    if spec.task == "synthetic":
-        from reformer.data.synthetic import DuplicationTask
-        return DuplicationTask(spec)
-    if spec.task == "classify":
-        from reformer.data.labelled import ClassifyTask
-        return ClassifyTask(spec)
-    if spec.task == "listops":
-        from reformer.data.labelled import ListOpsTask
-        return ListOpsTask(spec)
-    if spec.task == "mlm":
-        from reformer.data.masking import MaskedTextTask
-        return MaskedTextTask(spec)
-    if spec.task == "seq2seq":
-        from reformer.data.pairs import PairTask
-        return PairTask(spec)
-    raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")
+    if spec.task not in TASK_CLASSES:
+        raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")
+    module, name = TASK_CLASSES[spec.task]
+    return getattr(importlib.import_module(f"reformer.data.{module}"), name)(spec)

@@ -96,6 +96,26 @@ def evaluate_sequences(model: ReformerLM, inputs: torch.Tensor, labels: torch.Te
     return nats / max(count, 1) / LN2, {k: v / n for k, v in zip(keys, totals, strict=True)}
 
 
+def _eval_batches(model: torch.nn.Module, n: int, batch_size: int, seed: int,
+                  precision: str, world: World) -> Iterator[tuple[slice, float, torch.device]]:
+    """(rows, weight, device) of this process's batches of N held-out examples, the model in
+    eval mode: batch k runs with the global RNG seeded by ``seed + k``; process r takes
+    batches r, r + P, ..., padded with repeats of the last that count zero (weight 0), so that
+    every process runs as many forwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n_batches = -(-n // batch_size)
+    try:
+        with fixed_rng(seed, device), autocast(device, precision):
+            for k in range(world.rank, -(-n_batches // world.size) * world.size, world.size):
+                j = min(k, n_batches - 1)
+                torch.manual_seed(seed + j)
+                yield slice(j * batch_size, (j + 1) * batch_size), float(k < n_batches), device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
                       attention_mask: torch.Tensor | None, labels: torch.Tensor,
@@ -114,31 +134,21 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
         (bits per example or masked token, {"accuracy": share right}).
     """
     world = world or World()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    starts = range(0, len(inputs), batch_size)
-    n_batches = len(starts)
-    mine = range(world.rank, -(-n_batches // world.size) * world.size, world.size)
     nats = count = correct = 0.0
-    with fixed_rng(seed, device), autocast(device, precision):
-        for k in mine:
-            j, weight = min(k, n_batches - 1), 1.0 if k < n_batches else 0.0
-            torch.manual_seed(seed + j)
-            rows = slice(starts[j], starts[j] + batch_size)
-            x, y = inputs[rows], labels[rows]
-            m = None if attention_mask is None else attention_mask[rows]
-            if m is not None:  # cut the columns that only pad
-                x, m = _cut(x, m)
-                y = y[:, :x.shape[1]] if y.dim() == 2 else y
-            x, y = x.to(device), y.to(device)
-            out = model(x, attention_mask=None if m is None else m.to(device), labels=y,
-                        n_hashes=n_hashes)
-            target = y if y.dim() == 1 else y[y != -100]
-            n = target.numel() * weight
-            nats, count = nats + out.loss.item() * n, count + n
-            correct += int((out.logits.argmax(dim=-1) == target).sum()) * weight
-    model.train(was_training)
+    for rows, weight, device in _eval_batches(model, len(inputs), batch_size, seed, precision,
+                                              world):
+        x, y = inputs[rows], labels[rows]
+        m = None if attention_mask is None else attention_mask[rows]
+        if m is not None:  # cut the columns that only pad
+            x, m = _cut(x, m)
+            y = y[:, :x.shape[1]] if y.dim() == 2 else y
+            m = m.to(device)
+        x, y = x.to(device), y.to(device)
+        out = model(x, attention_mask=m, labels=y, n_hashes=n_hashes)
+        target = y if y.dim() == 1 else y[y != -100]
+        n = target.numel() * weight
+        nats, count = nats + out.loss.item() * n, count + n
+        correct += int((out.logits.argmax(dim=-1) == target).sum()) * weight
     nats, count, correct = world.all_sum([nats, count, correct], device)
     return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1)}
 
@@ -154,33 +164,25 @@ def evaluate_pairs(model: torch.nn.Module, inputs: torch.Tensor, attention_mask:
     right ("exact_match": exactly the pairs that greedy decoding reproduces). Batches, seeds
     and processes as :func:`evaluate_examples`."""
     from reformer.model import shifted_targets
+    if n_hashes not in (None, model.decoder.config.n_hashes):
+        raise ValueError(f"n_hashes={n_hashes}: the encoder-decoder evaluates with its "
+                         f"configs' rounds ({model.decoder.config.n_hashes}); leave "
+                         "eval_n_hashes empty for seq2seq runs")
     world = world or World()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    starts = range(0, len(inputs), batch_size)
-    n_batches = len(starts)
-    mine = range(world.rank, -(-n_batches // world.size) * world.size, world.size)
     nats = count = correct = exact = 0.0
-    with fixed_rng(seed, device), autocast(device, precision):
-        for k in mine:
-            j, weight = min(k, n_batches - 1), 1.0 if k < n_batches else 0.0
-            torch.manual_seed(seed + j)
-            rows = slice(starts[j], starts[j] + batch_size)
-            src, m = _cut(inputs[rows], attention_mask[rows])
-            y = labels[rows]
-            tgt, y = (t[:, :int((y != -100).any(dim=0).nonzero().max()) + 1]
-                      for t in (decoder_inputs[rows], y))
-            out = model(src.to(device), tgt.to(device), attention_mask=m.to(device),
-                        labels=y.to(device))
-            targets = shifted_targets(y.to(device))  # (b, T): position t predicts y[t + 1]
-            valid = targets != -100
-            right = (out.logits.argmax(dim=-1) == targets) & valid
-            n = int(valid.sum()) * weight
-            nats, count = nats + out.loss.item() * n, count + n
-            correct += int(right.sum()) * weight
-            exact += int((right | ~valid).all(dim=1).sum()) * weight
-    model.train(was_training)
+    for rows, weight, device in _eval_batches(model, len(inputs), batch_size, seed, precision,
+                                              world):
+        src, m = _cut(inputs[rows], attention_mask[rows])
+        tgt, y = _cut(decoder_inputs[rows], labels[rows] != -100)[0], labels[rows]
+        y = y[:, :tgt.shape[1]].to(device)
+        out = model(src.to(device), tgt.to(device), attention_mask=m.to(device), labels=y)
+        targets = shifted_targets(y)  # (b, T): position t predicts y[t + 1]
+        valid = targets != -100
+        right = (out.logits.argmax(dim=-1) == targets) & valid
+        n = int(valid.sum()) * weight
+        nats, count = nats + out.loss.item() * n, count + n
+        correct += int(right.sum()) * weight
+        exact += int((right | ~valid).all(dim=1).sum()) * weight
     nats, count, correct, exact = world.all_sum([nats, count, correct, exact], device)
     return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1),
                                         "exact_match": exact / len(inputs)}
