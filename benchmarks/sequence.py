@@ -76,11 +76,12 @@ class AllToAllMeter:
         seconds = time.perf_counter() - t0
         splits = input_split_sizes or [input.numel() // self.world] * self.world
         size = input.element_size()
-        # in the backward, _AllToAll.forward is the recomputation, _AllToAll.backward the
-        # gradients' exchange
-        caller = sys._getframe(1).f_code.co_name
+        # reformer.parallel.exchange._exchange names its traffic: in the backward, values
+        # (inputs and outputs) are the recomputation, gradients (of the inputs and outputs)
+        # the backward's own
+        what = sys._getframe(1).f_locals.get("what")
         tag = self.phase if self.phase == "forward" else \
-            "backward-recompute" if caller == "forward" else "backward-grad"
+            "backward-recompute" if what == "values" else "backward-grad"
         self.calls.append((tag, input.numel() * size,
                            (input.numel() - splits[self.rank]) * size, seconds))
         return work
@@ -114,6 +115,7 @@ def alone_all_to_all(nbytes: int, world: int, repeats: int = 5) -> list[float]:
 
 def worker(spec: dict, rank: int, world: int) -> dict:
     """One training step of ``spec`` on this process; its times, memory and traffic."""
+    import reformer.parallel.exchange as exchange
     import reformer.parallel.sequence as sequence
     from reformer import _native
 
@@ -126,7 +128,7 @@ def worker(spec: dict, rank: int, world: int) -> dict:
     model.train()
     ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len))
     lm = sequence.SequenceParallelLM(model) if world > 1 else model
-    meter = AllToAllMeter(sequence, rank, world) if world > 1 else None
+    meter = AllToAllMeter(exchange, rank, world) if world > 1 else None
     built_peak = peak_rss_bytes()
 
     def barrier() -> None:

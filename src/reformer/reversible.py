@@ -62,8 +62,9 @@ class HeadExchange(Protocol):
     Each process holds a slice of the positions; ``__call__`` sends the projected inputs of
     one slice of heads, each (B, h, l, E) over the local positions, so that each process
     holds the whole length for its h/P of those heads, runs ``core`` on them, and sends the
-    outputs back: (B, h, l, E). ``length`` is the whole sequence's (the LSH bucket count
-    follows it). Differentiable, so the recomputing backward replays it.
+    outputs back: (B, h, l, E), differentiably. ``add_forward_`` and ``backward_`` stand in
+    for AttentionHalf's own in the reversible stack. ``length`` is the whole sequence's (the
+    LSH bucket count follows it).
     """
 
     length: int
@@ -71,6 +72,13 @@ class HeadExchange(Protocol):
 
     def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
                  state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
+
+    def add_forward_(self, half: AttentionHalf, x: torch.Tensor, acc: torch.Tensor,
+                     rec: HalfRecord, call: CallInfo) -> None: ...
+
+    def backward_(self, half: AttentionHalf, x: torch.Tensor, y: torch.Tensor,
+                  grad_y: torch.Tensor, grad_x: torch.Tensor, rec: HalfRecord,
+                  call: CallInfo, grads: dict) -> None: ...
 
 
 @dataclass
@@ -248,6 +256,8 @@ class AttentionHalf(nn.Module):
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
                      call: CallInfo) -> None:
         """acc += f(x), in place (no autograd)."""
+        if call.exchange is not None:
+            return call.exchange.add_forward_(self, x, acc, rec, call)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
         for group, slices in self._groups(x, call):
@@ -284,6 +294,8 @@ class AttentionHalf(nn.Module):
         recomputed and differentiated, and its gradients overwrite its projections and its
         outputs overwrite its dL/do (each consumed by then), so a group holds two sets of
         rows, not four; then W_o and the projections are differentiated for the group."""
+        if call.exchange is not None:
+            return call.exchange.backward_(self, x, y, grad_y, grad_x, rec, call, grads)
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
         for group, slices in self._groups(x, call):

@@ -7,9 +7,11 @@ offset), the feed-forward halves, the LayerNorms, the output head and the loss b
 the local slice. Each attention half projects its local slice for a slice of h heads, and an
 ``all_to_all`` hands every process the whole length for h/P of those heads; the unchanged
 attention core (lsh, local, full) runs on them, a second ``all_to_all`` brings the outputs
-back to the positions' owners, and W_o is applied locally (:class:`HeadExchange`). The
-exchanges are autograd Functions, so the reversible backward, which recomputes each head
-slice's attention, replays them. Rotations are drawn for the whole length (so the number of
+back to the positions' owners, and W_o is applied locally (:class:`HeadExchange`, in
+exchange.py). The reversible stack's attention halves run their forward and their
+recomputing backward through the exchange one head slice at a time (the backward replays the
+forward's exchanges and sends dL/do out and the gradients back); the plain stack uses the
+exchanges as autograd Functions. Rotations are drawn for the whole length (so the number of
 buckets is the one-process one) from an RNG stream every process shares, so all hash a head
 alike. The loss is the sum over the processes' slices divided by the whole sequence's count
 of targets; the label shift crosses slice boundaries because every process holds the whole
@@ -34,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reformer.attention.base import AttentionState
 from reformer.model import ReformerLM, ReformerOutput, shifted_targets
+from reformer.parallel.exchange import HeadExchange
 from reformer.reversible import CallInfo
 
 
@@ -48,66 +50,6 @@ def split_lengths(length: int, parts: int) -> list[int]:
                          "or fewer processes")
     base, extra = divmod(length, parts)
     return [base + (r < extra) for r in range(parts)]
-
-
-class _AllToAll(torch.autograd.Function):
-    """dist.all_to_all_single on flat tensors; its gradient is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        out = x.new_empty(sum(out_splits))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty(sum(in_splits))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
-
-
-class HeadExchange:
-    """Around the attention core: local positions of h heads <-> all positions of h/P heads
-    (the interface of reformer.reversible.HeadExchange)."""
-
-    def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
-        self.lengths, self.rank, self.group = lengths, rank, group
-        self.length, self.parts = sum(lengths), len(lengths)
-
-    def __call__(self, core, projected: list[torch.Tensor], heads: slice,
-                 state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        P = len(self.lengths)
-        k = (heads.stop - heads.start) // P  # heads per process in this slice
-        mine = slice(heads.start + self.rank * k, heads.start + (self.rank + 1) * k)
-        out = core([self._to_heads(p) for p in projected], mine, state, attention_mask)
-        return self._to_positions(out)
-
-    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, l, E) local positions -> (B, h/P, L, E) this process's heads, all positions."""
-        B, h, n_local, E = x.shape
-        P = len(self.lengths)
-        k = h // P
-        send = x.reshape(B, P, k, n_local, E).transpose(0, 1).reshape(-1)  # (P, B, k, l, E)
-        sizes = [B * k * n * E for n in self.lengths]
-        got = _AllToAll.apply(send, sizes, [B * k * n_local * E] * P, self.group)
-        if B * k == 1:  # the sources' (1, 1, l, E) blocks, one after another, are (1, 1, L, E)
-            return got.view(B, k, self.length, E)
-        parts = [g.view(B, k, n, E) for g, n in zip(got.split(sizes), self.lengths, strict=True)]
-        return torch.cat(parts, dim=2)  # (B, k, L, E)
-
-    def _to_positions(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back."""
-        B, k, _, E = y.shape
-        P, n_local = len(self.lengths), self.lengths[self.rank]
-        if B * k == 1:  # positions in owner order already
-            send = y.reshape(-1)
-        else:
-            send = torch.cat([part.reshape(-1) for part in y.split(self.lengths, dim=2)])
-        sizes = [B * k * n * E for n in self.lengths]
-        got = _AllToAll.apply(send, [B * k * n_local * E] * P, sizes, self.group)
-        return got.view(P, B, k, n_local, E).transpose(0, 1).reshape(B, P * k, n_local, E)
 
 
 class SequenceParallelLM(nn.Module):

@@ -1,0 +1,257 @@
+"""The head exchange of sequence parallelism (reformer.parallel.sequence): local positions of
+a slice of heads <-> the whole length of this process's share of those heads.
+
+Two ways through it:
+- ``__call__`` wraps the attention core in two differentiable ``all_to_all``s (projected
+  inputs out, outputs back). Autograd paths use it: the plain (not reversible) stack and
+  cached prefill.
+- :meth:`add_forward_` and :meth:`backward_` run a reversible attention half themselves, one
+  head slice at a time, and exchange rows straight from and into the buffers they are
+  computed in. Each process's heads are projected into the send buffer, in the order the
+  receiver reads them, and the outputs and gradients that come back are merged through W_o
+  and the projections head by head where they arrived, so no (B, h, l, E) tensor is ever
+  transposed into another layout, and whatever the local positions need is freed as soon as
+  it has been sent.
+
+Memory, the reason for the second way (measured, docs/benchmarks.md): with the autograd
+exchange the backward of one head slice held the local projections of its heads (qk and v),
+dL/do, their head-major copies for sending, the received whole-length rows and their
+gradients at once; at 2M tokens on 2 processes that was 6.2 GiB next to the 3.8 GiB of the
+streams. Here a slice's backward holds, at its peak, the whole-length qk and v of this
+process's heads, the core's output, dL/do and the gradients of qk and v: six (B, k, L, E)
+tensors.
+
+Shapes: B batch, L whole length, l this process's positions, H heads, h a head slice, k = h/P
+this process's heads of it, E d_head, D d_model, P processes. A received buffer is
+(P, B, k, l, E): from each process p, its heads of the slice over my positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from reformer.attention.base import AttentionState
+from reformer.layers import row_chunks
+from reformer.reversible import (
+    _block,
+    _layer_norm,
+    _layer_norm_backward_,
+    _product_dtype,
+    _slices,
+)
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single on flat tensors; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group, "values")
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group, "gradients"), None, None, None
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+              group: dist.ProcessGroup | None, what: str) -> torch.Tensor:
+    """All-to-all of the flat ``x``: ``in_splits[p]`` elements to process p, ``out_splits[p]``
+    from it. ``what`` (values | gradients: inputs, outputs or their gradients) names the traffic
+    for benchmarks/sequence.py."""
+    out = x.new_empty(sum(out_splits))
+    dist.all_to_all_single(out, x.contiguous().view(-1), out_splits, in_splits, group=group)
+    return out
+
+
+class HeadExchange:
+    """Around the attention core: local positions of h heads <-> all positions of h/P heads
+    (the interface of reformer.reversible.HeadExchange)."""
+
+    def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
+        self.lengths, self.rank, self.group = lengths, rank, group
+        self.length, self.parts = sum(lengths), len(lengths)
+        self.start = sum(lengths[:rank])
+
+    # ------------------------------------------------------------------- autograd exchange
+    def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
+                 state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        out = core([self._to_heads(p) for p in projected], self.mine(heads), state,
+                   attention_mask)
+        return self._to_positions(out)
+
+    def mine(self, heads: slice) -> slice:
+        """This process's heads of the slice ``heads``."""
+        k = (heads.stop - heads.start) // self.parts
+        return slice(heads.start + self.rank * k, heads.start + (self.rank + 1) * k)
+
+    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, l, E) local positions -> (B, h/P, L, E) this process's heads, all positions."""
+        B, h, n_local, E = x.shape
+        k = h // self.parts
+        send = x.reshape(B, self.parts, k, n_local, E).transpose(0, 1).reshape(-1)
+        sizes = [B * k * n * E for n in self.lengths]
+        got = _AllToAll.apply(send, sizes, [B * k * n_local * E] * self.parts, self.group)
+        return self._whole(got, B, k, E)
+
+    def _to_positions(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back."""
+        B, k, _, E = y.shape
+        n_local = self.lengths[self.rank]
+        got = _AllToAll.apply(self._by_owner(y), [B * k * n_local * E] * self.parts,
+                              [B * k * n * E for n in self.lengths], self.group)
+        return got.view(self.parts, B, k, n_local, E).transpose(0, 1).reshape(
+            B, self.parts * k, n_local, E)
+
+    def _whole(self, got: torch.Tensor, B: int, k: int, E: int) -> torch.Tensor:
+        """A received flat buffer, every process's (B, k, l_p, E) in turn -> (B, k, L, E)."""
+        if B * k == 1:  # the sources' (1, 1, l_p, E) blocks, one after another, are (1, 1, L, E)
+            return got.view(B, k, self.length, E)
+        sizes = [B * k * n * E for n in self.lengths]
+        parts = [g.view(B, k, n, E) for g, n in zip(got.split(sizes), self.lengths, strict=True)]
+        return torch.cat(parts, dim=2)
+
+    def _by_owner(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, k, L, E) -> flat, each process's positions (B, k, l_p, E) in turn."""
+        if y.shape[0] * y.shape[1] == 1:  # positions in owner order already
+            return y.reshape(-1)
+        return torch.cat([part.reshape(-1) for part in y.split(self.lengths, dim=2)])
+
+    # ------------------------------------------------------- a reversible half, by hand
+    def add_forward_(self, half, x: torch.Tensor, acc: torch.Tensor, rec, call) -> None:
+        """acc += f(x) for the reversible attention ``half`` (no autograd)."""
+        for heads in _slices(half.attn, x, call):
+            qk_v = self._project_out(half, x, heads)
+            o = half.attn.core(qk_v, self.mine(heads), rec.attn, call.attention_mask)
+            del qk_v
+            self._merge_(half, self._back(o, "values"), heads, acc, sign=1.0)
+
+    def backward_(self, half, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
+                  grad_x: torch.Tensor, rec, call, grads: dict) -> None:
+        """As AttentionHalf.backward_: y -> y - f(x), grad_x += dL/dx through f, and the
+        parameters' gradients, one head slice at a time."""
+        for heads in _slices(half.attn, x, call):
+            inputs = [t.detach().requires_grad_(True) for t in self._project_out(half, x, heads)]
+            grad_o = self._grad_o_out(half, grad_y, heads)
+            with torch.enable_grad():
+                o = half.attn.core(inputs, self.mine(heads), rec.attn, call.attention_mask)
+            grad_in = torch.autograd.grad(o, inputs, grad_o, allow_unused=True)
+            grad_in = [torch.zeros_like(i) if g is None else g
+                       for i, g in zip(inputs, grad_in, strict=True)]
+            del inputs, grad_o
+            o_back = self._back(o.detach(), "values")
+            del o
+            self._merge_(half, o_back, heads, y, sign=-1.0)  # y - o W_o^T: the input again
+            self._w_o_grad_(half, grad_y, o_back, heads, grads)
+            del o_back
+            grad_back = [self._back(g, "gradients") for g in grad_in]
+            del grad_in
+            self._projections_backward_(half, x, heads, grad_back, grad_x, grads)
+
+    def _heads(self, heads: slice):
+        """(source process p, its j-th head of the slice, the head's index), in the order
+        of a received (P, B, k, l, E) buffer."""
+        k = (heads.stop - heads.start) // self.parts
+        return [(p, j, heads.start + p * k + j) for p in range(self.parts) for j in range(k)]
+
+    def _send_buffer(self, like: torch.Tensor, heads: slice, E: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """An empty (P, B, k, l, E) buffer: for each process, its heads over my positions."""
+        B, n_local = like.shape[0], like.shape[1]
+        k = (heads.stop - heads.start) // self.parts
+        return like.new_empty(self.parts, B, k, n_local, E, dtype=dtype)
+
+    def _out(self, send: torch.Tensor, k: int, E: int, what: str) -> torch.Tensor:
+        """Send (P, B, k, l, E) -> receive (B, k, L, E): my heads over all positions."""
+        B, n_local = send.shape[1], send.shape[3]
+        got = _exchange(send, [B * k * n * E for n in self.lengths],
+                        [B * k * n_local * E] * self.parts, self.group, what)
+        return self._whole(got, B, k, E)
+
+    def _back(self, y: torch.Tensor, what: str) -> torch.Tensor:
+        """(B, k, L, E) my heads -> received (P, B, k, l, E): every head over my positions."""
+        B, k, _, E = y.shape
+        n_local = self.lengths[self.rank]
+        got = _exchange(self._by_owner(y), [B * k * n_local * E] * self.parts,
+                        [B * k * n * E for n in self.lengths], self.group, what)
+        return got.view(self.parts, B, k, n_local, E)
+
+    def _project_out(self, half, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:
+        """LayerNorm(x)'s projections for ``heads``, computed into the send buffers and
+        exchanged: [(B, k, L, E)] for this process's heads, one per projection."""
+        E = half.attn.d_head
+        dtype = _product_dtype(x)
+        linears = half.attn.projections()
+        sends = [self._send_buffer(x, heads, E, dtype) for _ in linears]
+        weights = [lin.weight.to(dtype) for lin in linears]
+        for b in range(x.shape[0]):
+            for s in row_chunks(x.shape[1], _block(x)):
+                h = half.norm(x[b, s]).to(dtype)  # once for every projection and head
+                for send, w in zip(sends, weights, strict=True):
+                    for p, j, hd in self._heads(heads):
+                        torch.mm(h, w[hd * E:(hd + 1) * E].t(), out=send[p, b, j, s])
+        k = (heads.stop - heads.start) // self.parts
+        out = []
+        for i in range(len(sends)):
+            out.append(self._out(sends[i], k, E, "values"))
+            sends[i] = None  # sent: free it before the next one is
+        return out
+
+    def _grad_o_out(self, half, grad_y: torch.Tensor, heads: slice) -> torch.Tensor:
+        """dL/do = dL/dy W_o for ``heads``, exchanged: (B, k, L, E) for my heads."""
+        E, dtype = half.attn.d_head, _product_dtype(grad_y)
+        w_o = half.attn.w_o.weight.to(dtype)
+        send = self._send_buffer(grad_y, heads, E, dtype)
+        for b in range(grad_y.shape[0]):
+            for s in row_chunks(grad_y.shape[1], _block(grad_y)):
+                g = grad_y[b, s].to(dtype)
+                for p, j, hd in self._heads(heads):
+                    torch.mm(g, w_o[:, hd * E:(hd + 1) * E], out=send[p, b, j, s])
+        return self._out(send, (heads.stop - heads.start) // self.parts, E, "gradients")
+
+    def _merge_(self, half, got: torch.Tensor, heads: slice, acc: torch.Tensor,
+                sign: float) -> None:
+        """acc += sign * o W_o^T from the received (P, B, k, l, E) outputs, head by head."""
+        E, w_o = half.attn.d_head, half.attn.w_o.weight
+        for b in range(acc.shape[0]):
+            for s in row_chunks(acc.shape[1], _block(acc)):
+                part = None
+                for p, j, hd in self._heads(heads):
+                    term = F.linear(got[p, b, j, s], w_o[:, hd * E:(hd + 1) * E])
+                    part = term if part is None else part.add_(term)
+                acc[b, s].add_(part, alpha=sign)
+
+    def _w_o_grad_(self, half, grad_y: torch.Tensor, got: torch.Tensor, heads: slice,
+                   grads: dict) -> None:
+        """W_o's gradient for ``heads``: dL/dy^T o, head by head."""
+        E, grad_w_o = half.attn.d_head, grads[half.attn.w_o.weight]
+        for b in range(grad_y.shape[0]):
+            for s in row_chunks(grad_y.shape[1], _block(grad_y)):
+                g = grad_y[b, s].t()
+                for p, j, hd in self._heads(heads):
+                    grad_w_o[:, hd * E:(hd + 1) * E] += g @ got[p, b, j, s].to(g.dtype)
+
+    def _projections_backward_(self, half, x: torch.Tensor, heads: slice,
+                               grad_back: list[torch.Tensor], grad_x: torch.Tensor,
+                               grads: dict) -> None:
+        """From the received gradients of the projections (P, B, k, l, E) each: the
+        projections' and LayerNorm's parameter gradients, and grad_x += dL/dx."""
+        E, linears = half.attn.d_head, half.attn.projections()
+        for b in range(x.shape[0]):
+            for s in row_chunks(x.shape[1], _block(x)):
+                h, *stats = _layer_norm(half.norm, x[b, s])
+                h = h.to(_product_dtype(h))
+                grad_h = None
+                for lin, g in zip(linears, grad_back, strict=True):
+                    for p, j, hd in self._heads(heads):
+                        rows = slice(hd * E, (hd + 1) * E)
+                        gp = g[p, b, j, s].to(h.dtype)
+                        grads[lin.weight][rows] += gp.t() @ h
+                        part = gp @ lin.weight[rows].to(h.dtype)
+                        grad_h = part if grad_h is None else grad_h.add_(part)
+                _layer_norm_backward_(half.norm, x[b, s], stats, grad_h, grad_x[b, s], grads)
