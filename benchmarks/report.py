@@ -265,6 +265,9 @@ def contention_section(path: Path) -> list[str]:
 
 # The O(L/P) memory of sequence parallelism: x1, x2 and their gradients, fp32, d_model 256.
 STREAM_BYTES = 4 * 256 * 4
+# One head's whole-length working set in a head-parallel backward: qk, v, the core's output,
+# dL/do and the gradients of qk and v, fp32, d_head 64 (reformer/parallel/exchange.py).
+HEAD_BYTES = 6 * 64 * 4
 # Assumed links for the on-paper estimate: bytes per second per direction per GPU.
 LINKS = {8: ("NVLink", 450e9), 64: ("InfiniBand (400 Gb/s)", 50e9)}
 
@@ -380,11 +383,13 @@ def sequence_estimate(one: dict, sp: dict, weak: dict, gpu_step: dict | None) ->
         f"{STREAM_BYTES:,} bytes per local token (the two streams and their gradients, fp32, "
         "d_model 256), c the rest over the whole length, "
         f"{c:,.0f} bytes per token from 1M on 2: a head slice holds P heads, so each process "
-        "runs the attention core of one head over all L, and its projections (P heads x L/P "
-        "positions), the exchange's buffers and the whole ids and targets are O(L) too. It "
+        "runs the attention core of one head over all L; at the peak of its backward it "
+        f"holds that head's qk, v, output, dL/do and the gradients of qk and v ({HEAD_BYTES:,} "
+        "bytes per token), and the whole ids and targets and the allocator's cached blocks "
+        "are O(L) too. It "
         f"predicts {predicted / gib:.2f} GiB above base for 2M on 2 (measured "
-        f"{measured / gib:.2f}) and {alone / gib:.2f} GiB more than one process holds at 1M "
-        "(the exchange's buffers); GPU memory taken equal to these bytes. Traffic: 9 "
+        f"{measured / gib:.2f}) and {alone / gib:.2f} GiB more than one process holds at 1M; "
+        "GPU memory taken equal to these bytes. Traffic: 9 "
         "exchanges per layer of fp32 "
         f"(B, H, L/P, E), 36 x H x E = {per_token:,.0f} bytes per local token and layer "
         "(measured), (P-1)/P of it leaving the device, at "
@@ -402,12 +407,24 @@ def sequence_estimate(one: dict, sp: dict, weak: dict, gpu_step: dict | None) ->
         "- **The c x L term does not shrink with P**: every process attends over the whole "
         "sequence for its heads, so at 64M tokens it alone is "
         f"{c * 2**26 / gib:.0f} GiB per device whatever P.",
-        "- **Next**: split the LSH chunks across processes. After hashing, an all_to_all "
-        "sends each position's rows to the process that owns its bucket range in the sorted "
-        "order; each process then holds a contiguous run of sorted chunks and needs only the "
-        "chunk before its first one from its neighbour (a ring exchange of one chunk per "
-        "round and head, forward and backward), so every term is O(L/P) and P is no longer "
-        "bounded by n_heads.", ""]
+        "- **Head parallelism cannot meet this issue's memory targets at this width**, "
+        "however lean: one process holds the streams (s per token) and one head's working "
+        f"set ({HEAD_BYTES:,} bytes per token at d_head 64, the same head over the same L "
+        "as one process's), so even with nothing else the per-process peak on 2 is at least "
+        f"(s/2 + w) / (s + w) = {(STREAM_BYTES / 2 + HEAD_BYTES) / (STREAM_BYTES + HEAD_BYTES):.2f}x"
+        " one process's at the same L (target 0.6x), and at twice the length at least "
+        f"(s + 2w) / (s + w) = {(STREAM_BYTES + 2 * HEAD_BYTES) / (STREAM_BYTES + HEAD_BYTES):.2f}x"
+        " (target 1.15x).",
+        "- **Next**: split the LSH chunks across processes, one hash round at a time. Every "
+        "round's sorted order holds each position once, so after hashing (the bucket counts "
+        "all-gathered, which fixes every item's sorted slot) an all_to_all sends each "
+        "position's rows to the process that owns its slot's range: L/P rows per process, "
+        "head and round. Each process then attends over a contiguous run of sorted chunks "
+        "with one neighbouring chunk from the next process over (the previous round's last "
+        "one for the first process), and sends each item's output and log-sum-exp back to "
+        "its position's owner, which folds the rounds. Every term is then O(L/P) and P is no "
+        "longer bounded by n_heads; the price is R times the traffic of head parallelism "
+        "(each position's rows travel once per round).", ""]
 
 
 def gpu_million() -> dict | None:
