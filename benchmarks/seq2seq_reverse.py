@@ -133,7 +133,7 @@ def main() -> int:
     p.add_argument("--cross-chunk", type=int, default=256, help="cross-attention chunk")
     p.add_argument("--encoder-attn", default="local", help="comma-separated kinds")
     p.add_argument("--decoder-attn", default="local", help="comma-separated kinds")
-    p.add_argument("--pos", default="learned", choices=["axial", "learned"])
+    p.add_argument("--pos", default="learned", choices=["axial", "learned", "sinusoidal"])
     p.add_argument("--eval-sequences", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=0, help="steps (0: only at the end)")
     p.add_argument("--log-every", type=int, default=25)

@@ -200,9 +200,25 @@ def test_greedy_generate_equals_repeated_full_forwards():
     assert torch.equal(got, tokens[:, 1:])
     # sampling: top_k=1 is greedy; a seeded generator repeats its draws
     assert torch.equal(model.generate(src, 6, 1, src_mask, do_sample=True, top_k=1), got)
+    assert torch.equal(model.generate(src, 6, 1, src_mask, do_sample=True, top_p=1e-9), got)
     draws = [model.generate(src, 6, 1, src_mask, do_sample=True, temperature=5.0,
                             generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_hash_rounds_at_call_time_equal_a_model_built_with_them():
+    # the rotations are seeded per layer (hash_seed), so rounds given at call time draw what
+    # a model configured with them draws; the weights do not depend on the rounds
+    two, three = make(), make(n_hashes=3)
+    three.load_state_dict(two.state_dict())
+    src, tgt, src_mask, tgt_mask, labels = batch(3)
+    got = two(src, tgt, src_mask, tgt_mask, labels=labels, n_hashes=3)
+    want = three(src, tgt, src_mask, tgt_mask, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=ATOL)
+    own = two(src, tgt, src_mask, tgt_mask, labels=labels)
+    assert (own.logits - want.logits).abs().max() > 1e-6  # the rounds do change the result
+    with pytest.raises(ValueError, match="n_hashes"):
+        two(src, tgt, src_mask, tgt_mask, n_hashes=0)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -13,6 +13,7 @@ from reformer.layers import (
     AxialPositionalEmbedding,
     FeedForward,
     LearnedPositionalEmbedding,
+    SinusoidalPositionalEmbedding,
     dropout_keep,
     positional_embedding,
     row_chunks,
@@ -111,6 +112,28 @@ def test_learned_embedding():
     assert torch.equal(emb(7), emb.weight[:7])
 
 
+def test_sinusoidal_embedding_is_the_formula_at_any_offset():
+    emb = SinusoidalPositionalEmbedding(d_model=6).double()
+    table = emb(50)
+    p, i = 37, 2  # the third frequency: columns 4 (sine) and 5 (cosine)
+    w = 10000.0 ** (-2 * i / 6)
+    assert table[p, 2 * i].item() == pytest.approx(math.sin(p * w), abs=1e-15)
+    assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(p * w), abs=1e-15)
+    assert torch.equal(emb(20, offset=30), table[30:])  # a slice or a decoding step: same rows
+    assert not list(emb.parameters()) and not emb.state_dict()  # nothing to learn or save
+    assert emb.float()(3).dtype == torch.float32
+
+
+def test_sinusoidal_rows_reflect_linearly():
+    # why reversal learns with them: PE[c - p] = A PE[p] for one fixed matrix A
+    emb = SinusoidalPositionalEmbedding(d_model=8).double()
+    table = emb(64)
+    c = 63
+    A = torch.linalg.lstsq(table, table.flip(0)).solution  # rows p -> rows c - p
+    assert torch.allclose(table @ A, table.flip(0), atol=1e-9)
+    assert torch.allclose(emb(1, offset=10) @ A, emb(1, offset=c - 10), atol=1e-9)
+
+
 def test_positional_embedding_follows_the_config():
     base = dict(d_model=8, n_heads=2, max_seq_len=20)
     axial = positional_embedding(ReformerConfig(**base, axial_pos_shape=(4, 5)))
@@ -120,6 +143,10 @@ def test_positional_embedding_follows_the_config():
     assert isinstance(learned, LearnedPositionalEmbedding)
     assert learned.weight.shape == (20, 8)
     assert positional_embedding(ReformerConfig(**base, pos_embedding="none")) is None
+    fixed = positional_embedding(ReformerConfig(**base, pos_embedding="sinusoidal"))
+    assert isinstance(fixed, SinusoidalPositionalEmbedding) and fixed(20).shape == (20, 8)
+    with pytest.raises(ValueError, match=r"d_model=7 must be even for sinusoidal"):
+        ReformerConfig(d_model=7, n_heads=1, d_head=4, pos_embedding="sinusoidal")
 
 
 def test_init_std_scales_the_tables():

@@ -278,7 +278,7 @@ def test_any_length_up_to_max_seq_len_runs(make_model, ids, length):
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("pos_embedding", ["axial", "learned", "none"])
+@pytest.mark.parametrize("pos_embedding", ["axial", "learned", "sinusoidal", "none"])
 def test_position_embedding_options(make_model, ids, pos_embedding):
     model = make_model(pos_embedding=pos_embedding).eval()
     tokens = ids(2, 20)

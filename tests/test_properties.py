@@ -49,7 +49,7 @@ def configs(draw) -> ReformerConfig:
         local_chunk_length=draw(st.sampled_from([1, 3, 8, 32])),
         causal=causal,
         max_seq_len=300,
-        pos_embedding=draw(st.sampled_from(["axial", "learned", "none"])),
+        pos_embedding=draw(st.sampled_from(["axial", "learned", "sinusoidal", "none"])),
         ff_activation=draw(st.sampled_from(["relu", "gelu"])),
         dropout=draw(st.sampled_from([0.0, 0.1])),
         attention_dropout=draw(st.sampled_from([0.0, 0.1])),

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 ATTENTION_KINDS = ("lsh", "local", "full")
-POS_EMBEDDINGS = ("axial", "learned", "none")
+POS_EMBEDDINGS = ("axial", "learned", "sinusoidal", "none")
 ACTIVATIONS = ("relu", "gelu")
 AUTO_FACTORISE_ABOVE = 64
 
@@ -141,6 +141,9 @@ class ReformerConfig:
                       f"use only {ATTENTION_KINDS}")
         if self.pos_embedding not in POS_EMBEDDINGS:
             fail("pos_embedding", self.pos_embedding, "is unknown", f"use one of {POS_EMBEDDINGS}")
+        if self.pos_embedding == "sinusoidal" and self.d_model % 2:
+            fail("d_model", self.d_model, "must be even for sinusoidal positions (a sine and a "
+                 "cosine per frequency)", "use an even d_model or pos_embedding='learned'")
         if self.ff_activation not in ACTIVATIONS:
             fail("ff_activation", self.ff_activation, "is unknown", f"use one of {ACTIVATIONS}")
         for name in ("causal", "reversible", "dedup_rounds", "hf_compat"):

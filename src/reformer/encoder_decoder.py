@@ -100,8 +100,9 @@ class ReformerEncoderDecoder(nn.Module):
                              "all False); give every sequence at least one unmasked token")
         return mask
 
-    def _memory(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        y1, y2 = self.encoder.streams(input_ids, mask)
+    def _memory(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
+                n_hashes: int | None = None) -> torch.Tensor:
+        y1, y2 = self.encoder.streams(input_ids, mask, n_hashes)
         return self.encoder.norm(torch.cat([y1, y2], dim=-1))  # (B, S, 2De)
 
     def encode(self, input_ids: torch.Tensor,
@@ -112,8 +113,8 @@ class ReformerEncoderDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, return_logits: bool = True
-                ) -> ReformerOutput:
+                labels: torch.Tensor | None = None, return_logits: bool = True,
+                n_hashes: int | None = None) -> ReformerOutput:
         """Run the model.
 
         Args:
@@ -124,6 +125,8 @@ class ReformerEncoderDecoder(nn.Module):
             labels: (B, T) aligned with decoder_input_ids (shifted inside), -100 = ignore.
             return_logits: also return the logits; False (with labels) computes the loss
                 block by block without them.
+            n_hashes: LSH rounds of every LSH layer, encoder and decoder, for this call
+                (default: each config's ``n_hashes``).
 
         Returns:
             ReformerOutput(logits (B, T, V) or None, mean next-token loss or None).
@@ -138,10 +141,11 @@ class ReformerEncoderDecoder(nn.Module):
             raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but "
                              f"decoder_input_ids has {decoder_input_ids.shape[0]}; pass one "
                              "target sequence per source sequence")
-        memory = self._memory(input_ids, mask)
+        memory = self._memory(input_ids, mask, n_hashes)
         fused = labels is not None and not return_logits  # then its gradients are its own
         call = CallInfo(attention_mask=None if decoder_attention_mask is None
-                        else decoder_attention_mask.bool(), owned_grads=fused)
+                        else decoder_attention_mask.bool(), n_hashes=n_hashes,
+                        owned_grads=fused)
         dec = self.decoder
         y1, y2 = dec.streams(decoder_input_ids, memory, memory_bias(mask, memory.dtype), call)
         targets = None if labels is None else shifted_targets(labels)  # (B, T)
@@ -189,10 +193,11 @@ class ReformerEncoderDecoder(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, bos_id: int,
                  attention_mask: torch.Tensor | None = None, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float | None = None, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
         """Decode ``max_new_tokens`` target tokens after ``bos_id`` for each source (B, S),
-        greedily or (``do_sample``) by sampling with ``temperature`` and ``top_k`` from
-        ``generator``; with the caches. Call ``eval()`` first (dropout stays on otherwise).
+        greedily or (``do_sample``) by sampling with ``temperature``, ``top_k`` and ``top_p``
+        from ``generator``; with the caches. Call ``eval()`` first (dropout stays on otherwise).
 
         Returns:
             (B, max_new_tokens) token ids, without the bos.
@@ -202,7 +207,7 @@ class ReformerEncoderDecoder(nn.Module):
         if not isinstance(bos_id, int) or not 0 <= bos_id < vocab:
             fail("bos_id", bos_id, f"is not a token id in [0, {vocab})",
                  "pass the decoder vocabulary's start token")
-        check_filters(temperature, top_k)
+        check_filters(temperature, top_k, top_p)
         cache = self.new_cache(input_ids, attention_mask, capacity=max_new_tokens)
         token = torch.full((input_ids.shape[0],), bos_id, dtype=torch.long,
                            device=input_ids.device)
@@ -211,7 +216,7 @@ class ReformerEncoderDecoder(nn.Module):
             logits = self.step(token, cache)  # (B, V)
             if do_sample:
                 token = torch.stack([torch.multinomial(
-                    filter_logits(row, temperature, top_k), 1, generator=generator)[0]
+                    filter_logits(row, temperature, top_k, top_p), 1, generator=generator)[0]
                     for row in logits])
             else:
                 token = logits.argmax(dim=-1)

@@ -108,6 +108,33 @@ class LearnedPositionalEmbedding(nn.Module):
         return self.weight[offset:offset + length]  # (L, D)
 
 
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Fixed positions (Vaswani et al. 2017): ``PE[p, 2i] = sin(p w_i)``,
+    ``PE[p, 2i+1] = cos(p w_i)``, ``w_i = 10000^(-2i/D)``; no parameters.
+
+    Any position's row is a fixed rotation of position 0's, frequency by frequency, so a
+    linear map of PE[p] gives PE[p + c] or PE[c - p] for a constant c: attention can find a
+    position at a fixed offset or reflection from its own exactly, which learned rows must
+    each learn (the reversal benchmark, docs/encoder-decoder.md). Computed in float64 and
+    cast, so rows are the same at any offset (sequence parallelism, decoding).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model  # even (ReformerConfig checks)
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # device and dtype
+
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        """Embeddings of positions offset..offset+length-1, (L, D)."""
+        device = self.anchor.device
+        pos = torch.arange(offset, offset + length, device=device, dtype=torch.float64)
+        freqs = 10000.0 ** (-torch.arange(0, self.d_model, 2, device=device,
+                                          dtype=torch.float64) / self.d_model)
+        angles = pos[:, None] * freqs  # (L, D/2)
+        out = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (L, D)
+        return out.to(self.anchor.dtype)
+
+
 def positional_embedding(config: ReformerConfig) -> nn.Module | None:
     """The positional embedding module that ``config.pos_embedding`` names (None for "none")."""
     if config.pos_embedding == "axial":
@@ -115,4 +142,6 @@ def positional_embedding(config: ReformerConfig) -> nn.Module | None:
                                         config.init_std)
     if config.pos_embedding == "learned":
         return LearnedPositionalEmbedding(config.max_seq_len, config.d_model, config.init_std)
+    if config.pos_embedding == "sinusoidal":
+        return SinusoidalPositionalEmbedding(config.d_model)
     return None

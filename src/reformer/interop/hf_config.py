@@ -188,8 +188,9 @@ def _check_exportable(cfg: ReformerConfig, kinds: list[str], masked_lm: bool) ->
     if cfg.dedup_rounds and "lsh" in kinds:
         fail("dedup_rounds", True, "has no HF equivalent (HF counts a pair found by several "
              "rounds once per round)", "rebuild with dedup_rounds=False")
-    if cfg.pos_embedding == "none":
-        fail("pos_embedding", "none", "has no HF equivalent", "use axial or learned positions")
+    if cfg.pos_embedding in ("none", "sinusoidal"):
+        fail("pos_embedding", cfg.pos_embedding, "has no HF equivalent",
+             "use axial or learned positions")
     if cfg.pos_embedding == "axial" and len(cfg.axial_pos_shape) != 2:
         fail("axial_pos_shape", cfg.axial_pos_shape, "must have two axes for HF (its "
              "evaluation reads exactly two)", "train with a two-axis shape")

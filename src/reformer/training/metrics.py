@@ -164,10 +164,6 @@ def evaluate_pairs(model: torch.nn.Module, inputs: torch.Tensor, attention_mask:
     right ("exact_match": exactly the pairs that greedy decoding reproduces). Batches, seeds
     and processes as :func:`evaluate_examples`."""
     from reformer.model import shifted_targets
-    if n_hashes not in (None, model.decoder.config.n_hashes):
-        raise ValueError(f"n_hashes={n_hashes}: the encoder-decoder evaluates with its "
-                         f"configs' rounds ({model.decoder.config.n_hashes}); leave "
-                         "eval_n_hashes empty for seq2seq runs")
     world = world or World()
     nats = count = correct = exact = 0.0
     for rows, weight, device in _eval_batches(model, len(inputs), batch_size, seed, precision,
@@ -175,7 +171,8 @@ def evaluate_pairs(model: torch.nn.Module, inputs: torch.Tensor, attention_mask:
         src, m = _cut(inputs[rows], attention_mask[rows])
         tgt, y = _cut(decoder_inputs[rows], labels[rows] != -100)[0], labels[rows]
         y = y[:, :tgt.shape[1]].to(device)
-        out = model(src.to(device), tgt.to(device), attention_mask=m.to(device), labels=y)
+        out = model(src.to(device), tgt.to(device), attention_mask=m.to(device), labels=y,
+                    n_hashes=n_hashes)
         targets = shifted_targets(y)  # (b, T): position t predicts y[t + 1]
         valid = targets != -100
         right = (out.logits.argmax(dim=-1) == targets) & valid
