@@ -80,9 +80,38 @@ def compare(name: str, rank: int, world: int) -> dict:
     return out
 
 
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def bf16_errors(rank: int, world: int) -> dict:
+    """Under bf16 autocast: how far the gradients of one process and of the sequence-parallel
+    processes are from float32's (relative norms over every weight), and the losses'
+    relative difference. The exchanges compute in other shapes than one process, so bf16
+    rounds differently: the bar is one process's own bf16 error."""
+    from reformer.parallel.sequence import SequenceParallelLM
+
+    overrides = dict(n_layers=2, attn_layers=("lsh", "local"), d_model=32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(3))
+    grads, losses = {}, {}
+    for name in ("fp32", "one", "sp"):
+        model = build(**overrides).float()
+        lm = SequenceParallelLM(model) if name == "sp" else model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
+            loss = lm(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        if name == "sp":
+            lm.sync_gradients()
+        grads[name], losses[name] = flat_grads(model), float(loss)
+    far = {n: float((grads[n] - grads["fp32"]).norm() / grads["fp32"].norm()) for n in grads}
+    return {"one": far["one"], "sp": far["sp"],
+            "loss": abs(losses["sp"] - losses["one"]) / abs(losses["one"])}
+
+
 def compute(rank: int, world: int) -> dict:
     """Every case; the worst difference over the processes."""
     results = {name: compare(name, rank, world) for name in CASES}
+    results["bf16"] = bf16_errors(rank, world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     return {name: {k: max(g[name][k] for g in gathered) for k in results[name]}

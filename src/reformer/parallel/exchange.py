@@ -214,44 +214,44 @@ class HeadExchange:
                     torch.mm(g, w_o[:, hd * E:(hd + 1) * E], out=send[p, b, j, s])
         return self._out(send, (heads.stop - heads.start) // self.parts, E, "gradients")
 
+    def _rows(self, got: torch.Tensor, b: int, s: slice) -> torch.Tensor:
+        """Sequence b's rows s of a received (P, B, k, l, E) buffer as (rows, h*E), the heads
+        in order: a block-sized copy, so that products over the slice's heads are single
+        matrix products as in one process (in bf16, head by head products would be rounded
+        and summed in bf16)."""
+        P, _, k = got.shape[:3]
+        return torch.cat([got[p, b, j, s] for p in range(P) for j in range(k)], dim=-1)
+
     def _merge_(self, half, got: torch.Tensor, heads: slice, acc: torch.Tensor,
                 sign: float) -> None:
-        """acc += sign * o W_o^T from the received (P, B, k, l, E) outputs, head by head."""
-        E, w_o = half.attn.d_head, half.attn.w_o.weight
+        """acc += sign * o W_o^T from the received (P, B, k, l, E) outputs."""
+        w_o = half.attn.w_o.weight[:, half._columns(heads)]
         for b in range(acc.shape[0]):
             for s in row_chunks(acc.shape[1], _block(acc)):
-                part = None
-                for p, j, hd in self._heads(heads):
-                    term = F.linear(got[p, b, j, s], w_o[:, hd * E:(hd + 1) * E])
-                    part = term if part is None else part.add_(term)
-                acc[b, s].add_(part, alpha=sign)
+                acc[b, s].add_(F.linear(self._rows(got, b, s), w_o), alpha=sign)
 
     def _w_o_grad_(self, half, grad_y: torch.Tensor, got: torch.Tensor, heads: slice,
                    grads: dict) -> None:
-        """W_o's gradient for ``heads``: dL/dy^T o, head by head."""
-        E, grad_w_o = half.attn.d_head, grads[half.attn.w_o.weight]
+        """W_o's gradient for ``heads``: dL/dy^T o."""
+        grad_w_o = grads[half.attn.w_o.weight][:, half._columns(heads)]
         for b in range(grad_y.shape[0]):
             for s in row_chunks(grad_y.shape[1], _block(grad_y)):
-                g = grad_y[b, s].t()
-                for p, j, hd in self._heads(heads):
-                    grad_w_o[:, hd * E:(hd + 1) * E] += g @ got[p, b, j, s].to(g.dtype)
+                grad_w_o += grad_y[b, s].t() @ self._rows(got, b, s)
 
     def _projections_backward_(self, half, x: torch.Tensor, heads: slice,
                                grad_back: list[torch.Tensor], grad_x: torch.Tensor,
                                grads: dict) -> None:
         """From the received gradients of the projections (P, B, k, l, E) each: the
         projections' and LayerNorm's parameter gradients, and grad_x += dL/dx."""
-        E, linears = half.attn.d_head, half.attn.projections()
+        cols = half._columns(heads)
         for b in range(x.shape[0]):
             for s in row_chunks(x.shape[1], _block(x)):
                 h, *stats = _layer_norm(half.norm, x[b, s])
                 h = h.to(_product_dtype(h))
                 grad_h = None
-                for lin, g in zip(linears, grad_back, strict=True):
-                    for p, j, hd in self._heads(heads):
-                        rows = slice(hd * E, (hd + 1) * E)
-                        gp = g[p, b, j, s].to(h.dtype)
-                        grads[lin.weight][rows] += gp.t() @ h
-                        part = gp @ lin.weight[rows].to(h.dtype)
-                        grad_h = part if grad_h is None else grad_h.add_(part)
+                for lin, g in zip(half.attn.projections(), grad_back, strict=True):
+                    g = self._rows(g, b, s)
+                    grads[lin.weight][cols] += g.t() @ h
+                    part = g @ lin.weight[cols]
+                    grad_h = part if grad_h is None else grad_h.add_(part)
                 _layer_norm_backward_(half.norm, x[b, s], stats, grad_h, grad_x[b, s], grads)
