@@ -3,8 +3,8 @@ a slice of heads <-> the whole length of this process's share of those heads.
 
 Two ways through it:
 - ``__call__`` wraps the attention core in two differentiable ``all_to_all``s (projected
-  inputs out, outputs back). Autograd paths use it: the plain (not reversible) stack and
-  cached prefill.
+  inputs out, outputs back). The layers' plain forward uses it: a stack that is not
+  reversible, and evaluation (no gradients, so no reversible node).
 - :meth:`add_forward_` and :meth:`backward_` run a reversible attention half themselves, one
   head slice at a time, and exchange rows straight from and into the buffers they are
   computed in. Each process's heads are projected into the send buffer, in the order the
@@ -76,7 +76,6 @@ class HeadExchange:
     def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
         self.lengths, self.rank, self.group = lengths, rank, group
         self.length, self.parts = sum(lengths), len(lengths)
-        self.start = sum(lengths[:rank])
 
     # ------------------------------------------------------------------- autograd exchange
     def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
@@ -91,22 +90,18 @@ class HeadExchange:
         return slice(heads.start + self.rank * k, heads.start + (self.rank + 1) * k)
 
     def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, l, E) local positions -> (B, h/P, L, E) this process's heads, all positions."""
+        """(B, h, l, E) local positions -> (B, h/P, L, E) this process's heads, all positions
+        (differentiable)."""
         B, h, n_local, E = x.shape
-        k = h // self.parts
-        send = x.reshape(B, self.parts, k, n_local, E).transpose(0, 1).reshape(-1)
-        sizes = [B * k * n * E for n in self.lengths]
-        got = _AllToAll.apply(send, sizes, [B * k * n_local * E] * self.parts, self.group)
-        return self._whole(got, B, k, E)
+        send = x.reshape(B, self.parts, h // self.parts, n_local, E).transpose(0, 1)
+        return self._out(send, "values", differentiable=True)
 
     def _to_positions(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back."""
+        """(B, h/P, L, E) -> (B, h, l, E): each process's positions of every head back
+        (differentiable)."""
         B, k, _, E = y.shape
-        n_local = self.lengths[self.rank]
-        got = _AllToAll.apply(self._by_owner(y), [B * k * n_local * E] * self.parts,
-                              [B * k * n * E for n in self.lengths], self.group)
-        return got.view(self.parts, B, k, n_local, E).transpose(0, 1).reshape(
-            B, self.parts * k, n_local, E)
+        got = self._back(y, "values", differentiable=True)  # (P, B, k, l, E)
+        return got.transpose(0, 1).reshape(B, self.parts * k, got.shape[3], E)
 
     def _whole(self, got: torch.Tensor, B: int, k: int, E: int) -> torch.Tensor:
         """A received flat buffer, every process's (B, k, l_p, E) in turn -> (B, k, L, E)."""
@@ -166,19 +161,23 @@ class HeadExchange:
         k = (heads.stop - heads.start) // self.parts
         return like.new_empty(self.parts, B, k, n_local, E, dtype=dtype)
 
-    def _out(self, send: torch.Tensor, k: int, E: int, what: str) -> torch.Tensor:
+    def _out(self, send: torch.Tensor, what: str, differentiable: bool = False
+             ) -> torch.Tensor:
         """Send (P, B, k, l, E) -> receive (B, k, L, E): my heads over all positions."""
-        B, n_local = send.shape[1], send.shape[3]
-        got = _exchange(send, [B * k * n * E for n in self.lengths],
-                        [B * k * n_local * E] * self.parts, self.group, what)
+        _, B, k, n_local, E = send.shape
+        splits = ([B * k * n * E for n in self.lengths], [B * k * n_local * E] * self.parts)
+        got = (_AllToAll.apply(send.reshape(-1), *splits, self.group) if differentiable
+               else _exchange(send, *splits, self.group, what))
         return self._whole(got, B, k, E)
 
-    def _back(self, y: torch.Tensor, what: str) -> torch.Tensor:
+    def _back(self, y: torch.Tensor, what: str, differentiable: bool = False
+              ) -> torch.Tensor:
         """(B, k, L, E) my heads -> received (P, B, k, l, E): every head over my positions."""
         B, k, _, E = y.shape
         n_local = self.lengths[self.rank]
-        got = _exchange(self._by_owner(y), [B * k * n_local * E] * self.parts,
-                        [B * k * n * E for n in self.lengths], self.group, what)
+        splits = ([B * k * n_local * E] * self.parts, [B * k * n * E for n in self.lengths])
+        got = (_AllToAll.apply(self._by_owner(y), *splits, self.group) if differentiable
+               else _exchange(self._by_owner(y), *splits, self.group, what))
         return got.view(self.parts, B, k, n_local, E)
 
     def _project_out(self, half, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:
@@ -195,10 +194,9 @@ class HeadExchange:
                 for send, w in zip(sends, weights, strict=True):
                     for p, j, hd in self._heads(heads):
                         torch.mm(h, w[hd * E:(hd + 1) * E].t(), out=send[p, b, j, s])
-        k = (heads.stop - heads.start) // self.parts
         out = []
         for i in range(len(sends)):
-            out.append(self._out(sends[i], k, E, "values"))
+            out.append(self._out(sends[i], "values"))
             sends[i] = None  # sent: free it before the next one is
         return out
 
@@ -212,7 +210,7 @@ class HeadExchange:
                 g = grad_y[b, s].to(dtype)
                 for p, j, hd in self._heads(heads):
                     torch.mm(g, w_o[:, hd * E:(hd + 1) * E], out=send[p, b, j, s])
-        return self._out(send, (heads.stop - heads.start) // self.parts, E, "gradients")
+        return self._out(send, "gradients")
 
     def _rows(self, got: torch.Tensor, b: int, s: slice) -> torch.Tensor:
         """Sequence b's rows s of a received (P, B, k, l, E) buffer as (rows, h*E), the heads
