@@ -38,6 +38,7 @@ from reformer.attention.base import AttentionState
 from reformer.layers import row_chunks
 from reformer.reversible import (
     _block,
+    _grads,
     _layer_norm,
     _layer_norm_backward_,
     _product_dtype,
@@ -135,9 +136,7 @@ class HeadExchange:
             grad_o = self._grad_o_out(half, grad_y, heads)
             with torch.enable_grad():
                 o = half.attn.core(inputs, self.mine(heads), rec.attn, call.attention_mask)
-            grad_in = torch.autograd.grad(o, inputs, grad_o, allow_unused=True)
-            grad_in = [torch.zeros_like(i) if g is None else g
-                       for i, g in zip(inputs, grad_in, strict=True)]
+            grad_in = _grads(o, inputs, grad_o)
             del inputs, grad_o
             o_back = self._back(o.detach(), "values")
             del o
