@@ -69,7 +69,7 @@ def test_masked_lm_without_labels_gives_every_positions_logits():
     torch.testing.assert_close(logits, model.head(reference_states(model, ids, None)))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "first"])
+@pytest.mark.parametrize("pooling", ["mean", "first", "ends"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_classification_equals_the_unchunked_reference(pooling, masked):
     model = build(ReformerForSequenceClassification, n_classes=3, pooling=pooling)
@@ -80,6 +80,9 @@ def test_classification_equals_the_unchunked_reference(pooling, masked):
     states = reference_states(model, ids, mask)  # (B, L, 2D)
     if pooling == "first":
         pooled = states[:, 0]
+    elif pooling == "ends":  # the last real token: 29 in both rows, or 20 in the padded one
+        last = [29, 20 if masked else 29]
+        pooled = torch.cat([states[:, 0], states[torch.arange(2), last]], dim=-1)
     else:
         real = torch.ones(2, 30, dtype=torch.float64) if mask is None else mask.double()
         pooled = (states * real[..., None]).sum(1) / real.sum(1, keepdim=True)
@@ -90,8 +93,9 @@ def test_classification_equals_the_unchunked_reference(pooling, masked):
     assert_close(got, want)
 
 
-def test_mean_pooling_ignores_padding_tokens():
-    model = build(ReformerForSequenceClassification, n_classes=2).eval()
+@pytest.mark.parametrize("pooling", ["mean", "ends"])
+def test_pooling_ignores_padding_tokens(pooling):
+    model = build(ReformerForSequenceClassification, n_classes=2, pooling=pooling).eval()
     ids, mask = random_ids(2, 30, seed=5), padded_mask()
     changed = ids.clone()
     changed[1, 21:] = (changed[1, 21:] + 1) % 32  # only padded positions differ
@@ -141,3 +145,12 @@ def test_bert_mask_refuses_bad_settings(kwargs, match):
     args = {"mask_token_id": 31, **kwargs}
     with pytest.raises(ValueError, match=match):
         bert_mask(random_ids(1, 8), args.pop("mask_token_id"), 32, **args)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "ends"])
+def test_pooling_refuses_a_sequence_without_real_tokens(pooling):
+    model = build(ReformerForSequenceClassification, n_classes=2, pooling=pooling)
+    mask = padded_mask()
+    mask[0] = False
+    with pytest.raises(ValueError, match="a sequence has no real token"):
+        model(random_ids(2, 30, seed=6), attention_mask=mask)

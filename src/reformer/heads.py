@@ -15,8 +15,11 @@ Decisions:
 - The masked-LM loss is the mean cross-entropy over the positions whose label is not -100
   (those :func:`reformer.data.masking.bert_mask` chose): only their n rows of (y1, y2) are
   normalised and projected, never the (L, V) logits.
-- Pooling is the mean over real tokens (``attention_mask``; all tokens without one) or the
-  first token. The mean is taken block by block by one autograd node that recomputes each
+- Pooling is the mean over real tokens (``attention_mask``; all tokens without one), the
+  first token, or both ends: the first and the last real token's states side by side (4D
+  wide). A bidirectional trunk of local layers sees a window around each end, so "ends"
+  reads what the sequence says at its start and at its close (in ListOps, the root's first
+  and last arguments) where "first" reads only the start. The mean is taken block by block by one autograd node that recomputes each
   block's LayerNorm in its backward (:class:`_ChunkedMeanPool`), so no (L, 2D) tensor exists;
   its backward returns fresh dL/dy1, dL/dy2, which the reversible stack may reuse.
 """
@@ -33,7 +36,7 @@ from reformer.layers import row_chunks
 from reformer.model import ReformerOutput, ReformerTrunk
 from reformer.reversible import _leaf_params
 
-POOLINGS = ("mean", "first")
+POOLINGS = ("mean", "first", "ends")
 
 
 def _bidirectional(config: ReformerConfig, what: str) -> None:
@@ -79,7 +82,8 @@ class ReformerForSequenceClassification(ReformerTrunk):
     Args:
         config: the trunk (``causal=False``).
         n_classes: C.
-        pooling: "mean" (over real tokens) or "first" (the first token's state).
+        pooling: "mean" (over real tokens), "first" (the first token's state) or "ends"
+            (the first and the last real token's states, concatenated).
     """
 
     def __init__(self, config: ReformerConfig, n_classes: int, pooling: str = "mean") -> None:
@@ -89,7 +93,8 @@ class ReformerForSequenceClassification(ReformerTrunk):
             fail("pooling", pooling, "is unknown", f"use one of {POOLINGS}")
         super().__init__(config)
         self.n_classes, self.pooling = n_classes, pooling
-        self.head = nn.Linear(2 * config.d_model, n_classes)
+        width = 4 if pooling == "ends" else 2
+        self.head = nn.Linear(width * config.d_model, n_classes)
         self.apply(self._init_weights)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -108,6 +113,12 @@ class ReformerForSequenceClassification(ReformerTrunk):
                               owned_grads=self.pooling == "mean")
         if self.pooling == "first":
             pooled = self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1))  # (B, 2D)
+        elif self.pooling == "ends":
+            rows = torch.arange(y1.shape[0], device=y1.device)
+            last = _last_real(input_ids, attention_mask)  # (B,)
+            pooled = torch.cat([self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1)),
+                                self.norm(torch.cat([y1[rows, last], y2[rows, last]], dim=-1))],
+                               dim=-1)  # (B, 4D)
         else:
             weights = _mean_weights(input_ids, attention_mask, y1.dtype)
             pooled = _ChunkedMeanPool.apply(y1, y2, weights, self.norm,
@@ -116,6 +127,18 @@ class ReformerForSequenceClassification(ReformerTrunk):
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
         loss = None if labels is None else F.cross_entropy(wide, labels.long())
         return ReformerOutput(logits=logits, loss=loss)
+
+
+def _last_real(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) the index of each sequence's last real token (L - 1 without a mask)."""
+    length = input_ids.shape[1]
+    if attention_mask is None:
+        return torch.full(input_ids.shape[:1], length - 1, device=input_ids.device)
+    real = attention_mask.bool()
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("a sequence has no real token (its attention_mask is all False); "
+                         "pooling='ends' reads its last one")
+    return length - 1 - real.flip(1).int().argmax(dim=1)
 
 
 def _mean_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -21,7 +21,7 @@ Presets:
   on a 2-core CPU; axial positions shaped (row, column, channel).
 - ``listops``, ``classify``, ``mlm``: bidirectional trunks (``causal=False``, LSH looking
   one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (vocabulary
-  16, up to 2,000 tokens, first-token pooling), byte-level text classification at 4K, and
+  16, up to 2,000 tokens, both ends pooled), byte-level text classification at 4K, and
   masked language modelling of 4K windows (vocabulary 257: the bytes and the mask token).
 - ``seq2seq``: the encoder-decoder (reformer.encoder_decoder) with this shape on both sides,
   the encoder reading both ways and the decoder causally (vocabulary 258: the bytes, the
@@ -117,7 +117,7 @@ PRESETS: dict[str, Preset] = {
             model=_reads_both_ways(vocab_size=16, d_ff=256, n_layers=4, max_seq_len=2048),
             training=dict(task="listops", seq_len=2048, batch_size=16, steps=3000,
                           max_minutes=85.0, lr=1e-3, warmup_steps=100, eval_every=100,
-                          eval_windows=400, checkpoint_every=100, pooling="first"),
+                          eval_windows=400, checkpoint_every=100, pooling="ends"),
         ),
         Preset(
             name="classify",

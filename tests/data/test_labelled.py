@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reformer.data import listops
-from reformer.data.labelled import PAD_MULTIPLE, pad_examples
+from reformer.data.labelled import BUCKET_POOL, PAD_MULTIPLE, pad_examples
 from reformer.data.masking import MASK_TOKEN
 from reformer.data.task import TaskSpec, build_task
 
@@ -104,6 +104,34 @@ def test_sampler_state_replays_batches(task, jsonl):
     made.load_state_dict(state)
     again = made.next_batch()
     assert all(x is y is None or torch.equal(x, y) for x, y in zip(first, again, strict=True))
+
+
+def test_a_pool_of_batches_is_grouped_by_length():
+    task = build_task(spec("listops", seq_len=2048, batch_size=4))
+    batches = [task.next_batch() for _ in range(BUCKET_POOL)]
+    spans = sorted((int(m.sum(1).min()), int(m.sum(1).max())) for _, m, _ in batches)
+    for (_, longest), (shortest, _) in zip(spans, spans[1:]):
+        assert longest <= shortest  # the batches' length ranges do not overlap
+    drawn = torch.randint(0, task.n_train, (BUCKET_POOL * 4,),
+                          generator=torch.Generator().manual_seed(task.spec.seed))
+    served = sorted(int(n) for _, m, _ in batches for n in m.sum(1))
+    made = sorted(min(len(task.train_example(int(i))[0]), 2048) for i in drawn)
+    assert served == made  # every drawn example is served once
+    assert spans[-1][1] - spans[0][0] > 0  # (the pool's lengths differ: the test can fail)
+
+
+@pytest.mark.parametrize("task", ["classify", "listops"])
+def test_resume_inside_a_pool_serves_the_same_batches(task, jsonl):
+    made = build_task(spec(task, [jsonl] if task == "classify" else (), seq_len=2048))
+    for _ in range(3):
+        made.next_batch()
+    state = made.state_dict()
+    want = [made.next_batch() for _ in range(BUCKET_POOL)]  # crosses into the next pool
+    resumed = build_task(spec(task, [jsonl] if task == "classify" else (), seq_len=2048))
+    resumed.load_state_dict(state)
+    for batch, again in zip(want, [resumed.next_batch() for _ in range(BUCKET_POOL)],
+                            strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(batch, again, strict=True))
 
 
 @pytest.mark.parametrize("task", ["classify", "listops", "mlm"])

@@ -276,8 +276,8 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        '--data FILE.jsonl of {"source", "target"} lines)')
         p.add_argument("--pooling", choices=POOLINGS,
                        help="classify, listops: the classifier reads the mean of the real "
-                       "tokens' states or the first token's (default: the preset's, first for "
-                       "listops, else mean)")
+                       "tokens' states, the first token's, or both ends' (the first and the "
+                       "last real token's; default: the preset's, ends for listops, else mean)")
         p.add_argument("--mask-prob", type=float, metavar="X",
                        help="mlm: share of tokens masked and predicted (default: 0.15)")
         p.add_argument("--images", nargs="+", metavar="PATH",
