@@ -411,7 +411,8 @@ def sequence_estimate(one: dict, sp: dict, weak: dict, gpu_step: dict | None) ->
         "however lean: one process holds the streams (s per token) and one head's working "
         f"set ({HEAD_BYTES:,} bytes per token at d_head 64, the same head over the same L "
         "as one process's), so even with nothing else the per-process peak on 2 is at least "
-        f"(s/2 + w) / (s + w) = {(STREAM_BYTES / 2 + HEAD_BYTES) / (STREAM_BYTES + HEAD_BYTES):.2f}x"
+        f"(s/2 + w) / (s + w) = "
+        f"{(STREAM_BYTES / 2 + HEAD_BYTES) / (STREAM_BYTES + HEAD_BYTES):.2f}x"
         " one process's at the same L (target 0.6x), and at twice the length at least "
         f"(s + 2w) / (s + w) = {(STREAM_BYTES + 2 * HEAD_BYTES) / (STREAM_BYTES + HEAD_BYTES):.2f}x"
         " (target 1.15x).",

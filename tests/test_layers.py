@@ -53,18 +53,19 @@ def test_feed_forward_is_linear_activation_linear(activation, fn):
     torch.testing.assert_close(ff(x), expected, rtol=0, atol=1e-12)
 
 
-def test_feed_forward_dropout_applies_in_train_mode_only():
+def test_feed_forward_applies_the_callers_dropout():
     config = ReformerConfig(d_model=8, n_heads=2, d_ff=12, dropout=0.5, max_seq_len=16)
     torch.manual_seed(0)
     ff = FeedForward(config).double()
     x = torch.randn(5, 8, dtype=torch.float64)
-    torch.manual_seed(1)
-    a = ff.train()(x)
-    torch.manual_seed(2)
-    b = ff(x)
-    assert not torch.allclose(a, b)
-    ff.eval()
-    assert torch.equal(ff(x), ff(x))
+    g = torch.Generator().manual_seed(1)
+    mask_h, mask_o = (torch.randint(0, 2, shape, generator=g).double() * 2
+                      for shape in ((5, 12), (5, 8)))
+    hidden = (x @ ff.w_in.weight.t() + ff.w_in.bias).relu() * mask_h
+    expected = (hidden @ ff.w_out.weight.t() + ff.w_out.bias) * mask_o
+    got = ff(x, lambda a: a * mask_h, lambda o: o * mask_o)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, ff(x))  # without them: no dropout
 
 
 def test_axial_embedding_shape_and_concatenated_rows():

@@ -9,7 +9,7 @@ autograd graph is checked to make sure each run really took the path it names.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -125,14 +125,42 @@ def test_reversible_matches_autograd_through_the_config_flag(make_model, ids):
                 run(plain_model, tokens, reversible=False))
 
 
-def test_comparison_detects_a_backward_without_rng_replay(make_model, ids, monkeypatch):
-    # Guard on the tests above: if the backward drew fresh dropout masks instead of replaying
-    # the forward's, the gradients would differ far beyond ATOL.
+def test_backward_rebuilds_the_masks_without_the_rng(make_model, ids):
+    # The dropout masks are keyed by position (reformer._dropout) and their seeds recorded:
+    # the backward needs no RNG state, so reseeding between forward and backward changes
+    # nothing.
     model = make_model(**REGULARISED)
     tokens = ids(2, 24)
     plain = run(model, tokens, reversible=False)
-    monkeypatch.setattr(reversible_module, "replay_rng",
-                        lambda state, device: contextlib.nullcontext())
+    model.stack.reversible = True
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = model(tokens, labels=tokens)
+    torch.manual_seed(999)  # would change masks drawn from the RNG in the backward
+    probe = torch.randn(out.logits.shape, dtype=out.logits.dtype,
+                        generator=torch.Generator().manual_seed(123))
+    (out.loss + (out.logits * probe).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert_same((out.logits.detach(), grads), plain)
+
+
+def test_comparison_detects_a_backward_with_other_masks(make_model, ids, monkeypatch):
+    # Guard on the tests above: if the backward rebuilt other hidden-dropout masks than the
+    # forward's, the gradients would differ far beyond ATOL.
+    model = make_model(**REGULARISED)
+    tokens = ids(2, 24)
+    plain = run(model, tokens, reversible=False)
+    seen, keep_rows = set(), reversible_module._keep_rows
+
+    def other_masks_on_recomputation(drop, rows, like):
+        key = (None if drop is None else drop.seed, rows.start, rows.stop, like.shape[-1])
+        again = key in seen
+        seen.add(key)
+        if drop is not None and again:
+            drop = dataclasses.replace(drop, seed=drop.seed + 1)
+        return keep_rows(drop, rows, like)
+
+    monkeypatch.setattr(reversible_module, "_keep_rows", other_masks_on_recomputation)
     assert max_grad_difference(run(model, tokens, reversible=True), plain) > 1e-4
 
 

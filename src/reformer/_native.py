@@ -4,10 +4,11 @@ PyTorch runs the masked softmax of a block of attention scores as about ten sepa
 over memory (mask arithmetic, softmax, the maxima for the log-sum-exp); one fused C++ pass
 makes the LSH kernel's forward about a quarter faster on CPU. The LSH kernel's row gathers
 are fused with the work that follows them the same way (``csrc/sorted_rows.cpp``), and so
-are the hash's argmax over [x, -x] (``csrc/hashing.cpp``) and the feed-forward's bias and
-ReLU (``csrc/feed_forward.cpp``); the sort by bucket is a counting sort
-(``csrc/hashing.cpp``). Where it applies, the whole LSH kernel runs chunk by chunk
-(``csrc/lsh_chunks.cpp``), its small matrix products through the BLAS that PyTorch links.
+are the hash's argmax over [x, -x] (``csrc/hashing.cpp``), the feed-forward's bias and
+ReLU (``csrc/feed_forward.cpp``) and keyed dropout masks (``csrc/dropout.cpp``); the sort by
+bucket is a counting sort (``csrc/hashing.cpp``). Where it applies, the whole LSH kernel runs
+chunk by chunk (``csrc/lsh_chunks.cpp``), its small matrix products through the BLAS that
+PyTorch links.
 The kernels are optional: every caller keeps its PyTorch path, which the tests hold the
 native one against.
 
@@ -62,7 +63,7 @@ import torch
 ENV = "REFORMER_NATIVE"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("window_softmax.cpp", "sorted_rows.cpp", "lsh_chunks.cpp",
-                                    "hashing.cpp", "feed_forward.cpp",
+                                    "hashing.cpp", "feed_forward.cpp", "dropout.cpp",
                                     "cpu_allocator.cpp")]
 HEADERS = [CSRC / "softmax_row.h"]
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-trapping-math",

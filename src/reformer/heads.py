@@ -19,9 +19,10 @@ Decisions:
   first token, or both ends: the first and the last real token's states side by side (4D
   wide). A bidirectional trunk of local layers sees a window around each end, so "ends"
   reads what the sequence says at its start and at its close (in ListOps, the root's first
-  and last arguments) where "first" reads only the start. The mean is taken block by block by one autograd node that recomputes each
-  block's LayerNorm in its backward (:class:`_ChunkedMeanPool`), so no (L, 2D) tensor exists;
-  its backward returns fresh dL/dy1, dL/dy2, which the reversible stack may reuse.
+  and last arguments) where "first" reads only the start. The mean is taken block by block
+  by one autograd node that recomputes each block's LayerNorm in its backward
+  (:class:`_ChunkedMeanPool`), so no (L, 2D) tensor exists; its backward returns fresh
+  dL/dy1, dL/dy2, which the reversible stack may reuse.
 """
 
 from __future__ import annotations

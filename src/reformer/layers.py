@@ -63,9 +63,15 @@ class FeedForward(nn.Module):
             return pre.add_(self.w_in.bias).relu_()
         return fused(pre, self.w_in.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(self.hidden(x), self.dropout, self.training)  # (N, F)
-        return F.dropout(self.w_out(h), self.dropout, self.training)  # (N, D)
+    def forward(self, x: torch.Tensor, drop_hidden=None, drop_out=None) -> torch.Tensor:
+        """(N, D) -> (N, D); ``drop_hidden``, ``drop_out``: the caller's dropout of the
+        activation and of the output (``a -> a * mask``; reformer.reversible's halves key
+        their masks by position), or None. ``self.dropout`` is the rate they use."""
+        h = self.hidden(x)  # (N, F)
+        if drop_hidden is not None:
+            h = drop_hidden(h)
+        out = self.w_out(h)
+        return out if drop_out is None else drop_out(out)
 
 
 class AxialPositionalEmbedding(nn.Module):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from reformer._dropout import position_dropout
 from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig, check_positive_int
 from reformer.layers import positional_embedding, row_chunks
@@ -108,7 +109,9 @@ class ReformerTrunk(nn.Module):
         x = self.embed(input_ids.long())
         if self.pos is not None:
             x = x + self.pos(input_ids.shape[1], offset).to(x.dtype)
-        return F.dropout(x, self.config.dropout, self.training)
+        drop = position_dropout(self.config.dropout if self.training else 0.0,
+                                input_ids.shape[1], offset)  # keyed by global position
+        return x if drop is None else x * drop.like(x)
 
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 n_hashes: int | None = None, owned_grads: bool = False

@@ -11,9 +11,11 @@ inputs from its outputs, so activation memory does not grow with depth.
 
 The backward of each half is itself chunked (DESIGN.md 1.6): g over blocks of positions, f over
 slices of heads (each recomputed, differentiated and freed before the next). Dropout masks are
-replayed by restoring the RNG state recorded before each half's forward and consuming it in
-the same order; LSH bucket ids are recorded in the forward and reused, since recomputed inputs
-can differ in the last bit and flip a bucket.
+keyed by position and head (reformer._dropout): each half records their seeds in the forward
+and the backward rebuilds the same masks from them, however it cuts the work, with no RNG
+state to replay (the encoder-decoder's cross-attention half still replays one: ``record``);
+LSH bucket ids are recorded in the forward and reused, since recomputed inputs can differ in
+the last bit and flip a bucket.
 
 Memory: the two streams are updated in place, in the forward (each layer's outputs overwrite
 its inputs) and in the backward (the outputs are turned back into inputs and the two gradient
@@ -43,12 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from reformer._dropout import PositionDropout, position_dropout
 from reformer._memory import keep_freed_memory
-from reformer._rng import capture_rng, replay_rng
+from reformer._rng import capture_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
 from reformer.attention.base import LayerCache
 from reformer.config import ReformerConfig
-from reformer.layers import FeedForward, dropout_keep, row_chunks
+from reformer.layers import FeedForward, row_chunks
 from reformer.plan import plan_for
 
 Grads = list[torch.Tensor]
@@ -69,6 +72,7 @@ class HeadExchange(Protocol):
 
     length: int
     parts: int  # processes: every head slice holds a multiple of it
+    start: int  # the global position of this process's first
 
     def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
                  state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor: ...
@@ -104,10 +108,25 @@ def _parts(call: CallInfo) -> int:
 
 @dataclass
 class HalfRecord:
-    """What a half-block keeps from its forward for the backward: RNG state, LSH buckets."""
+    """What a half-block keeps from its forward for the backward: RNG state (halves whose
+    dropout is not keyed), the attention state (LSH rotations and buckets, the attention
+    dropout seed) and the keyed hidden-dropout masks (reformer._dropout), which need no
+    RNG to be rebuilt."""
 
     rng: tuple | None = None
     attn: AttentionState = field(default_factory=AttentionState)
+    drops: tuple[PositionDropout | None, ...] = ()
+
+
+def _start(call: CallInfo) -> int:
+    """The global position of the first position this process holds."""
+    return 0 if call.exchange is None else call.exchange.start
+
+
+def _keep_rows(drop: PositionDropout | None, rows: slice, like: torch.Tensor
+               ) -> torch.Tensor | None:
+    """The dropout multipliers of flat rows ``rows``, shaped like ``like`` (n, W)."""
+    return None if drop is None else drop.rows(rows, like.shape[-1], like)
 
 
 def _leaf_params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -186,17 +205,19 @@ class AttentionHalf(nn.Module):
         self.dropout = config.dropout
 
     def uses_rng(self) -> bool:
-        return self.training and (self.dropout > 0 or self.attn.config.attention_dropout > 0)
+        """False: its masks are keyed (the record holds their seeds), nothing to replay."""
+        return False
 
     def begin(self, x: torch.Tensor, call: CallInfo) -> HalfRecord:
         if call.caches is not None:  # prefill: hash with the decode's fixed rotations
             rotations = call.caches[self.attn.layer_index].rotations
             if rotations is not None:
                 return HalfRecord(attn=self.attn.prepare(x, rotations=rotations))
-        if call.exchange is not None:
-            return HalfRecord(attn=self.attn.prepare(x, call.n_hashes,
-                                                     length=call.exchange.length))
-        return HalfRecord(attn=self.attn.prepare(x, call.n_hashes))
+        state = (self.attn.prepare(x, call.n_hashes) if call.exchange is None
+                 else self.attn.prepare(x, call.n_hashes, length=call.exchange.length))
+        state = self.attn.with_dropout_seed(state)
+        drop = position_dropout(self.dropout if self.training else 0.0, x.shape[1], _start(call))
+        return HalfRecord(attn=state, drops=(drop,))
 
     def core(self, projected: list[torch.Tensor], heads: slice, rec: HalfRecord,
              call: CallInfo) -> torch.Tensor:
@@ -210,7 +231,8 @@ class AttentionHalf(nn.Module):
         h = self.norm(x)
         if call.caches is not None:
             self.attn.fill_cache(h, call.caches[self.attn.layer_index])
-        keep = dropout_keep(x, self.dropout if self.training else 0.0)
+        drop = rec.drops[0] if rec.drops else None
+        keep = None if drop is None else drop.like(x)
         out = None
         for heads in _slices(self.attn, x, call):
             projected = [self.attn.project(w, h, heads) for w in self.attn.projections()]
@@ -258,7 +280,7 @@ class AttentionHalf(nn.Module):
         """acc += f(x), in place (no autograd)."""
         if call.exchange is not None:
             return call.exchange.add_forward_(self, x, acc, rec, call)
-        keep = dropout_keep(x, self.dropout if self.training else 0.0)
+        keep = rec.drops[0] if rec.drops else None
         B, N = x.shape[0], x.shape[0] * x.shape[1]
         for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
@@ -274,14 +296,14 @@ class AttentionHalf(nn.Module):
             self._merge_into(o, group, acc, keep, sign=1.0)
 
     def _merge_into(self, o: torch.Tensor, heads: slice, acc: torch.Tensor,
-                    keep: torch.Tensor | None, sign: float) -> torch.Tensor:
+                    keep: PositionDropout | None, sign: float) -> torch.Tensor:
         """acc += sign * Dropout(o W_o^T) over blocks of rows; returns o as (N, h*E) rows."""
         o_rows = o.transpose(1, 2).reshape(acc.numel() // acc.shape[-1], -1)
         w_o, acc_rows = self.attn.w_o.weight[:, self._columns(heads)], _rows(acc)
         for s in row_chunks(o_rows.shape[0], _block(acc)):
             part = F.linear(o_rows[s], w_o)
             if keep is not None:
-                part = part * _rows(keep)[s]
+                part = part * _keep_rows(keep, s, part)
             acc_rows[s].add_(part, alpha=sign)
         return o_rows
 
@@ -297,7 +319,7 @@ class AttentionHalf(nn.Module):
         if call.exchange is not None:
             return call.exchange.backward_(self, x, y, grad_y, grad_x, rec, call, grads)
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
-        keep = dropout_keep(x, self.dropout if self.training else 0.0)  # the forward's masks
+        keep = rec.drops[0] if rec.drops else None  # the forward's masks
         for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
             grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
@@ -315,13 +337,13 @@ class AttentionHalf(nn.Module):
             o_rows = self._merge_into(grad_o, group, y, keep, sign=-1.0)  # y -= o W_o^T
             grad_w_o = grads[attn.w_o.weight][:, self._columns(group)]
             for s in row_chunks(o_rows.shape[0], _block(gy_rows)):
-                g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
+                g = gy_rows[s] if keep is None else gy_rows[s] * _keep_rows(keep, s, gy_rows[s])
                 grad_w_o += g.t() @ o_rows[s]
             del grad_o, o_rows
             self._projections_backward_(x_rows, group, projected, gx_rows, grads)
             del projected
 
-    def _grad_merged(self, gy_rows: torch.Tensor, heads: slice, keep: torch.Tensor | None,
+    def _grad_merged(self, gy_rows: torch.Tensor, heads: slice, keep: PositionDropout | None,
                      batch: int) -> torch.Tensor:
         """dL/do = Dropout'(dL/dy) W_o for ``heads``: (B, h, L, E), a view of (N, h*E) rows, in
         the products' dtype (autocast's, when it is on, like the outputs o it later holds)."""
@@ -329,7 +351,7 @@ class AttentionHalf(nn.Module):
         w_o = self.attn.w_o.weight[:, self._columns(heads)].to(dtype)  # cast once, not per block
         grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1], dtype=dtype)
         for s in row_chunks(gy_rows.shape[0], _block(gy_rows)):
-            g = gy_rows[s] if keep is None else gy_rows[s] * _rows(keep)[s]
+            g = gy_rows[s] if keep is None else gy_rows[s] * _keep_rows(keep, s, gy_rows[s])
             torch.mm(g.to(dtype), w_o, out=grad_o[s])
         return self._heads_view(grad_o, batch)
 
@@ -366,18 +388,37 @@ class FeedForwardHalf(nn.Module):
         self.chunk, self.width = config.ff_chunk_size, config.d_ff
 
     def uses_rng(self) -> bool:
-        return self.training and self.ff.dropout > 0
+        """False: its masks are keyed (the record holds their seeds), nothing to replay."""
+        return False
 
     def _block(self, rows: torch.Tensor) -> int:
         """Rows per block on the rows' device (its (rows, d_ff) activation bounds it)."""
         return plan_for(rows.device).rows(self.chunk, self.width)
 
     def begin(self, x: torch.Tensor, call: CallInfo) -> HalfRecord:
-        return HalfRecord()
+        """The dropout masks of the hidden layer and of the output, keyed by position."""
+        p = self.ff.dropout if self.training else 0.0
+        if p <= 0:
+            return HalfRecord()
+        start = _start(call)
+        return HalfRecord(drops=(position_dropout(p, x.shape[1], start),
+                                 position_dropout(p, x.shape[1], start)))
 
-    def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> torch.Tensor:
+    def _ff(self, x_rows: torch.Tensor, rows: slice, rec: HalfRecord) -> torch.Tensor:
+        """FeedForward(LayerNorm(.)) of the flat rows ``rows`` (n, D), with their masks."""
+        if not rec.drops:
+            return self.ff(self.norm(x_rows))
+        hidden, out = rec.drops
+        return self.ff(self.norm(x_rows), lambda a: a * _keep_rows(hidden, rows, a),
+                       lambda o: o * _keep_rows(out, rows, o))
+
+    def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo,
+                first_row: int = 0) -> torch.Tensor:
+        """g(x) for x (B, l, D), or for flat rows (n, D) from ``first_row`` on (a block of
+        the backward's recomputation)."""
         rows = x.reshape(-1, x.shape[-1])  # (N, D)
-        parts = [self.ff(self.norm(rows[s])) for s in row_chunks(rows.shape[0], self._block(rows))]
+        parts = [self._ff(rows[s], slice(first_row + s.start, first_row + s.stop), rec)
+                 for s in row_chunks(rows.shape[0], self._block(rows))]
         return torch.cat(parts).view_as(x) if len(parts) > 1 else parts[0].view_as(x)
 
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
@@ -385,7 +426,7 @@ class FeedForwardHalf(nn.Module):
         """acc += g(x), in place (no autograd)."""
         rows, acc_rows = _rows(x), _rows(acc)
         for s in row_chunks(rows.shape[0], self._block(rows)):
-            acc_rows[s].add_(self.ff(self.norm(rows[s])))
+            acc_rows[s].add_(self._ff(rows[s], s, rec))
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
                   grad_x: torch.Tensor, rec: HalfRecord, call: CallInfo, grads: dict) -> None:
@@ -393,7 +434,7 @@ class FeedForwardHalf(nn.Module):
         ``grad_x``, both in place, block by block; add the parameter gradients to
         ``grads[p]``."""
         rows, y_rows, gy_rows, gx_rows = _rows(x), _rows(y), _rows(grad_y), _rows(grad_x)
-        if self.uses_rng():
+        if rec.drops:
             self._autograd_backward_(rows, y_rows, gy_rows, gx_rows, rec, call, grads)
             return
         for s in row_chunks(rows.shape[0], self._block(rows)):
@@ -428,13 +469,13 @@ class FeedForwardHalf(nn.Module):
     def _autograd_backward_(self, rows: torch.Tensor, y_rows: torch.Tensor,
                             gy_rows: torch.Tensor, gx_rows: torch.Tensor, rec: HalfRecord,
                             call: CallInfo, grads: dict) -> None:
-        """The backward with dropout: each block recomputed (masks replayed by the caller's
-        RNG state) and differentiated by autograd."""
+        """The backward with dropout: each block recomputed (its masks rebuilt from their
+        keys) and differentiated by autograd."""
         params = _leaf_params(self)
         for s in row_chunks(rows.shape[0], self._block(rows)):
             with torch.enable_grad():
                 xs = rows[s].detach().requires_grad_(True)
-                ys = functional_call(self, params, (xs, rec, call))  # one block: one chunk
+                ys = functional_call(self, params, (xs, rec, call, s.start))  # one chunk
                 g = _grads(ys, [xs, *params.values()], gy_rows[s])
             y_rows[s] -= ys.detach()
             gx_rows[s] += g[0]
@@ -589,11 +630,9 @@ class _BlockFunction(torch.autograd.Function):
         y1, y2 = state.streams  # a second backward (retain_graph) fails: they change below
         grads = state.param_grads(list(ctx.params))
         device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            with replay_rng(g_rec.rng, y1.device):  # y2 -> x2 = y2 - g(y1)
-                block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, state.call, grads)
-            with replay_rng(f_rec.rng, y1.device):  # y1 -> x1 = y1 - f(x2)
-                block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, state.call, grads)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # masks: keyed
+            block.g.backward_(y1, y2, grad_y2, grad_y1, g_rec, state.call, grads)  # x2 = y2 - g(y1)
+            block.f.backward_(y2, y1, grad_y1, grad_y2, f_rec, state.call, grads)  # x1 = y1 - f(x2)
         ctx.records = ctx.state = None
         return (grad_y1, grad_y2, None, None, *(grads[p] for p in ctx.params))
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reformer._dropout import AttentionDropout
 from reformer.attention import _chunked
 from reformer.attention._chunked import MASK_VALUE, SELF_VALUE, chunk_window_attention
 
@@ -22,7 +23,7 @@ def windows(x, offsets, circular, fill):
 
 
 def autograd_attention(q, k, v, pos, valid, offsets, circular, causal, self_mask, scale,
-                       log_count, p):
+                       log_count, dropout):
     qpos = pos.unsqueeze(-1)
     kpos = windows(pos, offsets, circular, -1).unsqueeze(-2)
     logits = q @ windows(k, offsets, circular, 0).transpose(-1, -2) * scale
@@ -37,8 +38,9 @@ def autograd_attention(q, k, v, pos, valid, offsets, circular, causal, self_mask
     logits = logits + invalid * MASK_VALUE
     lse = torch.logsumexp(logits, -1)
     probs = torch.softmax(logits, -1)  # exact also for all-masked rows at -1e9
-    if p > 0:
-        probs = probs * torch.empty_like(probs).bernoulli_(1 - p).div_(1 - p)
+    if dropout is not None:  # the keyed masks of every chunk at once
+        G, n, M, K = probs.shape
+        probs = probs * dropout.blocks(0, n, M, K, q)
     return probs @ windows(v, offsets, circular, 0), lse
 
 
@@ -50,8 +52,6 @@ def autograd_attention(q, k, v, pos, valid, offsets, circular, causal, self_mask
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_kernel_matches_autograd(monkeypatch, save_elements, block_elements, circular, offsets,
                                  causal, dropout):
-    if dropout and block_elements < 1 << 19:
-        pytest.skip("blocks draw their dropout masks separately; see the gradcheck below")
     monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(_chunked, "SAVE_ELEMENTS", save_elements)
     g = torch.Generator().manual_seed(1)
@@ -79,16 +79,16 @@ def test_kernel_matches_autograd(monkeypatch, save_elements, block_elements, cir
         return table[torch.arange(G)[:, None, None, None], qpos.unsqueeze(-1),
                      kpos.clamp(min=0).unsqueeze(-2)]
 
+    drop = AttentionDropout(dropout, seed=7) if dropout else None  # blocks see one mask
     results = []
     for kernel in (True, False):
-        torch.manual_seed(7)
         if kernel:
             out, lse = chunk_window_attention(
                 q, k, v, pos, offsets=offsets, circular=circular, causal=causal, c_valid=valid,
-                self_mask=True, scale=0.7, log_count_fn=count_fn, dropout=dropout)
+                self_mask=True, scale=0.7, log_count_fn=count_fn, dropout=drop or 0.0)
         else:
             out, lse = autograd_attention(q, k, v, pos, valid, offsets, circular, causal, True,
-                                          0.7, log_count, dropout)
+                                          0.7, log_count, drop)
         loss = (out * w_out).sum() + (lse * w_lse).sum()
         grads = torch.autograd.grad(loss, [q, k, v])
         results.append((out[usable], lse[usable], *grads))
@@ -99,7 +99,7 @@ def test_kernel_matches_autograd(monkeypatch, save_elements, block_elements, cir
 @pytest.mark.parametrize("save_elements", [0, 1 << 25])
 @pytest.mark.parametrize("circular", [True, False])
 def test_kernel_gradient_with_dropout_over_many_blocks(monkeypatch, save_elements, circular):
-    """The backward redraws (or keeps) each block's dropout mask of the forward."""
+    """The backward rebuilds (or keeps) each block's dropout mask of the forward."""
     monkeypatch.setattr(_chunked, "BLOCK_ELEMENTS", 30)
     monkeypatch.setattr(_chunked, "SAVE_ELEMENTS", save_elements)
     g = torch.Generator().manual_seed(2)

@@ -110,7 +110,7 @@ def test_a_pool_of_batches_is_grouped_by_length():
     task = build_task(spec("listops", seq_len=2048, batch_size=4))
     batches = [task.next_batch() for _ in range(BUCKET_POOL)]
     spans = sorted((int(m.sum(1).min()), int(m.sum(1).max())) for _, m, _ in batches)
-    for (_, longest), (shortest, _) in zip(spans, spans[1:]):
+    for (_, longest), (shortest, _) in zip(spans, spans[1:], strict=False):
         assert longest <= shortest  # the batches' length ranges do not overlap
     drawn = torch.randint(0, task.n_train, (BUCKET_POOL * 4,),
                           generator=torch.Generator().manual_seed(task.spec.seed))

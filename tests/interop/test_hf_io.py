@@ -153,7 +153,8 @@ def test_config_from_hf_refusals_name_the_setting(changes, name):
 
 @pytest.mark.parametrize("changes, name", [
     ({"attn_layers": ("local", "full")}, "attn_layers"), ({"dedup_rounds": True}, "dedup_rounds"),
-    ({"pos_embedding": "none"}, "pos_embedding"), ({"pos_embedding": "sinusoidal"}, "pos_embedding"),
+    ({"pos_embedding": "none"}, "pos_embedding"),
+    ({"pos_embedding": "sinusoidal"}, "pos_embedding"),
     ({"hf_compat": False}, "hf_compat"),
     ({"causal": False}, "causal"), ({"axial_pos_shape": (2, 2, 8), "axial_pos_dims": None},
                                     "axial_pos_shape"),

@@ -21,6 +21,12 @@ CASES = {  # name: (config overrides, length, call keywords, masked tail)
     "rotations-from-rng": ({"hash_seed": None}, 30, {}, 0),
     "not-reversible": ({"reversible": False}, 22, {}, 0),
     "one-sequence": ({}, 27, {}, 0),  # batch 1: the exchange's no-copy path
+    # hidden and attention dropout: keyed masks, each process builds its part of them
+    "dropout": ({"dropout": 0.2, "attention_dropout": 0.3}, 30, {}, 0),
+    "dropout-bidirectional-padded": ({"dropout": 0.2, "attention_dropout": 0.3,
+                                      "causal": False}, 26, {}, 5),
+    "dropout-not-reversible": ({"dropout": 0.2, "attention_dropout": 0.3,
+                                "reversible": False}, 22, {}, 0),
 }
 BATCH = {"one-sequence": 1}  # default 2
 

@@ -122,11 +122,19 @@ def test_fsdp_trains_like_one_process(setup, reference):
     assert_same_curve(out, reference)
 
 
-def test_sequence_parallel_trains_like_one_process_on_the_same_sequences(setup, tmp_path):
-    # Both processes hold half of each window; the batches are the one-process ones.
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_sequence_parallel_trains_like_one_process_on_the_same_sequences(setup, tmp_path,
+                                                                         dropout):
+    # Both processes hold half of each window; the batches are the one-process ones, and
+    # with dropout so are the masks (keyed by position, seeds from rank 0's RNG stream).
     one, two = tmp_path / "one", tmp_path / "two"
-    assert cli(train_flags(setup, one, 4, 1)) == 0
-    log = finish(torchrun(train_flags(setup, two, 4, 1, "--sequence-parallel")))
+    config = tmp_path / "dropout.json"
+    config.write_text(json.dumps({"model": {**MODEL, "dropout": dropout,
+                                            "attention_dropout": dropout},
+                                  "training": TRAINING}))
+    flags = {**setup, "flags": [*setup["flags"], "--config", str(config)]}
+    assert cli(train_flags(flags, one, 4, 1)) == 0
+    log = finish(torchrun(train_flags(flags, two, 4, 1, "--sequence-parallel")))
     assert "2 processes (sequence, cpu)" in log
     for kind, key in (("train", "loss"), ("eval", "val_bpc")):
         torch.testing.assert_close(torch.tensor([r[key] for r in records(two, kind)]),

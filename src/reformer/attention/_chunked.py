@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from reformer import _native
-from reformer._rng import capture_rng, replay_rng
-from reformer.layers import dropout_keep
+from reformer._dropout import AttentionDropout
 
 MASK_VALUE = -1e9
 SELF_VALUE = -1e5
@@ -129,8 +128,9 @@ class ChunkWindowAttention(torch.autograd.Function):
     Per block: ``S = bias + scale * q k^T - log_count``, ``P = softmax(S)``, ``o = P v``,
     ``lse = max S - log max P`` (exact, and two cheap reductions instead of a second exp pass:
     exp of the -1e9 masked logits is many times slower than the fused softmax on CPU).
-    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``; dropout masks are redrawn
-    from the RNG state of the forward.
+    Backward per block: ``dS = P * (dP - rowsum(dO * o) + dlse)``; dropout masks are rebuilt
+    from their key (reformer._dropout: a function of the chunk and slot, not of the
+    blocking).
     """
 
     @staticmethod
@@ -139,7 +139,6 @@ class ChunkWindowAttention(torch.autograd.Function):
         G, n, M, E = c_q.shape
         out = torch.empty_like(c_q)  # (G, n, M, E)
         lse = c_q.new_empty(G, n, M)
-        ctx.rng = capture_rng(c_q.device) if dropout > 0 else None
         ctx.spec = (offsets, circular, causal, self_mask, scale, log_count_fn, dropout)
         K = M * len(offsets)
         # Small enough: keep each block's probabilities for the backward instead of
@@ -167,22 +166,21 @@ class ChunkWindowAttention(torch.autograd.Function):
             row = row - grad_lse  # dS = P * (dP - row)
         grad_q, grad_k, grad_v = torch.empty_like(c_q), torch.zeros_like(c_k), torch.zeros_like(c_v)
         saved, ctx.blocks = ctx.blocks, None
-        with replay_rng(None if saved else ctx.rng, c_q.device):
-            for i, (start, stop) in enumerate(_blocks(G, n, M, M * len(ctx.spec[0]))):
-                blk = saved[i] if saved else _Block(c_q, c_k, c_v, c_pos, c_valid, start, stop,
-                                                    ctx.spec)
-                d_out = grad_out[:, start:stop]  # (G, nb, M, E)
-                grad_p = torch.matmul(d_out, blk.v.transpose(-1, -2))  # (G, nb, M, K)
-                if blk.keep is not None:
-                    grad_p.mul_(blk.keep)
-                grad_s = grad_p.sub_(row[:, start:stop].unsqueeze(-1)).mul_(blk.probs)
-                if scale != 1:
-                    grad_s.mul_(scale)
-                grad_q[:, start:stop] = torch.matmul(grad_s, blk.k)
-                blk.scatter(grad_k, torch.matmul(grad_s.transpose(-1, -2), blk.q))
-                blk.scatter(grad_v, torch.matmul(blk.kept.transpose(-1, -2), d_out))
-                if saved:
-                    saved[i] = None  # free as we go
+        for i, (start, stop) in enumerate(_blocks(G, n, M, M * len(ctx.spec[0]))):
+            blk = saved[i] if saved else _Block(c_q, c_k, c_v, c_pos, c_valid, start, stop,
+                                                ctx.spec)
+            d_out = grad_out[:, start:stop]  # (G, nb, M, E)
+            grad_p = torch.matmul(d_out, blk.v.transpose(-1, -2))  # (G, nb, M, K)
+            if blk.keep is not None:
+                grad_p.mul_(blk.keep)
+            grad_s = grad_p.sub_(row[:, start:stop].unsqueeze(-1)).mul_(blk.probs)
+            if scale != 1:
+                grad_s.mul_(scale)
+            grad_q[:, start:stop] = torch.matmul(grad_s, blk.k)
+            blk.scatter(grad_k, torch.matmul(grad_s.transpose(-1, -2), blk.q))
+            blk.scatter(grad_v, torch.matmul(blk.kept.transpose(-1, -2), d_out))
+            if saved:
+                saved[i] = None  # free as we go
         return (grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None,
                 None)
 
@@ -213,9 +211,10 @@ class _Block:
         if inside is not None:
             ok = inside.to(c_q.device).repeat_interleave(M, dim=1).view(1, nb, W * M)
             valid = ok if valid is None else valid & ok
-        self.probs, self.lse, self.keep = window_probs(
+        self.probs, self.lse = window_probs(
             self.q, self.k, qpos, kpos, valid, causal=causal, self_mask=self_mask, scale=scale,
-            log_count_fn=log_count_fn, dropout=dropout)
+            log_count_fn=log_count_fn)
+        self.keep = None if dropout is None else dropout.blocks(start, stop, M, W * M, self.q)
         self.kept = self.probs if self.keep is None else self.probs * self.keep
 
     def scatter(self, grad: torch.Tensor, grad_window: torch.Tensor) -> None:
@@ -237,18 +236,18 @@ def grad_follows(*inputs: torch.Tensor) -> bool:
 
 def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
                  valid: torch.Tensor | None, *, causal: bool, self_mask: bool, scale: float,
-                 log_count_fn=None, dropout: float = 0.0) -> tuple:
+                 log_count_fn=None) -> tuple:
     """Softmax attention weights of query blocks over their key windows.
 
     Args:
         q: (G, nb, M, E) queries; k: (G, nb, K, E) the keys of each block's window.
         qpos: (G, nb, M), kpos: (G, nb, K) float positions (G may be 1 when shared).
         valid: (G, nb, K) bool, False = masked key, or None.
-        causal, self_mask, scale, log_count_fn, dropout: as in :func:`chunk_window_attention`.
+        causal, self_mask, scale, log_count_fn: as in :func:`chunk_window_attention`.
 
     Returns:
-        probs (G, nb, M, K), the log-sum-exp of each query's logits (G, nb, M), and the
-        dropout multiplier (G, nb, M, K) or None.
+        probs (G, nb, M, K) and the log-sum-exp of each query's logits (G, nb, M) (the
+        callers apply attention dropout: its masks depend on which chunks the block holds).
     """
     G, nb, M, E = q.shape
     K = k.shape[2]
@@ -257,14 +256,14 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: tor
     if fused is not None:  # masks, softmax and log-sum-exp in one pass (csrc/)
         probs = torch.bmm(q3, k3.transpose(1, 2)).view(G, nb, M, K)
         lse = fused(probs, qpos, kpos, scale, causal, self_mask, *mask_values(q.dtype))
-        return probs, lse, dropout_keep(probs, dropout)
+        return probs, lse
     logits = _masked_logits(q3, k3, qpos, kpos, valid, causal=causal, self_mask=self_mask,
                             scale=scale, log_count_fn=log_count_fn).view(G, nb, M, K)
     probs = torch.softmax(logits, dim=-1).to(logits.dtype)  # CUDA autocast's softmax is fp32
     work = lse_dtype(logits.dtype)
     lse = logits.amax(dim=-1).to(work).sub_(probs.amax(dim=-1).to(work).log_())  # (G, nb, M)
     del logits
-    return probs, lse, dropout_keep(probs, dropout)
+    return probs, lse
 
 
 def _masked_logits(q3: torch.Tensor, k3: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
@@ -342,8 +341,8 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
                            c_pos: torch.Tensor, *, offsets: list[int], circular: bool,
                            causal: bool, c_valid: torch.Tensor | None = None,
                            self_mask: bool = False, scale: float = 1.0,
-                           log_count_fn=None,
-                           dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           log_count_fn=None, dropout: float | AttentionDropout = 0.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every chunk of queries attends to the keys of the chunks at ``offsets`` from it.
 
     Args:
@@ -360,7 +359,9 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
         scale: logit scale (1 for LSH, 1/sqrt(E) for local).
         log_count_fn: ``f(qpos (G, nb, M), kpos (G, nb, K)) -> (G, nb, M, K)`` log
             multiplicities subtracted from the logits (LSH de-duplication), or None.
-        dropout: attention dropout on the probabilities (the caller passes 0 in eval).
+        dropout: attention dropout on the probabilities (the caller passes 0 in eval): a
+            probability (masks keyed by a seed drawn now) or an ``AttentionDropout`` (the
+            layer's seed and head keys).
 
     Returns:
         out (G, n, M, E) and the log-sum-exp of each query's logits (G, n, M).
@@ -370,5 +371,5 @@ def chunk_window_attention(c_q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tens
                          "float32 mask arithmetic represents exactly; use shorter sequences")
     c_pos = c_pos.to(torch.float32)  # exact below 2**24; used for the mask arithmetic
     return ChunkWindowAttention.apply(c_q, c_k, c_v, c_pos, c_valid, list(offsets), circular,
-                                      causal, self_mask, scale, log_count_fn, dropout,
-                                      grad_follows(c_q, c_k, c_v))
+                                      causal, self_mask, scale, log_count_fn,
+                                      AttentionDropout.of(dropout), grad_follows(c_q, c_k, c_v))

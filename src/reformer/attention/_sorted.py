@@ -67,7 +67,7 @@ from typing import NamedTuple
 import torch
 
 from reformer import _native
-from reformer._rng import capture_rng, replay_rng
+from reformer._dropout import AttentionDropout
 from reformer.attention import _chunked
 from reformer.attention._chunked import grad_follows, window_probs
 from reformer.hashing import inverse_permutation
@@ -167,10 +167,11 @@ class _SortedBlock:
         self.k = _windows(self.k_span, nb, W, M)  # (G, nb, K, E)
         self.v = _windows(self.v_span, nb, W, M)
         k_valid = None if seq.valid is None else _windows(seq.valid.gather(1, kpos), nb, W, M)
-        self.probs, self.lse, self.keep = window_probs(
+        self.probs, self.lse = window_probs(
             self.q, self.k, kpos_f[:, self.q_in_span].view(G, nb, M),
             _windows(kpos_f, nb, W, M), k_valid, causal=causal, self_mask=True, scale=1.0,
-            log_count_fn=log_count_fn, dropout=dropout)
+            log_count_fn=log_count_fn)
+        self.keep = None if dropout is None else dropout.blocks(start, stop, M, W * M, self.q)
         self.kept = self.probs if self.keep is None else self.probs * self.keep
 
     def normalize_backward_(self, grad: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,6 @@ class SortedWindowAttention(torch.autograd.Function):
             fold = _Fold(out, top, total)
             ctx.save_for_backward(q_rows, v_rows, s_pos, valid, *fold)
             return out.to(q_rows.dtype), fold.lse()
-        ctx.rng = capture_rng(q_rows.device) if dropout > 0 else None
         # per sorted item: K probabilities and its raw, unit and value rows
         keep_blocks = grad_follows and G * R * Lp * (K + 3 * E) <= _chunked.SAVE_ELEMENTS
         saved = [] if keep_blocks else None
@@ -259,13 +259,12 @@ class SortedWindowAttention(torch.autograd.Function):
             return _grads(grad_q.to(q_rows.dtype), grad_v.to(v_rows.dtype), q_rows.shape)
         saved, ctx.blocks = ctx.blocks, None
         seq = None if saved else _Sequence(q_rows, v_rows, s_pos, valid)
-        with replay_rng(None if saved else ctx.rng, q_rows.device):
-            blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
-            for i, (start, stop) in enumerate(blocks):
-                blk = saved[i] if saved else _SortedBlock(seq, start, stop, ctx.spec)
-                _block_backward(blk, d_out, row, _Fold(None, top, total), grad_q, grad_v)
-                if saved:
-                    saved[i] = None  # free as we go
+        blocks = [b for r in range(R) for b in _round_blocks(G, r, nr, M, K)]
+        for i, (start, stop) in enumerate(blocks):  # dropout masks rebuilt from their key
+            blk = saved[i] if saved else _SortedBlock(seq, start, stop, ctx.spec)
+            _block_backward(blk, d_out, row, _Fold(None, top, total), grad_q, grad_v)
+            if saved:
+                saved[i] = None  # free as we go
         return _grads(grad_q, grad_v, q_rows.shape)
 
 
@@ -276,11 +275,12 @@ def _grads(grad_q: torch.Tensor, grad_v: torch.Tensor, shape: torch.Size) -> tup
 
 
 def _fused_applies(q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
-                   valid: torch.Tensor | None, log_count_fn, dropout: float) -> bool:
+                   valid: torch.Tensor | None, log_count_fn, dropout) -> bool:
     """Whether the chunkwise C++ kernel (csrc/lsh_chunks.cpp) runs this call: float32 or
     bfloat16 rows (one type) on the CPU with BLAS for that type, int64 positions; no padding
-    mask, round de-duplication or dropout (the blockwise path handles those)."""
-    if (valid is not None or log_count_fn is not None or dropout > 0
+    mask, round de-duplication or dropout (the blockwise path handles those; ``dropout``: a
+    probability, an AttentionDropout or None)."""
+    if (valid is not None or log_count_fn is not None or dropout
             or q_rows.stride(-1) != 1 or v_rows.stride(-1) != 1 or s_pos.dtype != torch.int64
             or v_rows.dtype != q_rows.dtype):
         return False
@@ -420,7 +420,7 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
                             *, chunk_length: int, offsets: list[int],
                             s_slot: torch.Tensor | None = None,
                             causal: bool, valid: torch.Tensor | None = None,
-                            log_count_fn=None, dropout: float = 0.0,
+                            log_count_fn=None, dropout: float | AttentionDropout = 0.0,
                             key_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every chunk of the sorted order over its window, rounds combined.
 
@@ -438,7 +438,8 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
             the self value (shared-QK attention).
         valid: (G, Lp) bool, False = padding (never a key), or None.
         log_count_fn: LSH de-duplication, see ``_chunked.chunk_window_attention``.
-        dropout: attention dropout on the probabilities (0 in eval).
+        dropout: attention dropout on the probabilities (0 in eval), as in
+            ``_chunked.chunk_window_attention``.
         key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys; Hugging Face's
             E * 1e-6 under ``hf_compat``).
 
@@ -460,5 +461,6 @@ def sorted_window_attention(qk_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: 
         raise ValueError(f"s_slot has shape {tuple(s_slot.shape)}, expected s_pos's "
                          f"{tuple(s_pos.shape)}: one sorted slot per (round, position) item")
     return SortedWindowAttention.apply(qk_rows, v_rows, s_pos, s_slot, valid, chunk_length,
-                                       list(offsets), causal, log_count_fn, dropout,
+                                       list(offsets), causal, log_count_fn,
+                                       AttentionDropout.of(dropout),
                                        grad_follows(qk_rows, v_rows), key_offset)

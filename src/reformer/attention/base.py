@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer._dropout import AttentionDropout, draw_seed
 from reformer.attention._chunked import window_offsets
 from reformer.config import ReformerConfig, check_positive_int
 
@@ -62,6 +63,7 @@ class AttentionState:
     n_hashes: int = 1
     rotations: object = None  # LSH: (H, E, R, NB/2) tensor or list of per-factor tensors
     buckets: dict[int, torch.Tensor] = field(default_factory=dict)  # head-slice start -> ids
+    dropout_seed: int | None = None  # attention dropout's mask key (reformer._dropout)
 
 
 @dataclass
@@ -123,6 +125,24 @@ class HeadSlicedAttention(nn.Module):
     def attention_dropout(self) -> float:
         return self.config.attention_dropout if self.training else 0.0
 
+    def with_dropout_seed(self, state: AttentionState) -> AttentionState:
+        """``state`` with this call's attention-dropout seed drawn (in training, p > 0): when
+        the layer starts, so that every head slice, process and recomputation shares it."""
+        if self.attention_dropout() > 0:
+            state.dropout_seed = draw_seed()
+        return state
+
+    def dropout_for(self, state: AttentionState, batch: int, heads: slice,
+                    device: torch.device) -> AttentionDropout | None:
+        """The attention-dropout masks of ``heads`` in this call (None in eval or at p = 0),
+        keyed by the state's seed (drawn now for a state that has none)."""
+        p = self.attention_dropout()
+        if p <= 0:
+            return None
+        if state.dropout_seed is None:
+            state.dropout_seed = draw_seed()
+        return AttentionDropout.heads(p, state.dropout_seed, batch, heads, self.n_heads, device)
+
     def projections(self) -> list[nn.Linear]:
         """The input projections, in the order ``core`` takes their outputs."""
         raise NotImplementedError
@@ -151,7 +171,7 @@ class HeadSlicedAttention(nn.Module):
             heads: compute only this slice of heads' contribution.
         """
         self.check_input(x, attention_mask, n_hashes)
-        state = self.prepare(x, n_hashes) if state is None else state
+        state = self.with_dropout_seed(self.prepare(x, n_hashes)) if state is None else state
         if heads is not None:
             return self.heads_forward(x, heads, state, attention_mask)
         out = None

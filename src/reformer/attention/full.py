@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reformer._dropout import AttentionDropout
 from reformer.attention import _banded
 from reformer.attention._chunked import mask_values, padded_mask, unit_keys
 from reformer.attention.base import AttentionState, HeadSlicedAttention, LayerCache, key_offset
@@ -30,14 +31,17 @@ _BIAS_ELEMENTS = 1 << 24  # largest (Q, L) bias block
 
 def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                    attention_mask: torch.Tensor | None = None,
-                   dropout: float = 0.0, key_offset: float = 0.0) -> torch.Tensor:
+                   dropout: float | AttentionDropout = 0.0,
+                   key_offset: float = 0.0) -> torch.Tensor:
     """Exact shared-QK attention.
 
     Args:
         qk, v: (B, H, L, E).
         causal: mask keys at later positions.
         attention_mask: (B, L) bool, True = real token.
-        dropout: attention dropout probability (0 in eval).
+        dropout: attention dropout (0 in eval): a probability, or the layer's keyed masks
+            (reformer._dropout; drawn per (sequence and head, query, key), so they do not
+            depend on the query blocks).
         key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys).
 
     Returns:
@@ -49,6 +53,7 @@ def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
     mask = padded_mask(attention_mask, B, L, L, qk.device)
     block = max(1, min(L, _BIAS_ELEMENTS // L))
     keys = torch.arange(L, device=qk.device)
+    drop = AttentionDropout.of(dropout)
     outs = []
     for start in range(0, L, block):
         queries = keys[start:start + block, None]  # (Q, 1)
@@ -58,8 +63,13 @@ def full_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
             bias = bias.masked_fill(keys > queries, invalid_value)
         if mask is not None:
             bias = bias.masked_fill(~mask[:, None, None, :], invalid_value)  # (B, 1, Q, L)
-        outs.append(F.scaled_dot_product_attention(
-            qk[:, :, start:start + block], k, v, attn_mask=bias, dropout_p=dropout, scale=1.0))
+        q = qk[:, :, start:start + block]
+        if drop is None:
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
+            continue
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, dim=-1)  # (B,H,Q,L)
+        keep = drop.queries(queries.view(-1), L, probs.view(B * H, -1, L)).view(probs.shape)
+        outs.append(torch.matmul(probs * keep, v))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -78,8 +88,8 @@ class FullSelfAttention(HeadSlicedAttention):
     def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         qk, v = projected
-        dropout = self.attention_dropout()
-        if _banded.flex_available(qk.device) and dropout == 0:  # one call, no (L, L) bias
+        dropout = self.dropout_for(state, qk.shape[0], heads, qk.device)
+        if _banded.flex_available(qk.device) and dropout is None:  # one call, no (L, L) bias
             B, H, L, _ = qk.shape
             mask = padded_mask(attention_mask, B, L, L, qk.device)
             out, _ = _banded.attend(

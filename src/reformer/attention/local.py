@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reformer._dropout import AttentionDropout
 from reformer.attention import _banded
 from reformer.attention._chunked import (
     chunk_window_attention,
@@ -39,7 +40,7 @@ from reformer.plan import plan_for
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_length: int,
                     n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = True,
                     attention_mask: torch.Tensor | None = None,
-                    dropout: float = 0.0, circular: bool = False,
+                    dropout: float | AttentionDropout = 0.0, circular: bool = False,
                     offsets: list[int] | None = None) -> torch.Tensor:
     """Chunked local attention.
 
@@ -49,7 +50,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_
         n_chunks_before, n_chunks_after: neighbour chunks in the window (no wrap-around).
         causal: mask keys at later positions.
         attention_mask: (B, L) bool, True = real token.
-        dropout: attention dropout probability (0 in eval).
+        dropout: attention dropout (0 in eval): a probability, or the layer's keyed masks.
         circular: windows wrap around the ends (Hugging Face's).
         offsets: the window's chunk offsets (default -n_chunks_before..n_chunks_after).
 
@@ -107,12 +108,12 @@ class LocalSelfAttention(HeadSlicedAttention):
     def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
-        dropout = self.attention_dropout()
+        dropout = self.dropout_for(state, projected[0].shape[0], heads, projected[0].device)
         n = -(-projected[0].shape[2] // cfg.local_chunk_length)
         before, after = cfg.local_neighbours()
         offsets = window(cfg, n, before, after) if cfg.hf_compat else None
         # repeated chunks (hf_compat, a window wider than the sequence) stay blockwise
-        if (plan_for(projected[0].device).banded and dropout == 0
+        if (plan_for(projected[0].device).banded and dropout is None
                 and (offsets is None or consecutive(offsets))):
             return _local_banded(*projected, cfg, attention_mask)
         return local_attention(*projected, chunk_length=cfg.local_chunk_length,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reformer._dropout import AttentionDropout
 from reformer.attention import _banded
 from reformer.attention._chunked import (
     gather_rows,
@@ -101,7 +102,8 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
                        chunk_length: int, n_chunks_before: int = 1,
                        n_chunks_after: int = 0, causal: bool = True,
                        dedup_rounds: bool = False, attention_mask: torch.Tensor | None = None,
-                       dropout: float = 0.0, offsets: list[int] | None = None,
+                       dropout: float | AttentionDropout = 0.0,
+                       offsets: list[int] | None = None,
                        key_offset: float = 0.0) -> torch.Tensor:
     """LSH attention given bucket ids (the part the reversible backward replays).
 
@@ -110,7 +112,7 @@ def bucketed_attention(qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor,
         buckets: (B, H, R, Lp) ids from :func:`reformer.hashing.hash_vectors` (masked
             positions carry the largest id, NB, and so sort last).
         attention_mask: (B, Lp) bool or None.
-        dropout: attention dropout probability (0 in eval).
+        dropout: attention dropout (0 in eval): a probability, or the layer's keyed masks.
         offsets: the window's chunk offsets (default: the neighbours once each,
             ``window_offsets``).
         key_offset: c in the keys ``q / sqrt(|q|^2 + c)`` (0: unit keys).
@@ -228,10 +230,10 @@ class LSHSelfAttention(HeadSlicedAttention):
             buckets = state.buckets[heads.start] = hash_vectors(
                 qk, sliced, mask, block=plan.rows(HASH_SLICE)).to(
                     torch.int16 if small else torch.int32)
-        dropout = self.attention_dropout()
+        dropout = self.dropout_for(state, B, heads, qk.device)
         n = buckets.shape[2] * Lp // cfg.chunk_length
         offsets = window(cfg, n, cfg.n_chunks_before, cfg.n_chunks_after)
-        banded = not cfg.dedup_rounds and dropout == 0
+        banded = not cfg.dedup_rounds and dropout is None
         if not consecutive(offsets) and not banded:
             raise ValueError(
                 f"{n} sorted chunks are fewer than the window's {len(offsets)}: Hugging Face's "

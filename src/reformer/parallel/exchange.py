@@ -39,6 +39,7 @@ from reformer.layers import row_chunks
 from reformer.reversible import (
     _block,
     _grads,
+    _keep_rows,
     _layer_norm,
     _layer_norm_backward_,
     _product_dtype,
@@ -77,6 +78,7 @@ class HeadExchange:
     def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
         self.lengths, self.rank, self.group = lengths, rank, group
         self.length, self.parts = sum(lengths), len(lengths)
+        self.start = sum(lengths[:rank])  # my first position in the whole sequence
 
     # ------------------------------------------------------------------- autograd exchange
     def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
@@ -121,27 +123,29 @@ class HeadExchange:
     # ------------------------------------------------------- a reversible half, by hand
     def add_forward_(self, half, x: torch.Tensor, acc: torch.Tensor, rec, call) -> None:
         """acc += f(x) for the reversible attention ``half`` (no autograd)."""
+        drop = rec.drops[0] if rec.drops else None  # output dropout, keyed by position
         for heads in _slices(half.attn, x, call):
             qk_v = self._project_out(half, x, heads)
             o = half.attn.core(qk_v, self.mine(heads), rec.attn, call.attention_mask)
             del qk_v
-            self._merge_(half, self._back(o, "values"), heads, acc, sign=1.0)
+            self._merge_(half, self._back(o, "values"), heads, acc, 1.0, drop)
 
     def backward_(self, half, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
                   grad_x: torch.Tensor, rec, call, grads: dict) -> None:
         """As AttentionHalf.backward_: y -> y - f(x), grad_x += dL/dx through f, and the
         parameters' gradients, one head slice at a time."""
+        drop = rec.drops[0] if rec.drops else None  # the forward's output dropout
         for heads in _slices(half.attn, x, call):
             inputs = [t.detach().requires_grad_(True) for t in self._project_out(half, x, heads)]
-            grad_o = self._grad_o_out(half, grad_y, heads)
+            grad_o = self._grad_o_out(half, grad_y, heads, drop)
             with torch.enable_grad():
                 o = half.attn.core(inputs, self.mine(heads), rec.attn, call.attention_mask)
             grad_in = _grads(o, inputs, grad_o)
             del inputs, grad_o
             o_back = self._back(o.detach(), "values")
             del o
-            self._merge_(half, o_back, heads, y, sign=-1.0)  # y - o W_o^T: the input again
-            self._w_o_grad_(half, grad_y, o_back, heads, grads)
+            self._merge_(half, o_back, heads, y, -1.0, drop)  # y - o W_o^T: the input again
+            self._w_o_grad_(half, grad_y, o_back, heads, grads, drop)
             del o_back
             grad_back = [self._back(g, "gradients") for g in grad_in]
             del grad_in
@@ -199,14 +203,14 @@ class HeadExchange:
             sends[i] = None  # sent: free it before the next one is
         return out
 
-    def _grad_o_out(self, half, grad_y: torch.Tensor, heads: slice) -> torch.Tensor:
-        """dL/do = dL/dy W_o for ``heads``, exchanged: (B, k, L, E) for my heads."""
+    def _grad_o_out(self, half, grad_y: torch.Tensor, heads: slice, drop) -> torch.Tensor:
+        """dL/do = Dropout'(dL/dy) W_o for ``heads``, exchanged: (B, k, L, E) for my heads."""
         E, dtype = half.attn.d_head, _product_dtype(grad_y)
         w_o = half.attn.w_o.weight.to(dtype)
         send = self._send_buffer(grad_y, heads, E, dtype)
         for b in range(grad_y.shape[0]):
             for s in row_chunks(grad_y.shape[1], _block(grad_y)):
-                g = grad_y[b, s].to(dtype)
+                g = self._dropped(grad_y, b, s, drop).to(dtype)
                 for p, j, hd in self._heads(heads):
                     torch.mm(g, w_o[:, hd * E:(hd + 1) * E], out=send[p, b, j, s])
         return self._out(send, "gradients")
@@ -219,21 +223,34 @@ class HeadExchange:
         P, _, k = got.shape[:3]
         return torch.cat([got[p, b, j, s] for p in range(P) for j in range(k)], dim=-1)
 
+    @staticmethod
+    def _dropped(x: torch.Tensor, b: int, s: slice, drop) -> torch.Tensor:
+        """Sequence b's rows s of the local (B, l, D) ``x`` times their output-dropout masks
+        (keyed by global position: the masks of one process's rows)."""
+        if drop is None:
+            return x[b, s]
+        n = x.shape[1]
+        return x[b, s] * _keep_rows(drop, slice(b * n + s.start, b * n + s.stop), x[b, s])
+
     def _merge_(self, half, got: torch.Tensor, heads: slice, acc: torch.Tensor,
-                sign: float) -> None:
-        """acc += sign * o W_o^T from the received (P, B, k, l, E) outputs."""
+                sign: float, drop) -> None:
+        """acc += sign * Dropout(o W_o^T) from the received (P, B, k, l, E) outputs."""
         w_o = half.attn.w_o.weight[:, half._columns(heads)]
+        n = acc.shape[1]
         for b in range(acc.shape[0]):
-            for s in row_chunks(acc.shape[1], _block(acc)):
-                acc[b, s].add_(F.linear(self._rows(got, b, s), w_o), alpha=sign)
+            for s in row_chunks(n, _block(acc)):
+                part = F.linear(self._rows(got, b, s), w_o)
+                if drop is not None:
+                    part = part * _keep_rows(drop, slice(b * n + s.start, b * n + s.stop), part)
+                acc[b, s].add_(part, alpha=sign)
 
     def _w_o_grad_(self, half, grad_y: torch.Tensor, got: torch.Tensor, heads: slice,
-                   grads: dict) -> None:
-        """W_o's gradient for ``heads``: dL/dy^T o."""
+                   grads: dict, drop) -> None:
+        """W_o's gradient for ``heads``: Dropout'(dL/dy)^T o."""
         grad_w_o = grads[half.attn.w_o.weight][:, half._columns(heads)]
         for b in range(grad_y.shape[0]):
             for s in row_chunks(grad_y.shape[1], _block(grad_y)):
-                grad_w_o += grad_y[b, s].t() @ self._rows(got, b, s)
+                grad_w_o += self._dropped(grad_y, b, s, drop).t() @ self._rows(got, b, s)
 
     def _projections_backward_(self, half, x: torch.Tensor, heads: slice,
                                grad_back: list[torch.Tensor], grad_x: torch.Tensor,

@@ -23,11 +23,11 @@ Shapes: B batch, L whole length, l a slice's length, H heads, h a head slice, E 
 P processes.
 
 Head slices hold a multiple of P heads (``attn_head_chunk_size`` rounded up), so each
-process attends with as many heads per slice as one process would. Limits now: P must divide
-n_heads; no dropout
-(each process would draw its slice's masks from the shared stream, which neither matches one
-process nor keeps the streams in step when the slices differ in length); one sequence-parallel
-group (no data parallelism over other ranks yet); no CLI flag yet.
+process attends with as many heads per slice as one process would. Dropout (hidden and
+attention) equals one process's: masks are keyed by global position and by (sequence, head)
+(reformer._dropout), with seeds from the shared RNG stream, so each process builds exactly
+its part of one process's masks. Limits now: P must divide n_heads; one sequence-parallel
+group (no data parallelism over other ranks yet).
 """
 
 from __future__ import annotations
@@ -71,10 +71,6 @@ class SequenceParallelLM(nn.Module):
                              f"{cfg.n_heads} divisible by {self.size} (each process attends with "
                              f"its share of the heads); use a number of processes that divides "
                              f"{cfg.n_heads}")
-        if cfg.dropout > 0 or cfg.attention_dropout > 0:
-            raise ValueError(f"sequence parallelism does not support dropout yet (dropout="
-                             f"{cfg.dropout}, attention_dropout={cfg.attention_dropout}); "
-                             "set both to 0")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, n_hashes: int | None = None,
