@@ -12,7 +12,10 @@ the validation accuracy after every evaluation from ``metrics.jsonl`` with the w
 reached at, scores two rules that read no expression on the same test examples (the most
 frequent class, and the most frequent class of each root operator), writes
 ``lra-listops.png`` (validation accuracy against minutes, one line per run) and
-``lra-listops.json`` into ``--out``, and prints a Markdown table.
+``lra-listops.json`` into ``--out``, and prints a Markdown table. Two more rules evaluate
+only the root's digit arguments (those near either end, and all of them): how far a model
+gets that reads the ends of the sequence, or the depth of every token, without evaluating
+any nested operator.
 """
 
 from __future__ import annotations
@@ -52,6 +55,62 @@ def baselines(n_test: int, n_fit: int = 5000) -> dict[str, float]:
             root / n_test}
 
 
+def _top_digits(symbols: list[str]) -> tuple[list[tuple[int, int]], int]:
+    """The root's digit arguments as (token position, digit), and the sequence's length."""
+    op, args = listops.parse(symbols)
+    position, digits = 1, []
+    for arg in args:
+        if isinstance(arg, int):
+            digits.append((position, arg))
+            position += 1
+        else:
+            position += len(listops.tokens(arg))
+    return digits, len(symbols)
+
+
+def _summary(op: str, digits: list[int]) -> tuple:
+    """What a digit argument list says about the root's value: MAX its largest digit, MIN
+    its smallest, MED the digits, SM their sum modulo 10 and count."""
+    digits = sorted(digits)
+    if op == "[MAX":
+        return op, digits[-1] if digits else -1
+    if op == "[MIN":
+        return op, digits[0] if digits else 10
+    if op == "[MED":
+        return op, tuple(digits)
+    return op, sum(digits) % 10, len(digits)
+
+
+def shallow_rules(n_test: int, n_fit: int = 20000, window: int = 128) -> dict[str, float]:
+    """Test accuracy of two rules that evaluate only the root's digit arguments (none of its
+    nested operators), fitted as the most frequent value of each case on ``n_fit`` training
+    examples: those within ``window`` tokens of either end of the sequence (what a
+    classifier that pools both ends of a stack of local attention layers can see), and all
+    of them (which needs the nesting depth of every token)."""
+    def cases(split: str, n: int):
+        for i in range(n):
+            symbols, value = listops.example(ListOpsTask.DATA_SEED, split, i)
+            digits, length = _top_digits(symbols)
+            near = [d for p, d in digits if p < window or p >= length - window]
+            yield symbols[0], near, [d for _, d in digits], value
+
+    fitted = {"ends": defaultdict(Counter), "all": defaultdict(Counter)}
+    by_root: dict[str, Counter] = defaultdict(Counter)
+    for op, near, every, value in cases("train", n_fit):
+        fitted["ends"][_summary(op, near)][value] += 1
+        fitted["all"][_summary(op, every)][value] += 1
+        by_root[op][value] += 1
+    right = Counter()
+    for op, near, every, value in cases("test", n_test):
+        for name, digits in (("ends", near), ("all", every)):
+            counts = fitted[name].get(_summary(op, digits), by_root[op])
+            right[name] += counts.most_common(1)[0][0] == value
+    return {f"the root operator and its digit arguments within {window} tokens of either end":
+            right["ends"] / n_test,
+            "the root operator and all its digit arguments (needs each token's depth)":
+            right["all"] / n_test}
+
+
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, minutes, validation accuracy) after every evaluation of a run."""
     records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
@@ -85,7 +144,7 @@ def main() -> None:
                         "final_val_accuracy": points[-1][2], "curve": points,
                         "eval_seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
-    rules = baselines(args.test)
+    rules = {**baselines(args.test), **shallow_rules(args.test)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lra-listops.json").write_text(json.dumps({"runs": results, "rules": rules},
                                                           indent=1) + "\n")
