@@ -37,7 +37,7 @@ def test_a_slice_of_positions_gets_the_whole_sequences_mask():
     whole = PositionDropout(0.4, seed=3, length=30).like(torch.zeros(3, 30, 8))
     part = PositionDropout(0.4, seed=3, length=10, start=7).like(torch.zeros(3, 10, 8))
     assert torch.equal(part, whole[:, 7:17])
-    rows = PositionDropout(0.4, seed=3, length=30).rows(slice(25, 70), 8, torch.zeros(1))
+    rows = PositionDropout(0.4, seed=3, length=30).rows(slice(25, 70), torch.zeros(1, 8))
     assert torch.equal(rows, whole.reshape(-1, 8)[25:70])
 
 

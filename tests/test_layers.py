@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from reformer import ReformerConfig
+from reformer._dropout import PositionDropout
 from reformer.layers import (
     AxialPositionalEmbedding,
     FeedForward,
@@ -58,12 +59,12 @@ def test_feed_forward_applies_the_callers_dropout():
     torch.manual_seed(0)
     ff = FeedForward(config).double()
     x = torch.randn(5, 8, dtype=torch.float64)
-    g = torch.Generator().manual_seed(1)
-    mask_h, mask_o = (torch.randint(0, 2, shape, generator=g).double() * 2
-                      for shape in ((5, 12), (5, 8)))
+    drops = (PositionDropout(0.5, seed=1, length=4), PositionDropout(0.5, seed=2, length=4))
+    rows = slice(3, 8)  # rows 3..7 of a (2 * 4, .) grid: the last of sequence 0, all of 1
+    mask_h, mask_o = drops[0].rows(rows, x.new_empty(5, 12)), drops[1].rows(rows, x)
     hidden = (x @ ff.w_in.weight.t() + ff.w_in.bias).relu() * mask_h
     expected = (hidden @ ff.w_out.weight.t() + ff.w_out.bias) * mask_o
-    got = ff(x, lambda a: a * mask_h, lambda o: o * mask_o)
+    got = ff(x, drops, rows)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert not torch.allclose(got, ff(x))  # without them: no dropout
 

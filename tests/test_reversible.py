@@ -16,6 +16,7 @@ import torch
 
 import reformer.reversible as reversible_module
 from conftest import graph_has
+from reformer._dropout import PositionDropout
 from reformer.reversible import CallInfo, ReversibleBlock
 
 ATOL = 1e-8
@@ -150,17 +151,16 @@ def test_comparison_detects_a_backward_with_other_masks(make_model, ids, monkeyp
     model = make_model(**REGULARISED)
     tokens = ids(2, 24)
     plain = run(model, tokens, reversible=False)
-    seen, keep_rows = set(), reversible_module._keep_rows
+    seen, rows_of = set(), PositionDropout.rows
 
     def other_masks_on_recomputation(drop, rows, like):
-        key = (None if drop is None else drop.seed, rows.start, rows.stop, like.shape[-1])
+        key = (drop.seed, rows.start, rows.stop, like.shape[-1])
         again = key in seen
         seen.add(key)
-        if drop is not None and again:
-            drop = dataclasses.replace(drop, seed=drop.seed + 1)
-        return keep_rows(drop, rows, like)
+        return rows_of(dataclasses.replace(drop, seed=drop.seed + 1) if again else drop,
+                       rows, like)
 
-    monkeypatch.setattr(reversible_module, "_keep_rows", other_masks_on_recomputation)
+    monkeypatch.setattr(PositionDropout, "rows", other_masks_on_recomputation)
     assert max_grad_difference(run(model, tokens, reversible=True), plain) > 1e-4
 
 

@@ -75,18 +75,23 @@ class PositionDropout:
     length: int
     start: int = 0
 
-    def rows(self, rows: slice, width: int, like: torch.Tensor) -> torch.Tensor:
-        """The multipliers (n, width) of rows ``rows`` of the flattened (B*L, width) grid, in
-        ``like``'s dtype and device."""
+    def rows(self, rows: slice, like: torch.Tensor) -> torch.Tensor:
+        """The multipliers (n, W) of rows ``rows`` of the flattened (B*L, W) grid, W, dtype
+        and device ``like``'s."""
         r = torch.arange(rows.start, rows.stop, device=like.device, dtype=torch.int64)
         batch, position = r // self.length, r % self.length + self.start
         key = _mix(_mix(batch ^ self.seed) ^ (position & _M32))
-        return _keep(key, width, self.p, like.dtype)
+        return _keep(key, like.shape[-1], self.p, like.dtype)
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
         """The multipliers shaped like x, (B, L, W)."""
-        n = x[..., 0].numel()
-        return self.rows(slice(0, n), x.shape[-1], x).view(x.shape)
+        return self.rows(slice(0, x[..., 0].numel()), x).view(x.shape)
+
+
+def drop_rows(drop: PositionDropout | None, x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Dropout of ``x_rows`` (n, W), flat rows ``rows`` of the (B*L, W) grid (x itself for
+    None)."""
+    return x_rows if drop is None else x_rows * drop.rows(rows, x_rows)
 
 
 def position_dropout(p: float, length: int, start: int = 0) -> PositionDropout | None:

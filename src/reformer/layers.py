@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer import _native
+from reformer._dropout import PositionDropout, drop_rows
 from reformer.config import ReformerConfig
 
 
@@ -63,15 +64,16 @@ class FeedForward(nn.Module):
             return pre.add_(self.w_in.bias).relu_()
         return fused(pre, self.w_in.bias)
 
-    def forward(self, x: torch.Tensor, drop_hidden=None, drop_out=None) -> torch.Tensor:
-        """(N, D) -> (N, D); ``drop_hidden``, ``drop_out``: the caller's dropout of the
-        activation and of the output (``a -> a * mask``; reformer.reversible's halves key
-        their masks by position), or None. ``self.dropout`` is the rate they use."""
+    def forward(self, x: torch.Tensor, drops: tuple[PositionDropout, PositionDropout] = (),
+                rows: slice | None = None) -> torch.Tensor:
+        """(N, D) -> (N, D). ``drops``: the dropout masks of the activation and of the output
+        (rate ``self.dropout``, keyed by position: reformer.reversible's halves draw them),
+        applied to x's rows as the flat rows ``rows`` of their (B*L, .) grid; () for none."""
         h = self.hidden(x)  # (N, F)
-        if drop_hidden is not None:
-            h = drop_hidden(h)
+        if drops:
+            h = drop_rows(drops[0], h, rows)
         out = self.w_out(h)
-        return out if drop_out is None else drop_out(out)
+        return drop_rows(drops[1], out, rows) if drops else out
 
 
 class AxialPositionalEmbedding(nn.Module):

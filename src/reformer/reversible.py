@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from reformer._dropout import PositionDropout, position_dropout
+from reformer._dropout import PositionDropout, drop_rows, position_dropout
 from reformer._memory import keep_freed_memory
 from reformer._rng import capture_rng
 from reformer.attention import ATTENTION_MODULES, AttentionState
@@ -123,10 +123,9 @@ def _start(call: CallInfo) -> int:
     return 0 if call.exchange is None else call.exchange.start
 
 
-def _keep_rows(drop: PositionDropout | None, rows: slice, like: torch.Tensor
-               ) -> torch.Tensor | None:
-    """The dropout multipliers of flat rows ``rows``, shaped like ``like`` (n, W)."""
-    return None if drop is None else drop.rows(rows, like.shape[-1], like)
+def output_drop(rec: HalfRecord) -> PositionDropout | None:
+    """An attention half's output dropout (None in eval, at p = 0 and when prefilling)."""
+    return rec.drops[0] if rec.drops else None
 
 
 def _leaf_params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -231,7 +230,7 @@ class AttentionHalf(nn.Module):
         h = self.norm(x)
         if call.caches is not None:
             self.attn.fill_cache(h, call.caches[self.attn.layer_index])
-        drop = rec.drops[0] if rec.drops else None
+        drop = output_drop(rec)
         keep = None if drop is None else drop.like(x)
         out = None
         for heads in _slices(self.attn, x, call):
@@ -280,7 +279,7 @@ class AttentionHalf(nn.Module):
         """acc += f(x), in place (no autograd)."""
         if call.exchange is not None:
             return call.exchange.add_forward_(self, x, acc, rec, call)
-        keep = rec.drops[0] if rec.drops else None
+        keep = output_drop(rec)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
         for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
@@ -301,10 +300,7 @@ class AttentionHalf(nn.Module):
         o_rows = o.transpose(1, 2).reshape(acc.numel() // acc.shape[-1], -1)
         w_o, acc_rows = self.attn.w_o.weight[:, self._columns(heads)], _rows(acc)
         for s in row_chunks(o_rows.shape[0], _block(acc)):
-            part = F.linear(o_rows[s], w_o)
-            if keep is not None:
-                part = part * _keep_rows(keep, s, part)
-            acc_rows[s].add_(part, alpha=sign)
+            acc_rows[s].add_(drop_rows(keep, F.linear(o_rows[s], w_o), s), alpha=sign)
         return o_rows
 
     def backward_(self, x: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
@@ -319,7 +315,7 @@ class AttentionHalf(nn.Module):
         if call.exchange is not None:
             return call.exchange.backward_(self, x, y, grad_y, grad_x, rec, call, grads)
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
-        keep = rec.drops[0] if rec.drops else None  # the forward's masks
+        keep = output_drop(rec)  # the forward's masks
         for group, slices in self._groups(x, call):
             projected = self._projected(x, group)
             grad_o = self._grad_merged(gy_rows, group, keep, x.shape[0])
@@ -337,8 +333,7 @@ class AttentionHalf(nn.Module):
             o_rows = self._merge_into(grad_o, group, y, keep, sign=-1.0)  # y -= o W_o^T
             grad_w_o = grads[attn.w_o.weight][:, self._columns(group)]
             for s in row_chunks(o_rows.shape[0], _block(gy_rows)):
-                g = gy_rows[s] if keep is None else gy_rows[s] * _keep_rows(keep, s, gy_rows[s])
-                grad_w_o += g.t() @ o_rows[s]
+                grad_w_o += drop_rows(keep, gy_rows[s], s).t() @ o_rows[s]
             del grad_o, o_rows
             self._projections_backward_(x_rows, group, projected, gx_rows, grads)
             del projected
@@ -351,7 +346,7 @@ class AttentionHalf(nn.Module):
         w_o = self.attn.w_o.weight[:, self._columns(heads)].to(dtype)  # cast once, not per block
         grad_o = gy_rows.new_empty(gy_rows.shape[0], w_o.shape[1], dtype=dtype)
         for s in row_chunks(gy_rows.shape[0], _block(gy_rows)):
-            g = gy_rows[s] if keep is None else gy_rows[s] * _keep_rows(keep, s, gy_rows[s])
+            g = drop_rows(keep, gy_rows[s], s)
             torch.mm(g.to(dtype), w_o, out=grad_o[s])
         return self._heads_view(grad_o, batch)
 
@@ -406,11 +401,7 @@ class FeedForwardHalf(nn.Module):
 
     def _ff(self, x_rows: torch.Tensor, rows: slice, rec: HalfRecord) -> torch.Tensor:
         """FeedForward(LayerNorm(.)) of the flat rows ``rows`` (n, D), with their masks."""
-        if not rec.drops:
-            return self.ff(self.norm(x_rows))
-        hidden, out = rec.drops
-        return self.ff(self.norm(x_rows), lambda a: a * _keep_rows(hidden, rows, a),
-                       lambda o: o * _keep_rows(out, rows, o))
+        return self.ff(self.norm(x_rows), rec.drops, rows)
 
     def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo,
                 first_row: int = 0) -> torch.Tensor:

@@ -34,16 +34,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from reformer._dropout import drop_rows
 from reformer.attention.base import AttentionState
 from reformer.layers import row_chunks
 from reformer.reversible import (
     _block,
     _grads,
-    _keep_rows,
     _layer_norm,
     _layer_norm_backward_,
     _product_dtype,
     _slices,
+    output_drop,
 )
 
 
@@ -69,6 +70,11 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
     out = x.new_empty(sum(out_splits))
     dist.all_to_all_single(out, x.contiguous().view(-1), out_splits, in_splits, group=group)
     return out
+
+
+def _flat(x: torch.Tensor, b: int, s: slice) -> slice:
+    """Sequence b's positions s of the (B, l, D) ``x`` as rows of its (B*l, D) grid."""
+    return slice(b * x.shape[1] + s.start, b * x.shape[1] + s.stop)
 
 
 class HeadExchange:
@@ -123,7 +129,7 @@ class HeadExchange:
     # ------------------------------------------------------- a reversible half, by hand
     def add_forward_(self, half, x: torch.Tensor, acc: torch.Tensor, rec, call) -> None:
         """acc += f(x) for the reversible attention ``half`` (no autograd)."""
-        drop = rec.drops[0] if rec.drops else None  # output dropout, keyed by position
+        drop = output_drop(rec)  # keyed by global position
         for heads in _slices(half.attn, x, call):
             qk_v = self._project_out(half, x, heads)
             o = half.attn.core(qk_v, self.mine(heads), rec.attn, call.attention_mask)
@@ -134,7 +140,7 @@ class HeadExchange:
                   grad_x: torch.Tensor, rec, call, grads: dict) -> None:
         """As AttentionHalf.backward_: y -> y - f(x), grad_x += dL/dx through f, and the
         parameters' gradients, one head slice at a time."""
-        drop = rec.drops[0] if rec.drops else None  # the forward's output dropout
+        drop = output_drop(rec)  # the forward's
         for heads in _slices(half.attn, x, call):
             inputs = [t.detach().requires_grad_(True) for t in self._project_out(half, x, heads)]
             grad_o = self._grad_o_out(half, grad_y, heads, drop)
@@ -210,7 +216,7 @@ class HeadExchange:
         send = self._send_buffer(grad_y, heads, E, dtype)
         for b in range(grad_y.shape[0]):
             for s in row_chunks(grad_y.shape[1], _block(grad_y)):
-                g = self._dropped(grad_y, b, s, drop).to(dtype)
+                g = drop_rows(drop, grad_y[b, s], _flat(grad_y, b, s)).to(dtype)
                 for p, j, hd in self._heads(heads):
                     torch.mm(g, w_o[:, hd * E:(hd + 1) * E], out=send[p, b, j, s])
         return self._out(send, "gradients")
@@ -223,25 +229,13 @@ class HeadExchange:
         P, _, k = got.shape[:3]
         return torch.cat([got[p, b, j, s] for p in range(P) for j in range(k)], dim=-1)
 
-    @staticmethod
-    def _dropped(x: torch.Tensor, b: int, s: slice, drop) -> torch.Tensor:
-        """Sequence b's rows s of the local (B, l, D) ``x`` times their output-dropout masks
-        (keyed by global position: the masks of one process's rows)."""
-        if drop is None:
-            return x[b, s]
-        n = x.shape[1]
-        return x[b, s] * _keep_rows(drop, slice(b * n + s.start, b * n + s.stop), x[b, s])
-
     def _merge_(self, half, got: torch.Tensor, heads: slice, acc: torch.Tensor,
                 sign: float, drop) -> None:
         """acc += sign * Dropout(o W_o^T) from the received (P, B, k, l, E) outputs."""
         w_o = half.attn.w_o.weight[:, half._columns(heads)]
-        n = acc.shape[1]
         for b in range(acc.shape[0]):
-            for s in row_chunks(n, _block(acc)):
-                part = F.linear(self._rows(got, b, s), w_o)
-                if drop is not None:
-                    part = part * _keep_rows(drop, slice(b * n + s.start, b * n + s.stop), part)
+            for s in row_chunks(acc.shape[1], _block(acc)):
+                part = drop_rows(drop, F.linear(self._rows(got, b, s), w_o), _flat(acc, b, s))
                 acc[b, s].add_(part, alpha=sign)
 
     def _w_o_grad_(self, half, grad_y: torch.Tensor, got: torch.Tensor, heads: slice,
@@ -250,7 +244,8 @@ class HeadExchange:
         grad_w_o = grads[half.attn.w_o.weight][:, half._columns(heads)]
         for b in range(grad_y.shape[0]):
             for s in row_chunks(grad_y.shape[1], _block(grad_y)):
-                grad_w_o += self._dropped(grad_y, b, s, drop).t() @ self._rows(got, b, s)
+                g = drop_rows(drop, grad_y[b, s], _flat(grad_y, b, s))
+                grad_w_o += g.t() @ self._rows(got, b, s)
 
     def _projections_backward_(self, half, x: torch.Tensor, heads: slice,
                                grad_back: list[torch.Tensor], grad_x: torch.Tensor,
