@@ -101,8 +101,11 @@ class AllToAllMeter:
 
 
 def alone_all_to_all(nbytes: int, world: int, repeats: int = 5) -> list[float]:
-    """Seconds of one all_to_all of ``nbytes`` (fp32, even splits) from a barrier, each time."""
-    x = torch.ones(nbytes // 4)
+    """Seconds of one all_to_all of ``nbytes`` (fp32, even splits) from a barrier, each time.
+    ``nbytes`` is the largest over the processes (split by sorted slots, calls differ)."""
+    size = torch.tensor([nbytes // (4 * world)])
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    x = torch.ones(int(size) * world)
     out = torch.empty_like(x)
     times = []
     for _ in range(repeats):
@@ -127,7 +130,8 @@ def worker(spec: dict, rank: int, world: int) -> dict:
     model, _ = build("ours", shape)
     model.train()
     ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len))
-    lm = sequence.SequenceParallelLM(model) if world > 1 else model
+    lm = (sequence.SequenceParallelLM(model, lsh_split=spec["lsh_split"]) if world > 1
+          else model)
     meter = AllToAllMeter(exchange, rank, world) if world > 1 else None
     built_peak = peak_rss_bytes()
 
@@ -225,10 +229,11 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     world, length = name.split("x")
     world, length = int(world), parse_length(length)
     spec = dict(seq_len=length, n_layers=args.layers, n_hashes=args.hashes,
-                timeout=args.timeout)
+                timeout=args.timeout, lsh_split=args.lsh_split)
     status, seen, ranks, errors = launch(spec, world, args.max_gib)
     row = dict(config=name, processes=world, threads=1, seq_len=length, status=status,
                n_layers=args.layers, n_hashes=args.hashes, optimizer=False,
+               lsh_split=args.lsh_split if world > 1 else None,
                watched_peak_gib=seen, max_gib=args.max_gib, timeout_s=args.timeout,
                per_rank=ranks,
                cpu=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
@@ -280,6 +285,9 @@ def main() -> None:
                     help="seconds a configuration may run before it is killed")
     ap.add_argument("--max-gib", type=float, default=22.5,  # 2x2M peaks at ~20.4 together
                     help="kill a configuration whose processes hold more than this together")
+    ap.add_argument("--lsh-split", choices=("rounds", "heads"), default="rounds",
+                    help="how P > 1 splits the LSH layers: by sorted slots, round by round "
+                         "(reformer.parallel.rounds), or by heads (the head exchange)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--rank", "--world"):

@@ -116,3 +116,14 @@ def keep_freed_memory() -> str | None:
     if setting == "cache" and _cache_allocations():
         return "cache"
     return "reuse" if tuned else None
+
+
+def release_cached_blocks() -> int:
+    """Unmap the free blocks the cache keeps (``cache`` mode; 0 otherwise): for work whose
+    temporaries take sizes that do not recur (reformer.parallel.rounds: index tensors sized
+    by how many items each process sends), which would otherwise fill the cache with blocks
+    no later request fits, up to ``CACHE_LIMIT_BYTES``. Returns the bytes released."""
+    if not _native.available() or not torch.ops.reformer.cpu_cache_installed():
+        return 0
+    return int(torch.ops.reformer.release_cached_cpu_blocks())
+

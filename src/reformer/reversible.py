@@ -84,6 +84,14 @@ class HeadExchange(Protocol):
                   grad_y: torch.Tensor, grad_x: torch.Tensor, rec: HalfRecord,
                   call: CallInfo, grads: dict) -> None: ...
 
+    def local(self, attn: nn.Module) -> bool:
+        """True for a layer that runs on the local positions as in one process, all but its
+        attention core (``lsh_core``, split by sorted slots: reformer.parallel.rounds)."""
+
+    def lsh_core(self, attn: nn.Module, projected: list[torch.Tensor], heads: slice,
+                 state: AttentionState, attention_mask: torch.Tensor | None
+                 ) -> torch.Tensor: ...
+
 
 @dataclass
 class CallInfo:
@@ -101,9 +109,15 @@ class CallInfo:
     exchange: HeadExchange | None = None
 
 
-def _parts(call: CallInfo) -> int:
-    """Head slices hold a multiple of this many heads: the sequence-parallel processes'."""
-    return 1 if call.exchange is None else call.exchange.parts
+def _exchanged(attn: nn.Module, call: CallInfo) -> bool:
+    """Whether ``attn``'s heads go through the sequence-parallel head exchange."""
+    return call.exchange is not None and not call.exchange.local(attn)
+
+
+def _parts(attn: nn.Module, call: CallInfo) -> int:
+    """Head slices hold a multiple of this many heads: the sequence-parallel processes' when
+    the layer's heads are exchanged."""
+    return call.exchange.parts if _exchanged(attn, call) else 1
 
 
 @dataclass
@@ -152,7 +166,7 @@ def _slices(attn: nn.Module, x: torch.Tensor, call: CallInfo) -> list[slice]:
     """The head slices of a layer for x (B, L, D) on its device's plan."""
     length = x.shape[1] if call.exchange is None else call.exchange.length
     size = plan_for(x.device).heads_per_slice(attn.n_heads, length)
-    return attn.head_slices(_parts(call), size)
+    return attn.head_slices(_parts(attn, call), size)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +238,9 @@ class AttentionHalf(nn.Module):
         the sequence-parallel exchange when there is one."""
         if call.exchange is None:
             return self.attn.core(projected, heads, rec.attn, call.attention_mask)
+        if call.exchange.local(self.attn):
+            return call.exchange.lsh_core(self.attn, projected, heads, rec.attn,
+                                          call.attention_mask)
         return call.exchange(self.attn.core, projected, heads, rec.attn, call.attention_mask)
 
     def forward(self, x: torch.Tensor, rec: HalfRecord, call: CallInfo) -> torch.Tensor:
@@ -277,7 +294,7 @@ class AttentionHalf(nn.Module):
     def add_forward_(self, x: torch.Tensor, acc: torch.Tensor, rec: HalfRecord,
                      call: CallInfo) -> None:
         """acc += f(x), in place (no autograd)."""
-        if call.exchange is not None:
+        if _exchanged(self.attn, call):
             return call.exchange.add_forward_(self, x, acc, rec, call)
         keep = output_drop(rec)
         B, N = x.shape[0], x.shape[0] * x.shape[1]
@@ -312,7 +329,7 @@ class AttentionHalf(nn.Module):
         recomputed and differentiated, and its gradients overwrite its projections and its
         outputs overwrite its dL/do (each consumed by then), so a group holds two sets of
         rows, not four; then W_o and the projections are differentiated for the group."""
-        if call.exchange is not None:
+        if _exchanged(self.attn, call):
             return call.exchange.backward_(self, x, y, grad_y, grad_x, rec, call, grads)
         attn, x_rows, gy_rows, gx_rows = self.attn, _rows(x), _rows(grad_y), _rows(grad_x)
         keep = output_drop(rec)  # the forward's masks

@@ -27,8 +27,20 @@ CASES = {  # name: (config overrides, length, call keywords, masked tail)
                                       "causal": False}, 26, {}, 5),
     "dropout-not-reversible": ({"dropout": 0.2, "attention_dropout": 0.3,
                                 "reversible": False}, 22, {}, 0),
+    # all-LSH stacks long enough that 4 processes split the sorted slots both ways too
+    "lsh-bidirectional-padded": ({"attn_layers": ("lsh",), "causal": False, "n_hashes": 3},
+                                 61, {}, 7),
+    "lsh-dropout-bidirectional": ({"attn_layers": ("lsh",), "causal": False, "dropout": 0.2,
+                                   "attention_dropout": 0.3}, 64, {}, 0),
+    "lsh-look-ahead": ({"attn_layers": ("lsh",), "causal": False, "n_chunks_after": 1}, 64,
+                       {}, 0),
+    "lsh-one-head": ({"attn_layers": ("lsh",), "n_heads": 1, "d_head": 16}, 41, {}, 0),
+    "lsh-not-reversible": ({"attn_layers": ("lsh",), "reversible": False}, 45, {"n_hashes": 4},
+                           0),
 }
 BATCH = {"one-sequence": 1}  # default 2
+# cases also run with lsh_split="heads" (every layer through the head exchange)
+HEADS = ("causal", "odd-length", "padded", "dropout", "dropout-not-reversible", "one-sequence")
 
 
 def build(**overrides):
@@ -43,10 +55,15 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
-def compare(name: str, rank: int, world: int) -> dict:
+def compare(name: str, rank: int, world: int, lsh_split: str = "rounds") -> dict:
     """One case: logits, loss and every gradient against one process, largest relative
-    difference of each."""
+    difference of each; ``split`` counts the layers that split LSH by sorted slots."""
+    from reformer.parallel import rounds
+    from reformer.parallel.rounds import SplitExchange
     from reformer.parallel.sequence import SequenceParallelLM, split_lengths
+
+    # the all-LSH cases attend a chunk per pass (many passes per round), the rest in one
+    rounds.SPAN_ROWS = 1 if name.startswith("lsh-") else 1 << 16
 
     overrides, length, call, masked = CASES[name]
     batch = BATCH.get(name, 2)
@@ -65,7 +82,9 @@ def compare(name: str, rank: int, world: int) -> dict:
     ref = reference(ids, attention_mask=mask, labels=labels, **call)
     ref.loss.backward()
     model = build(**overrides)
-    sp = SequenceParallelLM(model)
+    sp = SequenceParallelLM(model, lsh_split=lsh_split)
+    split = SplitExchange(lengths, rank, None)
+    out["split"] = 0 if lsh_split == "heads" else sum(split.local(a) for a in sp.attentions)
     torch.manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's stream is shared
     got = sp(ids, attention_mask=mask, labels=labels, **call)
     out["logits"] = relative(got.logits, ref.logits[:, mine])
@@ -114,10 +133,28 @@ def bf16_errors(rank: int, world: int) -> dict:
             "loss": abs(losses["sp"] - losses["one"]) / abs(losses["one"])}
 
 
+def heads_check(rank: int, world: int) -> dict:
+    """n_heads=3 on 2 or 4 processes: a clear error where a layer exchanges heads (local and
+    full layers), none where every layer splits by sorted slots (the loss is then finite)."""
+    from reformer.parallel.sequence import SequenceParallelLM
+
+    ids = torch.randint(0, TINY["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, layers in (("mixed", ("lsh", "local")), ("lsh", ("lsh",))):
+        sp = SequenceParallelLM(build(n_heads=3, d_head=8, attn_layers=layers))
+        try:
+            out[name] = float(sp(ids, labels=ids).loss)
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
 def compute(rank: int, world: int) -> dict:
     """Every case; the worst difference over the processes."""
     results = {name: compare(name, rank, world) for name in CASES}
+    results.update({f"heads/{name}": compare(name, rank, world, "heads") for name in HEADS})
     results["bf16"] = bf16_errors(rank, world)
+    results["heads-check"] = heads_check(rank, world)  # the same on every process
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     return {name: {k: max(g[name][k] for g in gathered) for k in results[name]}

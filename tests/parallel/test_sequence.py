@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.parallel.launch import run_workers
-from tests.parallel.sequence_workers import CASES
+from tests.parallel.sequence_workers import CASES, HEADS
 
 TOLERANCE = 1e-9
 
@@ -20,10 +20,22 @@ def results(request, tmp_path_factory) -> dict:
     return run_workers(Path(__file__).with_name("sequence_workers.py"), world, tmp)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + [f"heads/{c}" for c in HEADS])
 def test_equals_one_process_on_the_whole_sequence(results, case):
-    # lsh, local and full layers; the slices' lengths differ when P does not divide L.
-    assert results[case] == pytest.approx({k: 0.0 for k in results[case]}, abs=TOLERANCE)
+    # lsh, local and full layers; the slices' lengths differ when P does not divide L; LSH
+    # split by sorted slots (where long enough) and, "heads/", through the head exchange
+    got = {k: v for k, v in results[case].items() if k != "split"}
+    assert got == pytest.approx({k: 0.0 for k in got}, abs=TOLERANCE)
+
+
+def test_lsh_layers_split_by_sorted_slots_where_long_enough(results):
+    # the all-LSH cases split every layer on 2 and 4 processes (one of them with one head:
+    # more processes than heads); lsh_split="heads" never splits
+    for case in ("lsh-bidirectional-padded", "lsh-dropout-bidirectional", "lsh-look-ahead",
+                 "lsh-one-head", "lsh-not-reversible"):
+        assert results[case]["split"] == 3, case
+    assert results["causal"]["split"] == 1  # its lsh layer; local and full are exchanged
+    assert all(results[f"heads/{c}"]["split"] == 0 for c in HEADS)
 
 
 def test_bf16_autocast_is_as_close_to_float32_as_one_process(results):
@@ -32,6 +44,12 @@ def test_bf16_autocast_is_as_close_to_float32_as_one_process(results):
     assert 0 < errors["one"] < 0.5  # bf16 does round
     assert errors["sp"] <= 1.5 * errors["one"] + 1e-3
     assert errors["loss"] < 1e-2
+
+
+def test_heads_that_do_not_divide_are_refused_only_where_heads_are_exchanged(results):
+    check = results["heads-check"]
+    assert "n_heads=3 divisible" in check["mixed"] and "LocalSelfAttention" in check["mixed"]
+    assert isinstance(check["lsh"], float) and check["lsh"] > 0  # 3 heads on 2 or 4
 
 
 def test_slices_cover_the_sequence_and_differ_by_at_most_one():
@@ -50,3 +68,17 @@ def test_head_slices_round_up_to_a_multiple_of_the_processes(make_model):
     assert attn.head_slices() == [slice(h, h + 1) for h in range(4)]  # chunk size 1
     assert attn.head_slices(2) == [slice(0, 2), slice(2, 4)]
     assert attn.head_slices(4) == [slice(0, 4)]
+
+
+def test_an_unknown_lsh_split_is_refused_with_the_choices(make_model):
+    from reformer.parallel.sequence import SequenceParallelLM
+
+    with pytest.raises(ValueError, match="lsh_split='slots'.*'rounds'"):
+        SequenceParallelLM(make_model(), lsh_split="slots")
+
+
+def test_chunk_runs_cover_a_round_in_order():
+    from reformer.parallel.rounds import chunk_runs
+
+    assert chunk_runs(10, 4) == [0, 3, 6, 8, 10]
+    assert chunk_runs(8, 2) == [0, 4, 8]

@@ -111,13 +111,19 @@ class _Sequence:
     sorted slot its position as a row index and as a float (for the mask arithmetic)."""
 
     def __init__(self, q_rows: torch.Tensor, v_rows: torch.Tensor, s_pos: torch.Tensor,
-                 valid: torch.Tensor | None) -> None:
-        G, Lp, E = q_rows.shape
-        self.q, self.v = q_rows.reshape(G * Lp, E), v_rows.reshape(G * Lp, E)
+                 valid: torch.Tensor | None, s_row: torch.Tensor | None = None) -> None:
+        """``s_row`` (G, R*Lp): the row of the flat (N, E) q_rows and v_rows at each sorted
+        slot, when it is not g*Lp + the slot's position (reformer.parallel.rounds: rows as
+        received from other processes, whose positions are the whole sequence's)."""
+        E = q_rows.shape[-1]
+        self.q, self.v = q_rows.reshape(-1, E), v_rows.reshape(-1, E)
         self.pos, self.valid = s_pos, valid
         self.pos_f = s_pos.float()  # exact: positions are < 2**24
-        base = torch.arange(G, device=s_pos.device).unsqueeze(1) * Lp
-        self.row = s_pos if G == 1 else s_pos + base  # (G, R*Lp) rows of the (G*Lp, E) views
+        if s_row is None:
+            G, Lp = q_rows.shape[:2]
+            base = torch.arange(G, device=s_pos.device).unsqueeze(1) * Lp
+            s_row = s_pos if G == 1 else s_pos + base  # rows of the (G*Lp, E) views
+        self.row = s_row
 
     def span(self, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
         """(position, float position, row) of the sorted slots lo..hi-1, each (G, hi - lo):

@@ -86,6 +86,11 @@ class HeadExchange:
         self.length, self.parts = sum(lengths), len(lengths)
         self.start = sum(lengths[:rank])  # my first position in the whole sequence
 
+    def local(self, attn) -> bool:
+        """Whether a layer runs on the local positions as in one process, its core split
+        some other way (rounds.SplitExchange): never, here."""
+        return False
+
     # ------------------------------------------------------------------- autograd exchange
     def __call__(self, core: Callable, projected: list[torch.Tensor], heads: slice,
                  state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor:

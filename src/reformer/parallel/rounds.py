@@ -1,0 +1,432 @@
+"""LSH attention split by sorted slots: sequence parallelism whose attention memory is O(L/P).
+
+Head parallelism (exchange.py) gives each process the whole length of some heads, so the
+attention core's working set stays the one-process one, c x L bytes, whatever P is
+(docs/benchmarks.md: it cannot go below 0.64x of one process's peak on 2 processes). Here
+every process keeps its own positions, for every head, and splits each hash round's sorted
+order instead:
+
+1. Each process hashes its positions (the rotations are the whole length's, shared) and
+   counts its items per (sequence-head, round, bucket). One all-gather of the counts fixes
+   every item's slot in the one-process sorted order, ``round * Lp + (items in lower buckets)
+   + (items of its bucket at lower positions)``: a position on a lower process is a lower
+   position, and a process's own items keep their order (a stable counting sort).
+2. Each round's Lp/M sorted chunks are dealt out in contiguous runs, process p owning chunks
+   ``C[p]..C[p+1]`` of every round. For round r a process needs its run plus the window's
+   neighbours around it (``before`` chunks earlier, ``after`` later, wrapping over the
+   n = R*Lp/M chunks as one process's windows do: the first chunk of a round looks back at
+   the previous round's last). An ``all_to_all`` sends every item in that span to it, with
+   its span slot and its position, so that it holds the span's rows in sorted order.
+3. It attends each of its chunks over its window with the one-process kernel's blocks
+   (``_SortedBlock`` over the span; masks by the items' whole-sequence positions), and sends
+   each item's output and log-sum-exp back to the item's owner, which folds the rounds
+   online as one process does.
+4. Backward (flash style, as ``SortedWindowAttention``): the owner sends every item of the
+   span again with dL/do, ``rowsum(dL/do * o)`` and the folded log-sum-exp of its position;
+   the slot owner recomputes its chunks' probabilities and sends the span rows' gradients
+   back, which the owners add up per position (a position is in several spans: one per
+   round, and halos).
+
+Every tensor is then O(L/P) per process; the price is traffic: each position's rows travel
+once per round (R times head parallelism's). The results equal one process's: the same
+items in the same slots, the same windows and masks; attention dropout is keyed by the
+sorted chunk (reformer._dropout), shifted here to the global chunk number.
+
+Used for LSH layers whose rounds have at least ``P * (1 + before + after)`` chunks (every
+process owns a run, and a span never wraps onto itself) and no round de-duplication (its
+counts need every round's chunk of every key); other layers and shorter sequences go
+through the head exchange.
+
+Shapes: B batch, h heads of the slice, G = B*h, l this process's positions (l' with the
+padding to Lp that the last process adds), L / Lp whole (padded) length, R rounds, M chunk
+length, nr = Lp/M chunks per round, n = R*nr, S span chunks, E d_head. An item is
+(g, round, local position); flat item ids run over (G, R, l').
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from reformer._memory import release_cached_blocks
+from reformer.attention import _chunked
+from reformer.attention._chunked import padded_mask
+from reformer.attention._sorted import (
+    _block_backward,
+    _Fold,
+    _Sequence,
+    _SortedBlock,
+)
+from reformer.attention.base import AttentionState, consecutive, key_offset, window
+from reformer.attention.lsh import LSHSelfAttention
+from reformer.hashing import hash_vectors, n_buckets_of, sort_by_bucket
+from reformer.parallel.exchange import HeadExchange, _exchange
+
+
+def chunk_runs(chunks: int, parts: int) -> list[int]:
+    """Boundaries C[0..P] of P contiguous runs of ``chunks`` chunks (the first longer by one
+    where it does not divide)."""
+    base, extra = divmod(chunks, parts)
+    bounds = [0]
+    for p in range(parts):
+        bounds.append(bounds[-1] + base + (p < extra))
+    return bounds
+
+
+class _Shifted:
+    """Attention dropout of span-local chunk numbers: the masks of chunks offset by ``shift``
+    in the whole sorted order (reformer._dropout keys them by sorted chunk)."""
+
+    def __init__(self, dropout, shift: int) -> None:
+        self.dropout, self.shift = dropout, shift
+
+    def blocks(self, start: int, stop: int, M: int, K: int, like: torch.Tensor) -> torch.Tensor:
+        return self.dropout.blocks(start + self.shift, stop + self.shift, M, K, like)
+
+
+SPAN_ROWS = 1 << 16  # sorted slots of a round that a process attends per pass, all sequences
+
+
+class _Route:
+    """Where this process's items go in one pass: ``ids`` (K,) flat item ids in send order
+    (destination by destination, ``splits``), ``target`` (K,) each one's row in its
+    destination's span buffer, ``own`` the entries that carry an item to the owner of its
+    chunk (as opposed to a neighbour's halo) and ``rows`` their local positions' rows;
+    ``span`` (chunks) and ``chunks`` (first, stop within the round) are this process's."""
+
+    def __init__(self, ids, target, splits, own, rows, span, chunks) -> None:
+        self.ids, self.target, self.splits = ids, target, splits
+        self.own, self.rows, self.span, self.chunks = own, rows, span, chunks
+        self.received: list[int] | None = None  # entries from each process (asked once)
+
+
+class RoundSplit:
+    """One LSH call of one head slice, split by sorted slots over the processes of an
+    exchange (reformer.parallel.exchange.HeadExchange)."""
+
+    def __init__(self, attn: LSHSelfAttention, exchange, buckets: torch.Tensor,
+                 state: AttentionState, heads: slice, valid: torch.Tensor | None,
+                 dropout) -> None:
+        cfg = attn.config
+        self.ex, self.group = exchange, exchange.group
+        self.P, self.rank = exchange.parts, exchange.rank
+        B, h, R, lp = buckets.shape
+        self.B, self.h, self.G, self.R, self.lp = B, h, B * h, R, lp
+        self.M = M = cfg.chunk_length
+        self.Lp = attn.padded_length(exchange.length)
+        self.nr = self.Lp // M
+        self.n = R * self.nr
+        offsets = window(cfg, self.n, cfg.n_chunks_before, cfg.n_chunks_after)
+        if not consecutive(offsets):
+            raise ValueError(f"{self.n} sorted chunks are too few for a split window "
+                             f"{offsets}; use longer sequences")
+        self.offsets, self.before, self.after = offsets, -offsets[0], offsets[-1]
+        # each process's run of every round, in passes of about SPAN_ROWS slots (the same
+        # number of passes everywhere: every pass is a collective)
+        runs = chunk_runs(self.nr, self.P)
+        longest = max(runs[d + 1] - runs[d] for d in range(self.P))
+        self.passes = -(-longest // max(1, SPAN_ROWS // (self.G * M)))
+        self.pieces = []  # [process][pass] -> (first, stop) chunk within a round
+        for d in range(self.P):
+            cuts = chunk_runs(runs[d + 1] - runs[d], self.passes)
+            self.pieces.append([(runs[d] + cuts[j], runs[d] + cuts[j + 1])
+                                for j in range(self.passes)])
+        self.valid = (None if valid is None else
+                      valid[:, None, :].expand(B, h, self.Lp).reshape(self.G, self.Lp))
+        self.dropout, self.causal, self.key_offset = dropout, cfg.causal, key_offset(cfg)
+        # every item's key g*R*Lp + slot, sorted: the items of any run of sorted chunks are
+        # one stretch of ``order``
+        key = self._slots(buckets, n_buckets_of(state.rotations))
+        key += torch.arange(self.G, device=key.device).view(-1, 1, 1) * (self.n * M)
+        self.skey, self.order = key.view(-1).sort()
+        del key
+
+    # ----------------------------------------------------------------- the sorted order
+    def _slots(self, buckets: torch.Tensor, nb: int) -> torch.Tensor:
+        """(G, R, l') every local item's slot in the whole sorted order (0..R*Lp-1)."""
+        G, R, lp = self.G, self.R, self.lp
+        b = buckets.reshape(G, R, lp).long()
+        counts = torch.zeros(G, R, nb + 1, dtype=torch.int64, device=b.device)
+        counts.scatter_add_(2, b, torch.ones_like(b))
+        every = [torch.empty_like(counts) for _ in range(self.P)]
+        dist.all_gather(every, counts, group=self.group)
+        total = torch.stack(every).sum(0)
+        lower = sum(every[:self.rank], torch.zeros_like(counts))  # at lower positions
+        # slot in round = (items in lower buckets) + lower[b] + (local rank in round
+        # - local items in lower buckets)
+        offset = (total.cumsum(2) - total) + lower - (counts.cumsum(2) - counts)
+        _, undo = sort_by_bucket(b.view(G, 1, R, lp).contiguous())  # local rank per round
+        rank_in_round = undo.view(G, R, lp) - torch.arange(R, device=b.device).view(1, R, 1) * lp
+        rounds = torch.arange(R, device=b.device).view(1, R, 1) * self.Lp
+        return offset.gather(2, b) + rank_in_round + rounds
+
+    def route(self, r: int, j: int) -> _Route:
+        """Pass j of round r: every local item in some process's span (its run's piece j
+        of round r and the window's neighbour chunks around it)."""
+        G, M, nM = self.G, self.M, self.n * self.M
+        ids, target, splits, own, rows = [], [], [], [], []
+        sent = 0
+        for d in range(self.P):
+            first, stop = self.pieces[d][j]
+            lo = r * self.nr + first - self.before  # the span's first chunk
+            span = stop - first + self.before + self.after
+            for g in range(G):  # slots lo*M .. (lo+span)*M - 1, wrapping over n*M
+                a = (lo * M) % nM
+                parts = [(a, min(a + span * M, nM))]
+                if a + span * M > nM:
+                    parts.append((0, a + span * M - nM))
+                for s0, s1 in parts:
+                    i0, i1 = (int(torch.searchsorted(self.skey, g * nM + x)) for x in (s0, s1))
+                    sel = self.order[i0:i1]
+                    at = (self.skey[i0:i1] - g * nM - lo * M) % nM  # the slot in the span
+                    mine = ((at >= self.before * M)
+                            & (at < (span - self.after) * M)).nonzero().squeeze(1)
+                    own.append(mine + sent)
+                    rows.append(self.row_of(sel.index_select(0, mine)))
+                    ids.append(sel)
+                    target.append(at + g * span * M)
+                    sent += sel.numel()
+            splits.append(sent - sum(splits))
+        first, stop = self.pieces[self.rank][j]
+        return _Route(torch.cat(ids), torch.cat(target), splits, torch.cat(own),
+                      torch.cat(rows), stop - first + self.before + self.after, (first, stop))
+
+    def row_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Flat item ids -> rows g*l' + i of a (G*l', E) local buffer."""
+        R, lp = self.R, self.lp
+        return ids // (R * lp) * lp + ids % lp
+
+    # ----------------------------------------------------------------------- exchanges
+    def _send(self, x: torch.Tensor, route: _Route, what: str) -> torch.Tensor:
+        """Entries' rows (K, ...) out to their destinations -> the span rows received."""
+        width = x.shape[1:].numel()
+        out = [s * width for s in self._recv_splits(route)]
+        got = _exchange(x, out, [s * width for s in route.splits], self.group, what)
+        return got.view(-1, *x.shape[1:])
+
+    def _return(self, x: torch.Tensor, route: _Route, what: str) -> torch.Tensor:
+        """Rows (K_in, ...) for the entries received -> their senders', in send order."""
+        width = x.shape[1:].numel()
+        got = _exchange(x, [s * width for s in route.splits],
+                        [s * width for s in self._recv_splits(route)], self.group, what)
+        return got.view(-1, *x.shape[1:])
+
+    def _recv_splits(self, route: _Route) -> list[int]:
+        """How many entries each process sends here in ``route``'s pass (asked once)."""
+        if route.received is None:
+            sent = torch.tensor(route.splits, dtype=torch.int64)
+            got = torch.empty_like(sent)
+            dist.all_to_all_single(got, sent, group=self.group)
+            route.received = got.tolist()
+        return route.received
+
+    def _gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, h, l, E) local rows of the entries' items (zero for the padding rows)."""
+        lp, R, (B, h, n_local, E) = self.lp, self.R, x.shape
+        g, i = ids // (R * lp), ids % lp
+        b, head, i = g // h, g % h, i.clamp(max=n_local - 1)
+        strides = x.stride()
+        if strides[3] == 1 and all(st % E == 0 for st in strides[:3]):  # rows of E: one gather
+            extent = ((B - 1) * strides[0] + (h - 1) * strides[1]
+                      + (n_local - 1) * strides[2]) // E
+            flat = x.as_strided((extent + 1, E), (E, 1))  # from x's own storage offset
+            at = (b * strides[0] + head * strides[1] + i * strides[2]) // E
+            rows = flat.index_select(0, at)
+        else:
+            rows = x[b, head, i]
+        if n_local < lp:
+            rows[ids % lp >= n_local] = 0
+        return rows
+
+    def _span(self, qk: torch.Tensor, v: torch.Tensor, route: _Route,
+              extra: tuple = ()) -> tuple:
+        """Send a pass's entries: (their span slots here (K_in,), the span as a _Sequence
+        over the received rows, what each of ``extra`` (functions making a (K, ...) tensor
+        of the entries) made, as received). Received rows stay in the order they came in;
+        ``_Sequence.row`` maps span slots to them. Each tensor is made, sent and freed in
+        turn."""
+        G, SM = self.G, route.span * self.M
+        meta = torch.stack([route.target, self.ex.start + route.ids % self.lp], dim=1)
+        got_meta = self._send(meta, route, "values")
+        at, pos = got_meta[:, 0].contiguous(), got_meta[:, 1]
+        span_pos = pos.new_empty(G * SM).index_copy_(0, at, pos)
+        rows = torch.empty_like(at).index_copy_(0, at, torch.arange(at.numel(),
+                                                                      device=at.device))
+        del meta, got_meta, pos
+        got = []
+        for make in (lambda: self._gather(qk, route.ids), lambda: self._gather(v, route.ids),
+                     *extra):
+            got.append(self._send(make(), route, "values"))
+        seq = _Sequence(got[0], got[1], span_pos.view(G, SM), self.valid,
+                        s_row=rows.view(G, SM))
+        return at, seq, got[2:]
+
+    def _blocks(self, r: int, route: _Route) -> list[tuple[int, int, tuple]]:
+        """My chunks of the pass in kernel blocks: (span chunk start, stop, spec)."""
+        first, stop = route.chunks
+        shift = r * self.nr + first - self.before  # span chunk 0's number in the sorted order
+        drop = None if self.dropout is None else _Shifted(self.dropout, shift)
+        spec = (self.M, self.offsets, self.causal, None, drop, self.key_offset)
+        K = self.M * len(self.offsets)
+        return [(self.before + a, self.before + b, spec)
+                for a, b in _chunked._blocks(self.G, stop - first, self.M, K)]
+
+    def _passes(self):
+        """(round, its route) for every pass, in order (rounds in order, as one process
+        folds them)."""
+        for r in range(self.R):
+            for j in range(self.passes):
+                yield r, self.route(r, j)
+
+    # --------------------------------------------------------------- forward, backward
+    def forward(self, qk: torch.Tensor, v: torch.Tensor) -> _Fold:
+        """-> the folded rounds (out (G, l', E), top, total) for the local positions."""
+        G, M, E, lp = self.G, self.M, qk.shape[-1], self.lp
+        lse_dtype = _chunked.lse_dtype(qk.dtype)
+        fold = _Fold(qk.new_zeros(G * lp, E),
+                     qk.new_full((G * lp,), float("-inf"), dtype=lse_dtype),
+                     qk.new_zeros(G * lp, dtype=lse_dtype))
+        for r, route in self._passes():
+            at, seq, _ = self._span(qk, v, route)
+            SM = route.span * M
+            o = qk.new_zeros(G, SM, E)
+            z = qk.new_zeros(G, SM, dtype=lse_dtype)
+            for start, stop, spec in self._blocks(r, route):
+                blk = _SortedBlock(seq, start, stop, spec)
+                torch.matmul(blk.kept, blk.v, out=o[:, start * M:stop * M].view(
+                    G, stop - start, M, E))
+                z[:, start * M:stop * M] = blk.lse.view(G, -1)
+                del blk
+            del seq  # the received rows
+            sent = self._return(o.view(G * SM, E).index_select(0, at), route, "values")
+            del o
+            o_r = sent.index_select(0, route.own)
+            sent = self._return(z.view(-1).index_select(0, at), route, "values")
+            z_r = sent.index_select(0, route.own)
+            del sent, z, at
+            _fold_rows(fold, route.rows, o_r, z_r)
+            del o_r, z_r, route
+            release_cached_blocks()  # this pass's index tensors: sizes that do not recur
+        return _Fold(fold.out.view(G, lp, E), fold.top.view(G, lp), fold.total.view(G, lp))
+
+    def backward(self, qk: torch.Tensor, v: torch.Tensor, fold: _Fold,
+                 grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dL/d(qk), dL/dv (G*l', E) each, from dL/do (B, h, l, E)."""
+        G, M, E, lp = self.G, self.M, qk.shape[-1], self.lp
+        n_local = grad_out.shape[2]
+        out = fold.out.view(grad_out.shape[:2] + (lp, E))
+        row = fold.top.new_zeros(grad_out.shape[:2] + (lp,))  # dS = P (dP - row)
+        for a in range(0, n_local, 1 << 16):  # rowsum(dO * o), a block of rows at a time
+            b = min(n_local, a + (1 << 16))
+            row[:, :, a:b] = (grad_out[:, :, a:b] * out[:, :, a:b]).sum(-1)
+        stats = torch.stack([row.view(-1), fold.top.reshape(-1), fold.total.reshape(-1)], 1)
+        del row
+        grad_q = qk.new_zeros(G * lp, E)
+        grad_v = qk.new_zeros(G * lp, E)
+        for r, route in self._passes():
+            rows = self.row_of(route.ids)
+            at, seq, (d_span, s_span) = self._span(
+                qk, v, route, (lambda ids=route.ids: self._gather(grad_out, ids),
+                               lambda rows=rows: stats.index_select(0, rows)))
+            del at
+            SM = route.span * M
+            gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
+            gv_span = qk.new_zeros(G * SM, E)
+            span_fold = _Fold(None, s_span[:, 1].contiguous(), s_span[:, 2].contiguous())
+            row_span = s_span[:, 0].contiguous()
+            for start, stop, spec in self._blocks(r, route):
+                blk = _SortedBlock(seq, start, stop, spec)
+                _block_backward(blk, d_span, row_span, span_fold, gq_span, gv_span)
+                del blk
+            del seq, d_span, s_span, span_fold, row_span
+            grad_q.index_add_(0, rows, self._return(gq_span, route, "gradients"))
+            del gq_span
+            grad_v.index_add_(0, rows, self._return(gv_span, route, "gradients"))
+            del gv_span, route, rows
+            release_cached_blocks()
+        return grad_q, grad_v
+
+
+def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor) -> None:
+    """Fold one round's outputs o (N, E) and log-sum-exps z (N,) of the positions ``rows``
+    into the flat ``fold`` (in place), as ``_fold_round`` does for all positions: with
+    m = max(top, z), a = total exp(top - m), b = exp(z - m), out = (a out + b o) / (a + b).
+    A position's first round finds top = -inf and total = 0: a = 0, out = o, total = 1."""
+    top, total = fold.top.index_select(0, rows), fold.total.index_select(0, rows)
+    m = torch.maximum(top, z)
+    a = (top - m).exp_().mul_(total)
+    b = (z - m).exp_()
+    t = a + b
+    out = fold.out.index_select(0, rows).mul_(a.div_(t).unsqueeze(-1))
+    out.addcmul_(o, b.div_(t).unsqueeze(-1))
+    fold.out.index_copy_(0, rows, out)
+    fold.top.index_copy_(0, rows, m)
+    fold.total.index_copy_(0, rows, t)
+
+
+class _RoundSplitAttention(torch.autograd.Function):
+    """``apply(qk, v, split)``: (B, h, l, E) each -> the attention output (B, h, l, E)."""
+
+    @staticmethod
+    def forward(ctx, qk, v, split):
+        fold = split.forward(qk, v)
+        ctx.split = split
+        ctx.save_for_backward(qk, v, *fold)
+        B, h, n_local, E = qk.shape
+        return fold.out.view(B, h, split.lp, E)[:, :, :n_local]
+
+    @staticmethod
+    def backward(ctx, grad):
+        qk, v, *fold = ctx.saved_tensors
+        split = ctx.split
+        fold = _Fold(*fold)
+        grad_q, grad_v = split.backward(qk, v, fold, grad)
+        B, h, n_local, E = qk.shape
+        shape = (B, h, split.lp, E)
+        return grad_q.view(shape)[:, :, :n_local], grad_v.view(shape)[:, :, :n_local], None
+
+
+class SplitExchange(HeadExchange):
+    """The head exchange, except for LSH layers that split by sorted slots: those run as in
+    one process on the local positions (projections, W_o, their gradients) around
+    :meth:`lsh_core`."""
+
+    def local(self, attn) -> bool:
+        """Whether ``attn``'s calls split by sorted slots (else the head exchange runs
+        them)."""
+        if not isinstance(attn, LSHSelfAttention) or attn.config.dedup_rounds:
+            return False
+        cfg = attn.config
+        chunks = attn.padded_length(self.length) // cfg.chunk_length
+        return chunks >= self.parts * (1 + cfg.n_chunks_before + cfg.n_chunks_after)
+
+    def lsh_core(self, attn: LSHSelfAttention, projected: list[torch.Tensor], heads: slice,
+                 state: AttentionState, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return lsh_core(attn, self, projected, heads, state, attention_mask)
+
+
+def lsh_core(attn: LSHSelfAttention, exchange: HeadExchange, projected: list[torch.Tensor],
+             heads: slice, state: AttentionState, attention_mask: torch.Tensor | None
+             ) -> torch.Tensor:
+    """The LSH attention of this process's positions for ``heads``: (B, h, l, E) qk and v
+    -> (B, h, l, E), equal to the one-process core's rows of these positions."""
+    qk, v = projected
+    B, _, n_local, _ = qk.shape
+    L, start = exchange.length, exchange.start
+    Lp = attn.padded_length(L)
+    lp = n_local + (Lp - L if exchange.rank == exchange.parts - 1 else 0)  # the last pads
+    valid = padded_mask(attention_mask, B, L, Lp, qk.device)
+    buckets = state.buckets.get(heads.start)
+    if buckets is None:  # first pass; the reversible backward finds them recorded
+        rots = state.rotations
+        sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
+        mine = None if valid is None else valid[:, start:start + n_local]
+        ids = hash_vectors(qk, sliced, mine)
+        if lp > n_local:  # the padding positions: the masked bucket, as one process's
+            ids = torch.cat([ids, ids.new_full((*ids.shape[:3], lp - n_local),
+                                               n_buckets_of(rots))], dim=3)
+        small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
+        buckets = state.buckets[heads.start] = ids.to(torch.int16 if small else torch.int32)
+    dropout = attn.dropout_for(state, B, heads, qk.device)
+    split = RoundSplit(attn, exchange, buckets, state, heads, valid, dropout)
+    return _RoundSplitAttention.apply(qk, v, split)
