@@ -350,6 +350,28 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                 f"{one['config']} step; {sp['config']} was {one['step_s'] / sp['step_s']:.2f}x "
                 f"faster than {one['config']} (2 processes of 1 thread against 1).", ""]
         out += sequence_traffic(sp, weak)
+        tags = sp["per_rank"][0]["all_to_all"]
+        extra = (tags["backward-recompute"]["calls"] - tags["forward"]["calls"]) // sp["n_layers"]
+        if split == "rounds" and extra > 0:
+            out += ["In this run the backward's gradient pass tagged its own sends (qk, v and "
+                    "dL/do out again) as the recomputation's, so the middle count holds the "
+                    f"recomputation's {tags['forward']['calls'] // sp['n_layers']} calls (as "
+                    "many as the forward's) and the gradient pass's other "
+                    f"{extra}; later runs tag them as gradients.", ""]
+        if split == "rounds":
+            out += ["Why the split is slower here (the time target fails), from cProfile of "
+                    "one process at 2x128K on 2026-12-06 (one pass per round, before the "
+                    "passes and the cache release): the step took 44.6 s against 27.7 s with "
+                    "the head exchange. The extra 17 s: 4.6 s more inside all_to_all (about "
+                    "5x the bytes: each position's rows travel once per hash round), 4.1 s "
+                    "more in the attention itself (the span runs the blockwise kernel in "
+                    "PyTorch ops, 12.3 s, where the head exchange runs the whole-length core in "
+                    "the fused C++ kernel, 8.2 s), about 3 s of row gathers and 2.5 s of "
+                    "routing (searches, index arithmetic). A C++ kernel over a received span "
+                    "(rows gathered through a slot map, masks by whole-sequence positions, "
+                    "only the owned chunks as queries) would remove the second; the traffic "
+                    "is the design's, small on NVLink or InfiniBand (below) but not over "
+                    "gloo on one 2-core machine.", ""]
         if split == "heads":
             w = HEAD_BYTES
             out += ["Why the head exchange cannot meet the memory targets at this width, however "
@@ -444,7 +466,7 @@ def sequence_estimate(one: dict, sp: dict, weak: dict, gpu_step: dict | None) ->
         "not LSH (local, full) still exchange heads, and need P to divide n_heads.",
         "- **Every term is O(L/P)** (head parallelism's c x L term, one head's whole-length "
         "working set on every process, is gone): memory per device is set by the tokens per "
-        "device, so 64M tokens on 64 GPUs take what 1M takes on one.",
+        "device, so 64M tokens on 64 GPUs take about what 1M takes on one.",
         "- **The price is traffic**: each position's rows travel once per hash round, about "
         "R times head parallelism's bytes (4 rounds here), which on this machine's gloo "
         "costs step time (the verdicts above); on NVLink or InfiniBand the table's times "

@@ -25,7 +25,8 @@ Decisions:
   micro-batches, and those are served in a random order: each batch holds examples of
   similar lengths, so little of it is padding (ListOps, 500 to 2,000 tokens in batches of 16,
   the first 2,048 training examples: 1,014 real tokens per example; batches padded to their
-  longest example are 1,814 wide on average, grouped by length 1,138). The pending micro-batches' indices go into checkpoints.
+  longest example are 1,814 wide on average, grouped by length 1,138). The pending
+  micro-batches' indices go into checkpoints.
 - Held-out examples: the ``val_data`` given, else a fixed ``val_fraction`` of the examples (a
   permutation seeded by 0, so the split does not depend on the run's seed); ListOps has its
   own validation and test splits. The evaluation set is the first ``eval_windows`` of them.

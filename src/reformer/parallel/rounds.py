@@ -16,26 +16,40 @@ order instead:
    neighbours around it (``before`` chunks earlier, ``after`` later, wrapping over the
    n = R*Lp/M chunks as one process's windows do: the first chunk of a round looks back at
    the previous round's last). An ``all_to_all`` sends every item in that span to it, with
-   its span slot and its position, so that it holds the span's rows in sorted order.
+   its span slot and its position, so that it holds the span's rows in sorted order. A run
+   is attended in passes of about ``SPAN_ROWS`` slots (each with its own neighbours), so
+   that a pass's received rows stay small next to the streams: at 1M tokens on 2 processes
+   one pass per round held a third of the peak (4.37 GiB per process, against 3.78 with
+   passes of 64K).
 3. It attends each of its chunks over its window with the one-process kernel's blocks
    (``_SortedBlock`` over the span; masks by the items' whole-sequence positions), and sends
    each item's output and log-sum-exp back to the item's owner, which folds the rounds
-   online as one process does.
+   online as one process does (round by round, in the same order).
 4. Backward (flash style, as ``SortedWindowAttention``): the owner sends every item of the
    span again with dL/do, ``rowsum(dL/do * o)`` and the folded log-sum-exp of its position;
    the slot owner recomputes its chunks' probabilities and sends the span rows' gradients
    back, which the owners add up per position (a position is in several spans: one per
    round, and halos).
 
-Every tensor is then O(L/P) per process; the price is traffic: each position's rows travel
-once per round (R times head parallelism's). The results equal one process's: the same
-items in the same slots, the same windows and masks; attention dropout is keyed by the
-sorted chunk (reformer._dropout), shifted here to the global chunk number.
+Every tensor is then O(L/P) per process (the sorted item keys 16 bytes per local item and
+round, the folded output, the gradients of qk and v, a pass's rows); the price is traffic:
+each position's rows travel once per round (R times head parallelism's). The results equal
+one process's: the same items in the same slots, the same windows and masks; attention
+dropout is keyed by the sorted chunk (reformer._dropout), shifted here to the global chunk number.
 
 Used for LSH layers whose rounds have at least ``P * (1 + before + after)`` chunks (every
 process owns a run, and a span never wraps onto itself) and no round de-duplication (its
 counts need every round's chunk of every key); other layers and shorter sequences go
 through the head exchange.
+
+The temporaries here take sizes that do not recur (how many items each process sends), so
+each pass ends by releasing the caching allocator's free blocks (reformer._memory): kept,
+they filled its 1 GiB cap (4.87 GiB per process at 1M on 2 against 4.37 released).
+
+Not done: the span's attention runs the blockwise kernel in PyTorch ops (``_SortedBlock``),
+not the fused C++ one (csrc/lsh_chunks.cpp, which gathers its rows by position and masks
+by the same index); on this CPU that and the traffic make a step slower than head
+parallelism's (docs/benchmarks.md).
 
 Shapes: B batch, h heads of the slice, G = B*h, l this process's positions (l' with the
 padding to Lp that the last process adds), L / Lp whole (padded) length, R rounds, M chunk
@@ -239,15 +253,16 @@ class RoundSplit:
         return rows
 
     def _span(self, qk: torch.Tensor, v: torch.Tensor, route: _Route,
-              extra: tuple = ()) -> tuple:
+              extra: tuple = (), what: str = "values") -> tuple:
         """Send a pass's entries: (their span slots here (K_in,), the span as a _Sequence
         over the received rows, what each of ``extra`` (functions making a (K, ...) tensor
         of the entries) made, as received). Received rows stay in the order they came in;
         ``_Sequence.row`` maps span slots to them. Each tensor is made, sent and freed in
-        turn."""
+        turn. ``what`` names the traffic (``_exchange``): the backward's gradient pass sends
+        "gradients", so that benchmarks/sequence.py tells it from the recomputation."""
         G, SM = self.G, route.span * self.M
         meta = torch.stack([route.target, self.ex.start + route.ids % self.lp], dim=1)
-        got_meta = self._send(meta, route, "values")
+        got_meta = self._send(meta, route, what)
         at, pos = got_meta[:, 0].contiguous(), got_meta[:, 1]
         span_pos = pos.new_empty(G * SM).index_copy_(0, at, pos)
         rows = torch.empty_like(at).index_copy_(0, at, torch.arange(at.numel(),
@@ -256,7 +271,7 @@ class RoundSplit:
         got = []
         for make in (lambda: self._gather(qk, route.ids), lambda: self._gather(v, route.ids),
                      *extra):
-            got.append(self._send(make(), route, "values"))
+            got.append(self._send(make(), route, what))
         seq = _Sequence(got[0], got[1], span_pos.view(G, SM), self.valid,
                         s_row=rows.view(G, SM))
         return at, seq, got[2:]
@@ -327,7 +342,7 @@ class RoundSplit:
             rows = self.row_of(route.ids)
             at, seq, (d_span, s_span) = self._span(
                 qk, v, route, (lambda ids=route.ids: self._gather(grad_out, ids),
-                               lambda rows=rows: stats.index_select(0, rows)))
+                               lambda rows=rows: stats.index_select(0, rows)), "gradients")
             del at
             SM = route.span * M
             gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
