@@ -231,3 +231,13 @@ def test_raw_allocations_are_freed_through_it(cache, n):
     torch.mm(a, a, out=out[:n])
     assert torch.allclose(out[:n].float(), a.float() @ a.float(), rtol=0.02, atol=0.05 * n**0.5)
     assert cache.stats()["live"] == before  # the scratch was given back
+
+
+@needs_compiler
+def test_release_cached_blocks_empties_the_cache_and_says_how_much(cache):
+    # reformer.parallel.rounds calls it after each pass, whose temporaries' sizes do not recur
+    blocks = [floats(A), floats(B)]
+    del blocks
+    assert _memory.release_cached_blocks() == A + B
+    assert cache.stats()["cached"] == 0
+    assert _memory.release_cached_blocks() == 0

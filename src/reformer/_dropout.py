@@ -24,7 +24,7 @@ chunk slots, K window keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -110,6 +110,7 @@ class AttentionDropout:
     p: float
     seed: int
     groups: torch.Tensor | None = None
+    chunk_offset: int = 0  # the sorted order's chunk that a caller's chunk 0 is
 
     @staticmethod
     def of(dropout: float | AttentionDropout | None) -> AttentionDropout | None:
@@ -136,10 +137,15 @@ class AttentionDropout:
                              f"G={G}")
         return _mix(groups ^ self.seed)  # (G,)
 
+    def shifted(self, chunks: int) -> AttentionDropout:
+        """These masks for a caller that numbers the sorted order's chunk ``chunks`` as 0
+        (a process attending a span of it: reformer.parallel.rounds)."""
+        return replace(self, chunk_offset=self.chunk_offset + chunks)
+
     def blocks(self, start: int, stop: int, M: int, K: int, like: torch.Tensor) -> torch.Tensor:
         """The multipliers (G, nb, M, K) of chunks start..stop-1 (M slots each, K window keys),
         G = like.shape[0]."""
-        G = like.shape[0]
+        G, start, stop = like.shape[0], start + self.chunk_offset, stop + self.chunk_offset
         slots = torch.arange(start * M, stop * M, device=like.device, dtype=torch.int64)
         key = _mix(self._group_keys(G, like.device).unsqueeze(1) ^ slots)  # (G, nb*M)
         return _keep(key, K, self.p, like.dtype).view(G, stop - start, M, K)

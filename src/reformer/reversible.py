@@ -84,9 +84,10 @@ class HeadExchange(Protocol):
                   grad_y: torch.Tensor, grad_x: torch.Tensor, rec: HalfRecord,
                   call: CallInfo, grads: dict) -> None: ...
 
-    def local(self, attn: nn.Module) -> bool:
+    def splits(self, attn: nn.Module) -> bool:
         """True for a layer that runs on the local positions as in one process, all but its
         attention core (``lsh_core``, split by sorted slots: reformer.parallel.rounds)."""
+        ...
 
     def lsh_core(self, attn: nn.Module, projected: list[torch.Tensor], heads: slice,
                  state: AttentionState, attention_mask: torch.Tensor | None
@@ -111,7 +112,7 @@ class CallInfo:
 
 def _exchanged(attn: nn.Module, call: CallInfo) -> bool:
     """Whether ``attn``'s heads go through the sequence-parallel head exchange."""
-    return call.exchange is not None and not call.exchange.local(attn)
+    return call.exchange is not None and not call.exchange.splits(attn)
 
 
 def _parts(attn: nn.Module, call: CallInfo) -> int:
@@ -238,7 +239,7 @@ class AttentionHalf(nn.Module):
         the sequence-parallel exchange when there is one."""
         if call.exchange is None:
             return self.attn.core(projected, heads, rec.attn, call.attention_mask)
-        if call.exchange.local(self.attn):
+        if call.exchange.splits(self.attn):
             return call.exchange.lsh_core(self.attn, projected, heads, rec.attn,
                                           call.attention_mask)
         return call.exchange(self.attn.core, projected, heads, rec.attn, call.attention_mask)

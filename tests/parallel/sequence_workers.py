@@ -84,7 +84,7 @@ def compare(name: str, rank: int, world: int, lsh_split: str = "rounds") -> dict
     model = build(**overrides)
     sp = SequenceParallelLM(model, lsh_split=lsh_split)
     split = SplitExchange(lengths, rank, None)
-    out["split"] = 0 if lsh_split == "heads" else sum(split.local(a) for a in sp.attentions)
+    out["split"] = 0 if lsh_split == "heads" else sum(split.splits(a) for a in sp.attentions)
     torch.manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's stream is shared
     got = sp(ids, attention_mask=mask, labels=labels, **call)
     out["logits"] = relative(got.logits, ref.logits[:, mine])

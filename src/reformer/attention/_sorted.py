@@ -245,11 +245,8 @@ class SortedWindowAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         d_out, top, total = grad_out.reshape(G * Lp, E), top.reshape(-1), total.reshape(-1)
-        row = torch.empty_like(top)  # rowsum(dO * o) = rowsum(P * dP), by blocks of rows
-        o_flat = out.reshape(G * Lp, E)
-        for s in range(0, G * Lp, _ROW_BLOCK):
-            block = slice(s, s + _ROW_BLOCK)
-            row[block] = (d_out[block] * o_flat[block]).sum(dim=-1)
+        # rowsum(dO * o) = rowsum(P * dP)
+        row = row_dots(d_out, out.reshape(G * Lp, E), torch.empty_like(top))
         if grad_lse is not None:
             row -= grad_lse.reshape(-1)  # dS = P * (dP - row)
         # float32 in the fused kernel whatever the rows' type
@@ -344,12 +341,30 @@ def _fold_round(fold: _Fold | None, o_s: torch.Tensor, z_s: torch.Tensor,
     z_r = z_s.view(-1).index_select(0, unsort).view(G, Lp)
     if fold is None:
         return _Fold(o_r, z_r, torch.ones_like(z_r))
+    return fold_step(fold, o_r, z_r)
+
+
+def fold_step(fold: _Fold, o_r: torch.Tensor, z_r: torch.Tensor) -> _Fold:
+    """One round's outputs o_r (..., E) and log-sum-exps z_r (...) folded into ``fold`` of
+    the same positions (its ``out`` updated in place): with m = max(top, z_r),
+    a = total exp(top - m), b = exp(z_r - m), ``out = (a out + b o_r) / (a + b)``. A fold of
+    top = -inf and total = 0 (no round yet) gives out = o_r, top = z_r, total = 1."""
     top = torch.maximum(fold.top, z_r)
     a = (fold.top - top).exp_().mul_(fold.total)
     b = (z_r - top).exp_()
     total = a + b
     out = fold.out.mul_(a.div_(total).unsqueeze(-1)).addcmul_(o_r, b.div_(total).unsqueeze(-1))
     return _Fold(out, top, total)
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[..., i] = x[..., i, :] . y[..., i, :] (rowsum(dO * o) for the backward), a block
+    of ``_ROW_BLOCK`` rows at a time so that no x-sized product exists."""
+    n = x.shape[-2]
+    for s in range(0, n, _ROW_BLOCK):
+        block = slice(s, min(n, s + _ROW_BLOCK))
+        out[..., block] = (x[..., block, :] * y[..., block, :]).sum(dim=-1)
+    return out
 
 
 def _unsort_rows(s_pos: torch.Tensor, s_slot: torch.Tensor | None,

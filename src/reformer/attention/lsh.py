@@ -212,6 +212,26 @@ class LSHSelfAttention(HeadSlicedAttention):
     def projections(self) -> list[nn.Linear]:
         return [self.w_qk, self.w_v]
 
+    def record_buckets(self, qk: torch.Tensor, heads: slice, state: AttentionState,
+                       mask: torch.Tensor | None, pad: int = 0) -> torch.Tensor:
+        """The bucket ids (B, h, R, L + pad) of ``heads`` in this call: hashed from qk
+        (B, h, L, E) on the first pass and recorded in ``state``, where the reversible
+        backward finds them. ``pad`` more positions take the masked bucket (sequence
+        parallelism's last process pads its slice so, without copying qk)."""
+        buckets = state.buckets.get(heads.start)
+        if buckets is None:
+            rots = state.rotations
+            sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
+            nb = n_buckets_of(rots)
+            ids = hash_vectors(qk, sliced, mask, block=plan_for(qk.device).rows(HASH_SLICE))
+            if pad:
+                ids = torch.cat([ids, ids.new_full((*ids.shape[:3], pad), nb)], dim=3)
+            # each layer keeps its ids until its backward: the smallest type that holds them
+            # (ids are <= NB) is 4x less than int64
+            small = nb <= torch.iinfo(torch.int16).max
+            buckets = state.buckets[heads.start] = ids.to(torch.int16 if small else torch.int32)
+        return buckets
+
     def core(self, projected: list[torch.Tensor], heads: slice, state: AttentionState,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
@@ -220,16 +240,7 @@ class LSHSelfAttention(HeadSlicedAttention):
         qk, v = (pad_to_multiple(t, cfg.chunk_length, 2) for t in projected)
         mask = padded_mask(attention_mask, B, L, Lp, qk.device)
         plan = plan_for(qk.device)
-        buckets = state.buckets.get(heads.start)
-        if buckets is None:  # first pass; the reversible backward finds them recorded
-            rots = state.rotations
-            sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
-            # each layer keeps its ids until its backward: the smallest type that holds them
-            # (ids are <= NB) is 4x less than int64
-            small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
-            buckets = state.buckets[heads.start] = hash_vectors(
-                qk, sliced, mask, block=plan.rows(HASH_SLICE)).to(
-                    torch.int16 if small else torch.int32)
+        buckets = self.record_buckets(qk, heads, state, mask)
         dropout = self.dropout_for(state, B, heads, qk.device)
         n = buckets.shape[2] * Lp // cfg.chunk_length
         offsets = window(cfg, n, cfg.n_chunks_before, cfg.n_chunks_after)

@@ -86,9 +86,9 @@ class HeadExchange:
         self.length, self.parts = sum(lengths), len(lengths)
         self.start = sum(lengths[:rank])  # my first position in the whole sequence
 
-    def local(self, attn) -> bool:
+    def splits(self, attn) -> bool:
         """Whether a layer runs on the local positions as in one process, its core split
-        some other way (rounds.SplitExchange): never, here."""
+        by sorted slots (rounds.SplitExchange): never, here."""
         return False
 
     # ------------------------------------------------------------------- autograd exchange

@@ -19,8 +19,8 @@ order instead:
    its span slot and its position, so that it holds the span's rows in sorted order. A run
    is attended in passes of about ``SPAN_ROWS`` slots (each with its own neighbours), so
    that a pass's received rows stay small next to the streams: at 1M tokens on 2 processes
-   one pass per round held a third of the peak (4.37 GiB per process, against 3.78 with
-   passes of 64K).
+   rank 0 peaked at 4.37 GiB with one pass per round and 3.78 GiB with passes of 64K slots
+   (sampled resident memory, one step each).
 3. It attends each of its chunks over its window with the one-process kernel's blocks
    (``_SortedBlock`` over the span; masks by the items' whole-sequence positions), and sends
    each item's output and log-sum-exp back to the item's owner, which folds the rounds
@@ -43,8 +43,9 @@ counts need every round's chunk of every key); other layers and shorter sequence
 through the head exchange.
 
 The temporaries here take sizes that do not recur (how many items each process sends), so
-each pass ends by releasing the caching allocator's free blocks (reformer._memory): kept,
-they filled its 1 GiB cap (4.87 GiB per process at 1M on 2 against 4.37 released).
+each pass ends by releasing the caching allocator's free blocks (reformer._memory), which
+would otherwise pile up to its 1 GiB cap of free blocks: with one pass per round, rank 0's
+peak at 1M on 2 was 4.87 GiB without the release and 4.37 GiB with it.
 
 Not done: the span's attention runs the blockwise kernel in PyTorch ops (``_SortedBlock``),
 not the fused C++ one (csrc/lsh_chunks.cpp, which gathers its rows by position and masks
@@ -59,6 +60,8 @@ length, nr = Lp/M chunks per round, n = R*nr, S span chunks, E d_head. An item i
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -70,32 +73,25 @@ from reformer.attention._sorted import (
     _Fold,
     _Sequence,
     _SortedBlock,
+    fold_step,
+    row_dots,
 )
 from reformer.attention.base import AttentionState, consecutive, key_offset, window
 from reformer.attention.lsh import LSHSelfAttention
-from reformer.hashing import hash_vectors, n_buckets_of, sort_by_bucket
+from reformer.hashing import n_buckets_of, sort_by_bucket
 from reformer.parallel.exchange import HeadExchange, _exchange
 
 
+def even_sizes(n: int, parts: int) -> list[int]:
+    """``n`` things in ``parts`` contiguous parts, the first ones larger by one where it does
+    not divide (some empty when n < parts)."""
+    base, extra = divmod(n, parts)
+    return [base + (p < extra) for p in range(parts)]
+
+
 def chunk_runs(chunks: int, parts: int) -> list[int]:
-    """Boundaries C[0..P] of P contiguous runs of ``chunks`` chunks (the first longer by one
-    where it does not divide)."""
-    base, extra = divmod(chunks, parts)
-    bounds = [0]
-    for p in range(parts):
-        bounds.append(bounds[-1] + base + (p < extra))
-    return bounds
-
-
-class _Shifted:
-    """Attention dropout of span-local chunk numbers: the masks of chunks offset by ``shift``
-    in the whole sorted order (reformer._dropout keys them by sorted chunk)."""
-
-    def __init__(self, dropout, shift: int) -> None:
-        self.dropout, self.shift = dropout, shift
-
-    def blocks(self, start: int, stop: int, M: int, K: int, like: torch.Tensor) -> torch.Tensor:
-        return self.dropout.blocks(start + self.shift, stop + self.shift, M, K, like)
+    """Boundaries C[0..P] of P contiguous runs of ``chunks`` chunks (:func:`even_sizes`)."""
+    return [0, *itertools.accumulate(even_sizes(chunks, parts))]
 
 
 SPAN_ROWS = 1 << 16  # sorted slots of a round that a process attends per pass, all sequences
@@ -280,7 +276,7 @@ class RoundSplit:
         """My chunks of the pass in kernel blocks: (span chunk start, stop, spec)."""
         first, stop = route.chunks
         shift = r * self.nr + first - self.before  # span chunk 0's number in the sorted order
-        drop = None if self.dropout is None else _Shifted(self.dropout, shift)
+        drop = None if self.dropout is None else self.dropout.shifted(shift)
         spec = (self.M, self.offsets, self.causal, None, drop, self.key_offset)
         K = self.M * len(self.offsets)
         return [(self.before + a, self.before + b, spec)
@@ -329,11 +325,9 @@ class RoundSplit:
         """dL/d(qk), dL/dv (G*l', E) each, from dL/do (B, h, l, E)."""
         G, M, E, lp = self.G, self.M, qk.shape[-1], self.lp
         n_local = grad_out.shape[2]
-        out = fold.out.view(grad_out.shape[:2] + (lp, E))
+        out = fold.out.view(grad_out.shape[:2] + (lp, E))[:, :, :n_local]
         row = fold.top.new_zeros(grad_out.shape[:2] + (lp,))  # dS = P (dP - row)
-        for a in range(0, n_local, 1 << 16):  # rowsum(dO * o), a block of rows at a time
-            b = min(n_local, a + (1 << 16))
-            row[:, :, a:b] = (grad_out[:, :, a:b] * out[:, :, a:b]).sum(-1)
+        row_dots(grad_out, out, row[:, :, :n_local])
         stats = torch.stack([row.view(-1), fold.top.reshape(-1), fold.total.reshape(-1)], 1)
         del row
         grad_q = qk.new_zeros(G * lp, E)
@@ -364,19 +358,11 @@ class RoundSplit:
 
 def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor) -> None:
     """Fold one round's outputs o (N, E) and log-sum-exps z (N,) of the positions ``rows``
-    into the flat ``fold`` (in place), as ``_fold_round`` does for all positions: with
-    m = max(top, z), a = total exp(top - m), b = exp(z - m), out = (a out + b o) / (a + b).
-    A position's first round finds top = -inf and total = 0: a = 0, out = o, total = 1."""
-    top, total = fold.top.index_select(0, rows), fold.total.index_select(0, rows)
-    m = torch.maximum(top, z)
-    a = (top - m).exp_().mul_(total)
-    b = (z - m).exp_()
-    t = a + b
-    out = fold.out.index_select(0, rows).mul_(a.div_(t).unsqueeze(-1))
-    out.addcmul_(o, b.div_(t).unsqueeze(-1))
-    fold.out.index_copy_(0, rows, out)
-    fold.top.index_copy_(0, rows, m)
-    fold.total.index_copy_(0, rows, t)
+    into the flat ``fold`` (in place), as one process folds every position's
+    (``fold_step``); a position's first round finds top = -inf and total = 0."""
+    part = _Fold(*(t.index_select(0, rows) for t in fold))
+    for whole, folded in zip(fold, fold_step(part, o, z), strict=True):
+        whole.index_copy_(0, rows, folded)
 
 
 class _RoundSplitAttention(torch.autograd.Function):
@@ -406,7 +392,7 @@ class SplitExchange(HeadExchange):
     one process on the local positions (projections, W_o, their gradients) around
     :meth:`lsh_core`."""
 
-    def local(self, attn) -> bool:
+    def splits(self, attn) -> bool:
         """Whether ``attn``'s calls split by sorted slots (else the head exchange runs
         them)."""
         if not isinstance(attn, LSHSelfAttention) or attn.config.dedup_rounds:
@@ -431,17 +417,8 @@ def lsh_core(attn: LSHSelfAttention, exchange: HeadExchange, projected: list[tor
     Lp = attn.padded_length(L)
     lp = n_local + (Lp - L if exchange.rank == exchange.parts - 1 else 0)  # the last pads
     valid = padded_mask(attention_mask, B, L, Lp, qk.device)
-    buckets = state.buckets.get(heads.start)
-    if buckets is None:  # first pass; the reversible backward finds them recorded
-        rots = state.rotations
-        sliced = [r[heads] for r in rots] if isinstance(rots, list) else rots[heads]
-        mine = None if valid is None else valid[:, start:start + n_local]
-        ids = hash_vectors(qk, sliced, mine)
-        if lp > n_local:  # the padding positions: the masked bucket, as one process's
-            ids = torch.cat([ids, ids.new_full((*ids.shape[:3], lp - n_local),
-                                               n_buckets_of(rots))], dim=3)
-        small = n_buckets_of(rots) <= torch.iinfo(torch.int16).max
-        buckets = state.buckets[heads.start] = ids.to(torch.int16 if small else torch.int32)
+    mine = None if valid is None else valid[:, start:start + n_local]
+    buckets = attn.record_buckets(qk, heads, state, mine, pad=lp - n_local)
     dropout = attn.dropout_for(state, B, heads, qk.device)
     split = RoundSplit(attn, exchange, buckets, state, heads, valid, dropout)
     return _RoundSplitAttention.apply(qk, v, split)

@@ -52,7 +52,7 @@ from torch import nn
 from reformer.attention.base import HeadSlicedAttention
 from reformer.model import ReformerLM, ReformerOutput, shifted_targets
 from reformer.parallel.exchange import HeadExchange
-from reformer.parallel.rounds import SplitExchange
+from reformer.parallel.rounds import SplitExchange, even_sizes
 from reformer.reversible import CallInfo
 
 LSH_SPLITS = ("rounds", "heads")
@@ -65,8 +65,7 @@ def split_lengths(length: int, parts: int) -> list[int]:
         raise ValueError(f"a sequence of {length} tokens cannot be split over {parts} "
                          f"processes (each needs at least one); use at least {parts} tokens "
                          "or fewer processes")
-    base, extra = divmod(length, parts)
-    return [base + (r < extra) for r in range(parts)]
+    return even_sizes(length, parts)
 
 
 class SequenceParallelLM(nn.Module):
@@ -118,7 +117,7 @@ class SequenceParallelLM(nn.Module):
 
     def _check_heads(self, exchange: HeadExchange) -> None:
         """Layers whose heads are exchanged need n_heads divisible by the processes."""
-        exchanged = [a for a in self.attentions if not exchange.local(a)]
+        exchanged = [a for a in self.attentions if not exchange.splits(a)]
         heads = self.model.config.n_heads
         if exchanged and heads % self.size:
             raise ValueError(
