@@ -47,24 +47,56 @@ def build(args: argparse.Namespace) -> ReformerEncoderDecoder:
     return ReformerEncoderDecoder(encoder, decoder, cross_chunk_size=args.cross_chunk)
 
 
-def sample(n: int, args: argparse.Namespace, g: torch.Generator) -> tuple:
-    """n sources (n, L) and their decoder inputs = labels (n, L+1)."""
+def sample(n: int, args: argparse.Namespace, g: torch.Generator, real: int | None = None
+           ) -> tuple:
+    """n sources (n, L), their decoder inputs = labels (n, real+1) and the source mask.
+
+    With ``real`` < L only the last ``real`` source positions hold symbols (the rest is
+    masked padding), so target token t still comes from source position L+1-t whatever the
+    length: what a short sequence teaches holds for the long ones (the length curriculum)."""
+    real = args.length if real is None else real
     src = torch.randint(1, args.symbols + 1, (n, args.length), generator=g)
-    tgt = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), src.flip(1)], dim=1)
-    return src, tgt
+    mask = torch.arange(args.length) >= args.length - real  # (L,)
+    src = src * mask
+    tgt = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), src.flip(1)[:, :real]], dim=1)
+    return src, tgt, None if real == args.length else mask.expand(n, -1)
+
+
+class Curriculum:
+    """The training source length: ``--curriculum-start`` symbols growing to ``--length``,
+    linearly over the first ``--curriculum-share`` of the budget (minutes, else steps), or,
+    with ``--grow-below X``, by a quarter each time the mean loss of the last 50 steps at the
+    current length falls below X."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.length, self.losses = args, args.curriculum_start or args.length, []
+
+    def __call__(self, elapsed: float, step: int) -> int:
+        args = self.args
+        if not args.curriculum_start or self.length == args.length:
+            return args.length
+        if args.grow_below:
+            if len(self.losses) >= 50 and sum(self.losses[-50:]) / 50 < args.grow_below:
+                self.length, self.losses = min(args.length, round(1.25 * self.length)), []
+            return self.length
+        done = elapsed / (60 * args.max_minutes) if args.max_minutes else step / args.steps
+        grown = min(1.0, done / args.curriculum_share)
+        return round(args.curriculum_start + grown * (args.length - args.curriculum_start))
 
 
 @torch.no_grad()
 def evaluate(model: ReformerEncoderDecoder, src: torch.Tensor, tgt: torch.Tensor,
-             batch: int) -> dict:
+             mask: torch.Tensor | None, batch: int) -> dict:
     model.eval()
     right, exact, forced = 0, 0, 0
     for i in range(0, src.shape[0], batch):
         s, t = src[i:i + batch], tgt[i:i + batch]
-        out = model.generate(s, t.shape[1] - 1, bos_id=BOS)  # (b, L)
+        m = None if mask is None else mask[i:i + batch]
+        out = model.generate(s, t.shape[1] - 1, bos_id=BOS, attention_mask=m)  # (b, L)
         right += int((out == t[:, 1:]).sum())
         exact += int((out == t[:, 1:]).all(dim=1).sum())
-        logits = model(s, t).logits[:, :-1]  # teacher forcing: position t predicts y_{t+1}
+        # teacher forcing: position t predicts y_{t+1}
+        logits = model(s, t, attention_mask=m).logits[:, :-1]
         forced += int((logits.argmax(-1) == t[:, 1:]).sum())
     model.train()
     n = src.shape[0]
@@ -87,23 +119,26 @@ def train(args: argparse.Namespace) -> dict:
     g_train = torch.Generator().manual_seed(args.seed)
     held_out = sample(args.eval_sequences, args, torch.Generator().manual_seed(10_000 + args.seed))
     history, losses, start, step = [], [], time.perf_counter(), 0
+    curriculum = Curriculum(args)
     while step < args.steps:
         elapsed = time.perf_counter() - start
         if args.max_minutes and elapsed > 60 * args.max_minutes:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(args, step, elapsed)
-        src, tgt = sample(args.batch_size, args, g_train)
-        loss = model(src, tgt, labels=tgt, return_logits=False).loss
+        real = curriculum(elapsed, step)
+        src, tgt, mask = sample(args.batch_size, args, g_train, real)
+        loss = model(src, tgt, attention_mask=mask, labels=tgt, return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        curriculum.losses.append(losses[-1])
         step += 1
         if step % args.log_every == 0:
             recent = sum(losses[-args.log_every:]) / args.log_every
-            row = {"step": step, "loss": round(recent, 4),
+            row = {"step": step, "loss": round(recent, 4), "length": real,
                    "minutes": round((time.perf_counter() - start) / 60, 2)}
             if args.eval_every and step % args.eval_every == 0:
                 row.update(evaluate(model, *held_out, args.batch_size))
@@ -134,6 +169,14 @@ def main() -> int:
     p.add_argument("--encoder-attn", default="local", help="comma-separated kinds")
     p.add_argument("--decoder-attn", default="local", help="comma-separated kinds")
     p.add_argument("--pos", default="learned", choices=["axial", "learned", "sinusoidal"])
+    p.add_argument("--curriculum-start", type=int, default=0,
+                   help="train from sources of this many symbols (right-aligned, the rest "
+                   "masked) growing to --length (0: always --length)")
+    p.add_argument("--curriculum-share", type=float, default=0.5,
+                   help="share of the budget over which the curriculum grows")
+    p.add_argument("--grow-below", type=float, default=0.0,
+                   help="grow the curriculum by a quarter whenever the last 50 steps' mean "
+                   "loss is below this (0: grow linearly in time)")
     p.add_argument("--eval-sequences", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=0, help="steps (0: only at the end)")
     p.add_argument("--log-every", type=int, default=25)

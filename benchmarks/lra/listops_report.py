@@ -120,6 +120,14 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
             for r in records if r["kind"] == "eval"]
 
 
+def trained_minutes(run_dir: Path, step: int) -> float:
+    """Wall-clock minutes of training up to ``step`` (the last training record at or
+    before it)."""
+    records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
+    return max((r["elapsed_s"] for r in records if r["kind"] == "train" and r["step"] <= step),
+               default=0.0) / 60
+
+
 def attention(run_dir: Path) -> str:
     return "/".join(ckpt.read_config(run_dir).model.attn_layers)
 
@@ -137,8 +145,10 @@ def main() -> None:
                                              device="cpu").values()
         accuracy = metrics["accuracy"]
         points = curve(run_dir)
+        # the scored checkpoint's step: a stopped run's is after its last evaluation
+        step = ckpt.latest_checkpoint(run_dir).step
         results.append({"run": run_dir.name, "attention": attention(run_dir),
-                        "steps": points[-1][0], "minutes": round(points[-1][1], 1),
+                        "steps": step, "minutes": round(trained_minutes(run_dir, step), 1),
                         "test_examples": args.test, "test_accuracy": accuracy,
                         "test_bits": bits, "best_val_accuracy": max(p[2] for p in points),
                         "final_val_accuracy": points[-1][2], "curve": points,
