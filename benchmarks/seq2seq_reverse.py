@@ -64,23 +64,26 @@ def sample(n: int, args: argparse.Namespace, g: torch.Generator, real: int | Non
 
 class Curriculum:
     """The training source length: ``--curriculum-start`` symbols growing to ``--length``,
-    linearly over the first ``--curriculum-share`` of the budget (minutes, else steps), or,
-    with ``--grow-below X``, by a quarter each time the mean loss of the last 50 steps at the
-    current length falls below X."""
+    linearly over the first ``--curriculum-share`` of the budget, or, with ``--grow-below X``,
+    by a quarter each time the mean loss of the last 50 steps at the current length falls
+    below X."""
+
+    WINDOW = 50
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.length, self.losses = args, args.curriculum_start or args.length, []
+        self.args, self.length, self.since = args, args.curriculum_start or args.length, 0
 
-    def __call__(self, elapsed: float, step: int) -> int:
+    def __call__(self, step: int, elapsed: float, losses: list[float]) -> int:
+        """The length for ``step``, given every step's loss so far."""
         args = self.args
         if not args.curriculum_start or self.length == args.length:
             return args.length
         if args.grow_below:
-            if len(self.losses) >= 50 and sum(self.losses[-50:]) / 50 < args.grow_below:
-                self.length, self.losses = min(args.length, round(1.25 * self.length)), []
+            recent = losses[max(self.since, len(losses) - self.WINDOW):]
+            if len(recent) == self.WINDOW and sum(recent) / self.WINDOW < args.grow_below:
+                self.length, self.since = min(args.length, round(1.25 * self.length)), step
             return self.length
-        done = elapsed / (60 * args.max_minutes) if args.max_minutes else step / args.steps
-        grown = min(1.0, done / args.curriculum_share)
+        grown = min(1.0, budget_done(args, step, elapsed) / args.curriculum_share)
         return round(args.curriculum_start + grown * (args.length - args.curriculum_start))
 
 
@@ -99,15 +102,19 @@ def evaluate(model: ReformerEncoderDecoder, src: torch.Tensor, tgt: torch.Tensor
         logits = model(s, t, attention_mask=m).logits[:, :-1]
         forced += int((logits.argmax(-1) == t[:, 1:]).sum())
     model.train()
-    n = src.shape[0]
-    return {"token_accuracy": right / (n * src.shape[1]), "exact_match": exact / n,
-            "teacher_forced_token_accuracy": forced / (n * src.shape[1])}
+    n, tokens = src.shape[0], tgt[:, 1:].numel()
+    return {"token_accuracy": right / tokens, "exact_match": exact / n,
+            "teacher_forced_token_accuracy": forced / tokens}
+
+
+def budget_done(args: argparse.Namespace, step: int, elapsed: float) -> float:
+    """The share of the budget (steps or minutes, whichever runs out first) used so far."""
+    done = step / args.steps
+    return max(done, elapsed / (60 * args.max_minutes)) if args.max_minutes else done
 
 
 def lr_at(args: argparse.Namespace, step: int, elapsed: float) -> float:
-    done = step / args.steps
-    if args.max_minutes:
-        done = max(done, elapsed / (60 * args.max_minutes))
+    done = budget_done(args, step, elapsed)
     warm = min(1.0, (step + 1) / args.warmup)
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
@@ -126,7 +133,7 @@ def train(args: argparse.Namespace) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(args, step, elapsed)
-        real = curriculum(elapsed, step)
+        real = curriculum(step, elapsed, losses)
         src, tgt, mask = sample(args.batch_size, args, g_train, real)
         loss = model(src, tgt, attention_mask=mask, labels=tgt, return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
@@ -134,7 +141,6 @@ def train(args: argparse.Namespace) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        curriculum.losses.append(losses[-1])
         step += 1
         if step % args.log_every == 0:
             recent = sum(losses[-args.log_every:]) / args.log_every

@@ -30,6 +30,7 @@ from reformer.data import listops
 from reformer.data.labelled import ListOpsTask
 from reformer.training import checkpoint as ckpt
 from reformer.training.evaluate import evaluate_head_run
+from reformer.training.metrics import MetricsLog
 
 PUBLISHED = {"Transformer (LRA paper)": 36.37, "Reformer (LRA paper)": 37.27}
 
@@ -113,7 +114,7 @@ def shallow_rules(n_test: int, n_fit: int = 20000, window: int = 128) -> dict[st
 
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, minutes, validation accuracy) after every evaluation of a run."""
-    records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
+    records = MetricsLog(run_dir / ckpt.METRICS_FILE).read()
     minutes = {r["step"]: r["elapsed_s"] / 60 for r in records if r["kind"] == "train"}
     minutes[0] = 0.0
     return [(r["step"], minutes.get(r["step"], float("nan")), r["val_accuracy"])
@@ -123,8 +124,8 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
 def trained_minutes(run_dir: Path, step: int) -> float:
     """Wall-clock minutes of training up to ``step`` (the last training record at or
     before it)."""
-    records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
-    return max((r["elapsed_s"] for r in records if r["kind"] == "train" and r["step"] <= step),
+    return max((r["elapsed_s"] for r in MetricsLog(run_dir / ckpt.METRICS_FILE).read()
+                if r["kind"] == "train" and r["step"] <= step),
                default=0.0) / 60
 
 
