@@ -126,4 +126,3 @@ def release_cached_blocks() -> int:
     if not _native.available() or not torch.ops.reformer.cpu_cache_installed():
         return 0
     return int(torch.ops.reformer.release_cached_cpu_blocks())
-
