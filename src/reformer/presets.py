@@ -55,7 +55,7 @@ class Preset:
     training: dict[str, Any] = field(default_factory=dict)
 
 
-def _reads_both_ways(**shape) -> ReformerConfig:
+def _reads_both_ways(**shape: Any) -> ReformerConfig:
     """The heads' CPU trunk: d_model 128, 4 heads, local and LSH layers (2 rounds, chunks of
     64) that look one chunk both ways."""
     return ReformerConfig(d_model=128, n_heads=4, attn_layers=("local", "lsh"), n_hashes=2,
@@ -114,9 +114,9 @@ PRESETS: dict[str, Preset] = {
             name="listops",
             description="Long Range Arena's ListOps: a 4-layer bidirectional classifier, "
             "up to 2,000 tokens (CPU)",
-            # sinusoidal positions, bf16, batch 8 at 3e-3: the fourth run of docs/lra.md,
-            # the first to beat the root-operator rule (learned axial positions, fp32 and
-            # batch 16 at 1e-3 did not)
+            # the fourth run of docs/lra.md, the first to beat the root-operator rule: the
+            # third run's bf16, batch 8 at 3e-3, with sinusoidal positions (its learned
+            # axial ones did not get past the rule)
             model=_reads_both_ways(vocab_size=16, d_ff=256, n_layers=4, max_seq_len=2048,
                                    pos_embedding="sinusoidal"),
             training=dict(task="listops", seq_len=2048, batch_size=8, steps=100000,
