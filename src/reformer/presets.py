@@ -21,7 +21,9 @@ Presets:
   on a 2-core CPU; axial positions shaped (row, column, channel).
 - ``listops``, ``classify``, ``mlm``: bidirectional trunks (``causal=False``, LSH looking
   one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (vocabulary
-  16, up to 2,000 tokens, both ends pooled), byte-level text classification at 4K, and
+  16, up to 2,000 tokens, both ends pooled, sinusoidal positions: the fourth run of
+  docs/lra.md, the first past the root-operator rule, where the same run with learned axial
+  positions was not), byte-level text classification at 4K, and
   masked language modelling of 4K windows (vocabulary 257: the bytes and the mask token).
 - ``seq2seq``: the encoder-decoder (reformer.encoder_decoder) with this shape on both sides,
   the encoder reading both ways and the decoder causally (vocabulary 258: the bytes, the
@@ -114,9 +116,6 @@ PRESETS: dict[str, Preset] = {
             name="listops",
             description="Long Range Arena's ListOps: a 4-layer bidirectional classifier, "
             "up to 2,000 tokens (CPU)",
-            # the fourth run of docs/lra.md, the first to beat the root-operator rule: the
-            # third run's bf16, batch 8 at 3e-3, with sinusoidal positions (its learned
-            # axial ones did not get past the rule)
             model=_reads_both_ways(vocab_size=16, d_ff=256, n_layers=4, max_seq_len=2048,
                                    pos_embedding="sinusoidal"),
             training=dict(task="listops", seq_len=2048, batch_size=8, steps=100000,
