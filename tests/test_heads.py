@@ -71,8 +71,13 @@ def test_masked_lm_without_labels_gives_every_positions_logits():
 
 @pytest.mark.parametrize("pooling", ["mean", "first", "ends"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_classification_equals_the_unchunked_reference(pooling, masked):
-    model = build(ReformerForSequenceClassification, n_classes=3, pooling=pooling)
+@pytest.mark.parametrize("hidden", [0, 7])
+def test_classification_equals_the_unchunked_reference(pooling, masked, hidden):
+    model = build(ReformerForSequenceClassification, n_classes=3, pooling=pooling,
+                  hidden=hidden)
+    if hidden:  # its output projection starts at zero (the linear classifier); give it
+        assert not model.hidden.outer.weight.any()  # weights that show in the logits
+        torch.nn.init.normal_(model.hidden.outer.weight, std=0.3)
     ids, mask = random_ids(2, 30, seed=4), padded_mask() if masked else None
     labels = torch.tensor([2, 0])
     out = model(ids, attention_mask=mask, labels=labels)
@@ -86,6 +91,11 @@ def test_classification_equals_the_unchunked_reference(pooling, masked):
     else:
         real = torch.ones(2, 30, dtype=torch.float64) if mask is None else mask.double()
         pooled = (states * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+    if hidden:  # one residual ReLU layer of 7 units between the pooling and the classifier
+        inner, outer = model.hidden.inner, model.hidden.outer
+        assert inner.weight.shape == (7, pooled.shape[1])
+        pooled = pooled + torch.relu(pooled @ inner.weight.T + inner.bias) @ outer.weight.T \
+            + outer.bias
     logits = model.head(pooled)
     want_loss = F.cross_entropy(logits, labels)
     want = grads_of(model, want_loss)
@@ -112,6 +122,8 @@ def test_heads_refuse_what_they_cannot_do():
     encoder = ReformerConfig(**ENCODER)
     with pytest.raises(ValueError, match="pooling='max' is unknown"):
         ReformerForSequenceClassification(encoder, 2, pooling="max")
+    with pytest.raises(ValueError, match="hidden=-3 must be a non-negative integer"):
+        ReformerForSequenceClassification(encoder, 2, hidden=-3)
     with pytest.raises(ValueError, match="n_classes=0"):
         ReformerForSequenceClassification(encoder, 0)
     model = ReformerForSequenceClassification(encoder, 2)

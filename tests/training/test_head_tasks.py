@@ -44,7 +44,7 @@ def head_run(task, data=(), vocab=256, seq_len=128, model=None, **changes) -> Ru
 
 RUNS = {"classify": lambda d: head_run("classify", [d]),
         "listops": lambda d: head_run("listops", vocab=16, seq_len=2048, batch_size=2,
-                                      eval_windows=4, pooling="first"),
+                                      eval_windows=4, pooling="first", head_hidden=16),
         "mlm": lambda d: head_run("mlm", vocab=257)}
 
 
@@ -70,6 +70,8 @@ def test_head_runs_resume_exactly_and_log_accuracy(tmp_path, reviews, task):
     assert isinstance(model, kind)
     if task != "mlm":
         assert model.n_classes == (2 if task == "classify" else 10)
+    if task == "listops":  # the run's hidden layer is rebuilt from its config
+        assert model.hidden.inner.out_features == 16
     scored = evaluate_head_run(tmp_path / "a")  # the run's own held-out set, as in training
     bits, metrics = scored[run.model.n_hashes]
     accuracy = metrics["accuracy"]
@@ -113,8 +115,9 @@ def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_pat
     out = tmp_path / "run"
     assert main(["train", "--task", "classify", "--data", str(reviews), "--config", str(config),
                  "--steps", "2", "--batch-size", "2", "--eval-windows", "4", "--seq-len",
-                 "256", "--device", "cpu", "--out", str(out)]) == 0
+                 "256", "--device", "cpu", "--head-hidden", "8", "--out", str(out)]) == 0
     assert "bits/example" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["training"]["head_hidden"] == 8
     assert main(["eval", "--checkpoint", str(out), "--windows", "4"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "%" in printed

@@ -39,7 +39,7 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
-                "seed", "device", "parallel", "pooling", "mask_prob")
+                "seed", "device", "parallel", "pooling", "head_hidden", "mask_prob")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic",
                 "classify": "classify", "listops": "listops", "mlm": "mlm",
@@ -278,6 +278,9 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="classify, listops: the classifier reads the mean of the real "
                        "tokens' states, the first token's, or both ends' (the first and the "
                        "last real token's; default: the preset's, ends for listops, else mean)")
+        p.add_argument("--head-hidden", type=int, metavar="N",
+                       help="classify, listops: a residual ReLU layer of N units before the "
+                       "classifier, 0 for none (default: 0)")
         p.add_argument("--mask-prob", type=float, metavar="X",
                        help="mlm: share of tokens masked and predicted (default: 0.15)")
         p.add_argument("--images", nargs="+", metavar="PATH",

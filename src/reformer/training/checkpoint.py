@@ -317,7 +317,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
         config = config.replace(dedup_rounds=dedup_rounds)
     head = task_head(run.training.task)
     n_classes = _stored_classes(Path(run_dir)) if head == "classify" else 0
-    model = build_model(config, head, n_classes, run.training.pooling)
+    model = build_model(config, head, n_classes, run.training.pooling,
+                        run.training.head_hidden)
     load_weights(run_dir, model)
     return model.to(device).eval(), run
 

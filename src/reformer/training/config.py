@@ -66,7 +66,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     # the heads' tasks (reformer.data.labelled): classifier pooling, share of tokens masked
-    pooling: str = "mean"  # classify, listops: mean (over real tokens) or first (token)
+    pooling: str = "mean"  # classify, listops: mean (over real tokens), first or ends
+    head_hidden: int = 0  # classify, listops: width of a ReLU layer before the classifier
     mask_prob: float = 0.15  # mlm
     # under torchrun: ddp (whole model per process), fsdp (sharded per layer) or sequence
     # (each sequence split across the processes; reformer.parallel.sequence)
@@ -102,6 +103,9 @@ class TrainConfig:
         check_device(self.device)
         require(self.pooling in POOLINGS, "pooling", self.pooling, "is unknown",
                  f"use one of {POOLINGS}")
+        require(is_int(self.head_hidden) and self.head_hidden >= 0, "head_hidden",
+                 self.head_hidden, "must be a non-negative integer",
+                 "pass 0 for a linear classifier or e.g. 256")
         require(_is_number(self.mask_prob) and 0 < self.mask_prob <= 1, "mask_prob",
                  self.mask_prob, "must lie in (0, 1]", "pass e.g. mask_prob=0.15")
         require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",

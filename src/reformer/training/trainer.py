@@ -143,7 +143,7 @@ class Trainer:
         self.world.on_main(lambda: self._claim_run_dir(resume))
         torch.manual_seed(self.run.training.seed)
         module = build_model(self.run.model, self.task.head, self.task.n_classes,
-                             self.run.training.pooling)
+                             self.run.training.pooling, self.run.training.head_hidden)
         state = ckpt.load_checkpoint(self.run_dir, module) if resume else None
         module.to(self.device)
         self.model = wrap(module, self.run.training.parallel, self.device) \
