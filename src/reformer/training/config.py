@@ -67,7 +67,7 @@ class TrainConfig:
     device: str = "auto"
     # the heads' tasks (reformer.data.labelled): classifier pooling, share of tokens masked
     pooling: str = "mean"  # classify, listops: mean (over real tokens), first or ends
-    head_hidden: int = 0  # classify, listops: width of a ReLU layer before the classifier
+    head_hidden: int = 0  # classify, listops: width of a residual ReLU layer (0: none)
     mask_prob: float = 0.15  # mlm
     # under torchrun: ddp (whole model per process), fsdp (sharded per layer) or sequence
     # (each sequence split across the processes; reformer.parallel.sequence)
