@@ -274,18 +274,26 @@ SPLITS = {"rounds": "LSH split by sorted slots (rounds.py, the default)",
           "heads": "head exchange for every layer (exchange.py, `lsh_split=\"heads\"`)"}
 
 
-def _split(r: dict) -> str | None:
-    """A row's LSH split: None on one process; rows from before the option were heads."""
-    return None if r["processes"] == 1 else r.get("lsh_split") or "heads"
+TRANSPORTS = {"shared-memory": "rows through shared memory (shm.py)",
+              "collective": "rows through gloo's all_to_all"}
 
 
-def sequence_runs(rows: list[dict]) -> dict[str, tuple[dict, dict | None, dict | None]]:
-    """Per LSH split, from the newest run that has 2-process rows of it: (its one-process
-    row, 2 processes at that length, 2 processes at twice it), each the run's last record of
-    its configuration (an earlier failed attempt is superseded)."""
+def _variant(r: dict) -> tuple[str, str] | None:
+    """A row's (LSH split, transport): None on one process; rows from before the options
+    were the head exchange and gloo."""
+    if r["processes"] == 1:
+        return None
+    return r.get("lsh_split") or "heads", r.get("transport") or "collective"
+
+
+def sequence_runs(rows: list[dict]) -> dict[tuple[str, str], tuple[dict, dict | None,
+                                                                   dict | None]]:
+    """Per (LSH split, transport), from the newest run that has 2-process rows of it: (its
+    one-process row, 2 processes at that length, 2 processes at twice it), each the run's last
+    record of its configuration (an earlier failed attempt is superseded)."""
     out = {}
-    for split in SPLITS:
-        runs = [r["run"] for r in rows if _split(r) == split]
+    for variant in ((s, t) for s in SPLITS for t in TRANSPORTS):
+        runs = [r["run"] for r in rows if _variant(r) == variant]
         if not runs:
             continue
         run = [r for r in rows if r["run"] == max(runs)]
@@ -294,7 +302,7 @@ def sequence_runs(rows: list[dict]) -> dict[str, tuple[dict, dict | None, dict |
         if one is None:
             continue
         L = one["seq_len"]
-        out[split] = (one, *(newest.get(f"2x{length_label(n)}") for n in (L, 2 * L)))
+        out[variant] = (one, *(newest.get(f"2x{length_label(n)}") for n in (L, 2 * L)))
     return out
 
 
@@ -319,9 +327,9 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
            "(the largest), and that minus its resident memory before the model was built "
            "(imports, process group). Each split is compared with the one-process row of its "
            "own run (the same machine and session).", ""]
-    for split, (one, sp, weak) in runs.items():
+    for (split, transport), (one, sp, weak) in runs.items():
         run = [r for r in (one, sp, weak) if r is not None]
-        out += [f"### {SPLITS[split]}", "",
+        out += [f"### {SPLITS[split]}, {TRANSPORTS[transport]}", "",
                 f"Run {one['run']} ({one['date']} to {max(r['date'] for r in run)}), "
                 f"{one['cpu']}, commit {', '.join(sorted({r['commit'] for r in run}))}, torch "
                 f"{one['torch']}.", ""]
@@ -358,7 +366,7 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                     f"recomputation's {tags['forward']['calls'] // sp['n_layers']} calls (as "
                     "many as the forward's) and the gradient pass's other "
                     f"{extra}; later runs tag them as gradients.", ""]
-        if split == "rounds":
+        if (split, transport) == ("rounds", "collective"):
             out += ["Why the split is slower here (the time target fails), from cProfile of "
                     "one process at 2x128K on 2026-12-06 (one pass per round, before the "
                     "passes and the cache release): the step took 44.6 s against 27.7 s with "
@@ -374,7 +382,7 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                     "only the owned chunks as queries) would remove the second; the traffic "
                     "is the design's, small on NVLink or InfiniBand (below) but not over "
                     "gloo on one 2-core machine.", ""]
-        if split == "heads":
+        if (split, transport) == ("heads", "collective"):
             w = HEAD_BYTES
             out += ["Why the head exchange cannot meet the memory targets at this width, however "
                     "lean: one process holds the streams (s = "
@@ -385,8 +393,10 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                     " one process's at the same L (target 0.6x), and at twice the length at "
                     f"least (s + 2w) / (s + w) = {(STREAM_BYTES + 2 * w) / (STREAM_BYTES + w):.2f}"
                     "x (target 1.15x). It also stops at P = n_heads.", ""]
-    if "rounds" in runs and all(ok(r) for r in runs["rounds"]):
-        out += sequence_estimate(*runs["rounds"], gpu_step)
+    for variant in (("rounds", "shared-memory"), ("rounds", "collective")):
+        if variant in runs and all(ok(r) for r in runs[variant]):
+            out += sequence_estimate(*runs[variant], gpu_step)
+            break
     return out
 
 

@@ -11,17 +11,21 @@ with seed 0, each process 1 thread (``torch.set_num_threads(1)``, ``OMP_NUM_THRE
 ``ours`` (benchmarks/systems.py: d_model 256, 4 heads x 64, d_ff 1024, all-LSH, 4 hash
 rounds, chunk 64, max_seq_len = L) with ``--layers`` (3) layers. P = 1 runs the plain
 ``ReformerLM``; P > 1 wraps it in ``SequenceParallelLM`` over gloo (``file://`` store), every
-process given the whole ids. Each configuration runs in fresh processes, one configuration
-at a time, one step (no warm-up, no median: a step at 1M takes minutes).
+process given the whole ids, its exchanged rows moving as ``--transport`` says (shared memory
+by default: reformer.parallel.shm; before that option, gloo's all_to_all). Each configuration
+runs in fresh processes, one configuration at a time, one step (no warm-up, no median: a step
+at 1M takes minutes).
 
 Recorded per process: the resident memory before the model is built (imports and process
 group) and the peak (``ru_maxrss``) after the step; forward / backward / sync times from a
-barrier; and every ``dist.all_to_all_single`` call of reformer.parallel.sequence (the function
-is wrapped in the worker): bytes it sends (all, and those that leave the process), wall time
-inside it (transfer and waiting for the other process), tagged forward, backward-recompute
-(the reversible backward replays the exchanges) or backward-grad. After the step, the same
-all_to_all of one call's size alone from a barrier (median of 5) gives the transfer rate. The
-step's time is the slowest process's. A watchdog kills a configuration whose processes pass
+barrier; and every exchange of rows (reformer.parallel.exchange's ``_all_to_all``, wrapped
+in the worker; before the transport option, every ``dist.all_to_all_single`` call, which
+also counted the split's small exchanges of counts): bytes it sends (all, and those that
+leave the process), wall time inside it (transfer and waiting for the other process), tagged
+forward, backward-recompute (the reversible backward replays the exchanges) or backward-grad.
+After the step, the same all_to_all of one call's size alone from a barrier, through the same
+transport (median of 5), gives the transfer rate. The step's time is the slowest process's.
+A watchdog kills a configuration whose processes pass
 ``--max-gib`` together or run past ``--timeout``, and the rest when one fails.
 
 One JSON line per configuration goes to ``benchmarks/results/sequence.jsonl`` with the CPU
@@ -58,15 +62,16 @@ RUN = time.strftime("%Y-%m-%dT%H:%M:%S")  # one id for every row of this invocat
 
 # ---------------------------------------------------------------------------- workers
 class AllToAllMeter:
-    """Stands in for ``dist.all_to_all_single`` as reformer.parallel.sequence calls it and
-    records, per call, (tag, bytes sent, bytes sent to other processes, seconds inside)."""
+    """Stands in for reformer.parallel.exchange's ``_all_to_all``, through which every
+    exchange of rows goes (gloo's all_to_all or the shared-memory transport), and records,
+    per call, (tag, bytes sent, bytes sent to other processes, seconds inside)."""
 
     def __init__(self, module, rank: int, world: int) -> None:
         self.module, self.rank, self.world = module, rank, world
-        self.original = module.dist.all_to_all_single
+        self.original = module._all_to_all
         self.calls: list[tuple[str, int, int, float]] = []
         self.phase = "forward"
-        module.dist.all_to_all_single = self  # module.dist is torch.distributed itself
+        module._all_to_all = self
 
     def __call__(self, output, input, output_split_sizes=None, input_split_sizes=None,
                  *args, **kwargs):
@@ -87,7 +92,7 @@ class AllToAllMeter:
         return work
 
     def remove(self) -> None:
-        self.module.dist.all_to_all_single = self.original
+        self.module._all_to_all = self.original
 
     def summary(self) -> dict:
         tags: dict[str, dict] = {}
@@ -100,18 +105,23 @@ class AllToAllMeter:
         return tags
 
 
-def alone_all_to_all(nbytes: int, world: int, repeats: int = 5) -> list[float]:
-    """Seconds of one all_to_all of ``nbytes`` (fp32, even splits) from a barrier, each time.
-    ``nbytes`` is the largest over the processes (split by sorted slots, calls differ)."""
+def alone_all_to_all(nbytes: int, world: int, transport, repeats: int = 5) -> list[float]:
+    """Seconds of one all_to_all of ``nbytes`` (fp32, even splits) from a barrier, each time,
+    through ``transport`` (shared memory) or gloo (None). ``nbytes`` is the largest over the
+    processes (split by sorted slots, calls differ)."""
     size = torch.tensor([nbytes // (4 * world)])
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     x = torch.ones(int(size) * world)
     out = torch.empty_like(x)
+    splits = [int(size)] * world
     times = []
     for _ in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_to_all_single(out, x)
+        if transport is None:
+            dist.all_to_all_single(out, x)
+        else:
+            transport(out, x, splits, splits)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -130,8 +140,8 @@ def worker(spec: dict, rank: int, world: int) -> dict:
     model, _ = build("ours", shape)
     model.train()
     ids = torch.randint(0, shape.vocab_size, (1, shape.seq_len))
-    lm = (sequence.SequenceParallelLM(model, lsh_split=spec["lsh_split"]) if world > 1
-          else model)
+    lm = (sequence.SequenceParallelLM(model, lsh_split=spec["lsh_split"],
+                                      transport=spec["transport"]) if world > 1 else model)
     meter = AllToAllMeter(exchange, rank, world) if world > 1 else None
     built_peak = peak_rss_bytes()
 
@@ -163,7 +173,8 @@ def worker(spec: dict, rank: int, world: int) -> dict:
                    call_bytes_out=max(c[2] for c in meter.calls),
                    sync_bytes=4 * sum(p.numel() for p in model.parameters()
                                       if p.grad is not None),
-                   alone_s=alone_all_to_all(largest, world))
+                   alone_s=alone_all_to_all(largest, world, lm.shared),
+                   transport=lm.transport)
     return out
 
 
@@ -229,11 +240,12 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     world, length = name.split("x")
     world, length = int(world), parse_length(length)
     spec = dict(seq_len=length, n_layers=args.layers, n_hashes=args.hashes,
-                timeout=args.timeout, lsh_split=args.lsh_split)
+                timeout=args.timeout, lsh_split=args.lsh_split, transport=args.transport)
     status, seen, ranks, errors = launch(spec, world, args.max_gib)
     row = dict(config=name, processes=world, threads=1, seq_len=length, status=status,
                n_layers=args.layers, n_hashes=args.hashes, optimizer=False,
                lsh_split=args.lsh_split if world > 1 else None,
+               transport=None,
                watched_peak_gib=seen, max_gib=args.max_gib, timeout_s=args.timeout,
                per_rank=ranks,
                cpu=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
@@ -246,6 +258,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
                peak_rss=max(r["peak_rss"] for r in ranks),
                base_rss=max(r["base_rss"] for r in ranks))
     if world > 1:
+        row["transport"] = ranks[0]["transport"]
         tags = ranks[0]["all_to_all"]
         row.update(
             a2a_calls=sum(t["calls"] for t in tags.values()),
@@ -288,6 +301,9 @@ def main() -> None:
     ap.add_argument("--lsh-split", choices=("rounds", "heads"), default="rounds",
                     help="how P > 1 splits the LSH layers: by sorted slots, round by round "
                          "(reformer.parallel.rounds), or by heads (the head exchange)")
+    ap.add_argument("--transport", choices=("auto", "shared-memory", "collective"),
+                    default="auto", help="how P > 1 moves exchanged rows: through /dev/shm "
+                    "(reformer.parallel.shm) or gloo's all_to_all; auto: shared memory here")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--rank", "--world"):

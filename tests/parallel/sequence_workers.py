@@ -41,6 +41,9 @@ CASES = {  # name: (config overrides, length, call keywords, masked tail)
 BATCH = {"one-sequence": 1}  # default 2
 # cases also run with lsh_split="heads" (every layer through the head exchange)
 HEADS = ("causal", "odd-length", "padded", "dropout", "dropout-not-reversible", "one-sequence")
+# cases also run with transport="collective" (gloo's all_to_all; the others default to "auto":
+# shared memory, every process being on this machine)
+COLLECTIVE = ("causal", "lsh-bidirectional-padded", "not-reversible")
 
 
 def build(**overrides):
@@ -55,9 +58,12 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
-def compare(name: str, rank: int, world: int, lsh_split: str = "rounds") -> dict:
+def compare(name: str, rank: int, world: int, lsh_split: str = "rounds",
+            transport: str = "auto") -> dict:
     """One case: logits, loss and every gradient against one process, largest relative
-    difference of each; ``split`` counts the layers that split LSH by sorted slots."""
+    difference of each; ``split`` counts the layers that split LSH by sorted slots,
+    ``shared`` whether the exchanges went through shared memory, ``shm_calls`` and
+    ``shm_fallbacks`` how many of them did, and how many fell back to gloo."""
     from reformer.parallel import rounds
     from reformer.parallel.rounds import SplitExchange
     from reformer.parallel.sequence import SequenceParallelLM, split_lengths
@@ -82,7 +88,7 @@ def compare(name: str, rank: int, world: int, lsh_split: str = "rounds") -> dict
     ref = reference(ids, attention_mask=mask, labels=labels, **call)
     ref.loss.backward()
     model = build(**overrides)
-    sp = SequenceParallelLM(model, lsh_split=lsh_split)
+    sp = SequenceParallelLM(model, lsh_split=lsh_split, transport=transport)
     split = SplitExchange(lengths, rank, None)
     out["split"] = 0 if lsh_split == "heads" else sum(split.splits(a) for a in sp.attentions)
     torch.manual_seed(7 if rank == 0 else 100 + rank)  # rank 0's stream is shared
@@ -102,6 +108,9 @@ def compare(name: str, rank: int, world: int, lsh_split: str = "rounds") -> dict
     out["fused_loss"] = relative(fused.loss.detach(), ref.loss.detach())
     out["fused_grads"] = max(relative(p.grad, q.grad) for p, q in
                              zip(model.parameters(), reference.parameters(), strict=True))
+    out["shared"] = int(sp.transport == "shared-memory")
+    out["shm_calls"] = 0 if sp.shared is None else sp.shared.calls
+    out["shm_fallbacks"] = 0 if sp.shared is None else sp.shared.fallbacks
     return out
 
 
@@ -153,6 +162,8 @@ def compute(rank: int, world: int) -> dict:
     """Every case; the worst difference over the processes."""
     results = {name: compare(name, rank, world) for name in CASES}
     results.update({f"heads/{name}": compare(name, rank, world, "heads") for name in HEADS})
+    results.update({f"collective/{name}": compare(name, rank, world, transport="collective")
+                    for name in COLLECTIVE})
     results["bf16"] = bf16_errors(rank, world)
     results["heads-check"] = heads_check(rank, world)  # the same on every process
     gathered = [None] * world

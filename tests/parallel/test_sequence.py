@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.parallel.launch import run_workers
-from tests.parallel.sequence_workers import CASES, HEADS
+from tests.parallel.sequence_workers import CASES, COLLECTIVE, HEADS
 
 TOLERANCE = 1e-9
 
@@ -20,12 +20,28 @@ def results(request, tmp_path_factory) -> dict:
     return run_workers(Path(__file__).with_name("sequence_workers.py"), world, tmp)
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + [f"heads/{c}" for c in HEADS])
+NOT_DIFFERENCES = ("split", "shared", "shm_calls", "shm_fallbacks")
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + [f"heads/{c}" for c in HEADS]
+                         + [f"collective/{c}" for c in COLLECTIVE])
 def test_equals_one_process_on_the_whole_sequence(results, case):
     # lsh, local and full layers; the slices' lengths differ when P does not divide L; LSH
-    # split by sorted slots (where long enough) and, "heads/", through the head exchange
-    got = {k: v for k, v in results[case].items() if k != "split"}
+    # split by sorted slots (where long enough) and, "heads/", through the head exchange;
+    # rows moved through shared memory and, "collective/", through gloo
+    got = {k: v for k, v in results[case].items() if k not in NOT_DIFFERENCES}
     assert got == pytest.approx({k: 0.0 for k in got}, abs=TOLERANCE)
+
+
+def test_rows_move_through_shared_memory_unless_told_otherwise(results):
+    # every process is on this machine: "auto" sends through /dev/shm, and these messages
+    # are far below its bound, so none falls back to gloo
+    for case in [*CASES, *(f"heads/{c}" for c in HEADS)]:
+        assert results[case]["shared"] == 1 and results[case]["shm_calls"] > 0, case
+        assert results[case]["shm_fallbacks"] == 0, case
+    for case in COLLECTIVE:
+        assert results[f"collective/{case}"]["shared"] == 0
+        assert results[f"collective/{case}"]["shm_calls"] == 0
 
 
 def test_lsh_layers_split_by_sorted_slots_where_long_enough(results):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from reformer._dropout import drop_rows
 from reformer.attention.base import AttentionState
 from reformer.layers import row_chunks
+from reformer.parallel.shm import SharedMemoryAllToAll
 from reformer.reversible import (
     _block,
     _grads,
@@ -52,24 +53,37 @@ class _AllToAll(torch.autograd.Function):
     """dist.all_to_all_single on flat tensors; its gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x, out_splits, in_splits, group, "values")
+    def forward(ctx, x, out_splits, in_splits, group, transport):
+        ctx.splits, ctx.group, ctx.transport = (out_splits, in_splits), group, transport
+        return _exchange(x, out_splits, in_splits, group, "values", transport=transport)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group, "gradients"), None, None, None
+        return (_exchange(grad, in_splits, out_splits, ctx.group, "gradients",
+                          transport=ctx.transport), None, None, None, None)
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-              group: dist.ProcessGroup | None, what: str) -> torch.Tensor:
+              group: dist.ProcessGroup | None, what: str, out: torch.Tensor | None = None,
+              transport: SharedMemoryAllToAll | None = None) -> torch.Tensor:
     """All-to-all of the flat ``x``: ``in_splits[p]`` elements to process p, ``out_splits[p]``
-    from it. ``what`` (values | gradients: inputs, outputs or their gradients) names the traffic
-    for benchmarks/sequence.py."""
-    out = x.new_empty(sum(out_splits))
-    dist.all_to_all_single(out, x.contiguous().view(-1), out_splits, in_splits, group=group)
+    from it, into ``out`` (contiguous, ``sum(out_splits)`` elements) or a new tensor, through
+    ``transport`` (shm.py) or else the group's backend. ``what`` (values | gradients: inputs,
+    outputs or their gradients) names the traffic for benchmarks/sequence.py."""
+    out = x.new_empty(sum(out_splits)) if out is None else out.view(-1)
+    _all_to_all(out, x.contiguous().view(-1), out_splits, in_splits, group, transport)
     return out
+
+
+def _all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
+                in_splits: list[int], group: dist.ProcessGroup | None,
+                transport: SharedMemoryAllToAll | None) -> None:
+    """Every exchange of rows goes through here (benchmarks/sequence.py meters it)."""
+    if transport is None:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    else:
+        transport(out, x, out_splits, in_splits)
 
 
 def _flat(x: torch.Tensor, b: int, s: slice) -> slice:
@@ -81,8 +95,9 @@ class HeadExchange:
     """Around the attention core: local positions of h heads <-> all positions of h/P heads
     (the interface of reformer.reversible.HeadExchange)."""
 
-    def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None) -> None:
-        self.lengths, self.rank, self.group = lengths, rank, group
+    def __init__(self, lengths: list[int], rank: int, group: dist.ProcessGroup | None,
+                 transport: SharedMemoryAllToAll | None = None) -> None:
+        self.lengths, self.rank, self.group, self.transport = lengths, rank, group, transport
         self.length, self.parts = sum(lengths), len(lengths)
         self.start = sum(lengths[:rank])  # my first position in the whole sequence
 
@@ -180,8 +195,9 @@ class HeadExchange:
         """Send (P, B, k, l, E) -> receive (B, k, L, E): my heads over all positions."""
         _, B, k, n_local, E = send.shape
         splits = ([B * k * n * E for n in self.lengths], [B * k * n_local * E] * self.parts)
-        got = (_AllToAll.apply(send.reshape(-1), *splits, self.group) if differentiable
-               else _exchange(send, *splits, self.group, what))
+        got = (_AllToAll.apply(send.reshape(-1), *splits, self.group, self.transport)
+               if differentiable else _exchange(send, *splits, self.group, what,
+                                                transport=self.transport))
         return self._whole(got, B, k, E)
 
     def _back(self, y: torch.Tensor, what: str, differentiable: bool = False
@@ -190,8 +206,9 @@ class HeadExchange:
         B, k, _, E = y.shape
         n_local = self.lengths[self.rank]
         splits = ([B * k * n_local * E] * self.parts, [B * k * n * E for n in self.lengths])
-        got = (_AllToAll.apply(self._by_owner(y), *splits, self.group) if differentiable
-               else _exchange(self._by_owner(y), *splits, self.group, what))
+        got = (_AllToAll.apply(self._by_owner(y), *splits, self.group, self.transport)
+               if differentiable else _exchange(self._by_owner(y), *splits, self.group, what,
+                                                transport=self.transport))
         return got.view(self.parts, B, k, n_local, E)
 
     def _project_out(self, half, x: torch.Tensor, heads: slice) -> list[torch.Tensor]:

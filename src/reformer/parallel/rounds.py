@@ -42,10 +42,14 @@ process owns a run, and a span never wraps onto itself) and no round de-duplicat
 counts need every round's chunk of every key); other layers and shorter sequences go
 through the head exchange.
 
-The temporaries here take sizes that do not recur (how many items each process sends), so
-each pass ends by releasing the caching allocator's free blocks (reformer._memory), which
-would otherwise pile up to its 1 GiB cap of free blocks: with one pass per round, rank 0's
-peak at 1M on 2 was 4.87 GiB without the release and 4.37 GiB with it.
+Some per-pass tensors take sizes that do not recur (how many items a process sends, and how
+many of them it owns), which the caching allocator (reformer._memory) keeps by exact size:
+allocated afresh, they would pile up to its 1 GiB cap of free blocks (with one pass per round,
+rank 0's peak at 1M on 2 was 4.87 GiB without a release and 4.37 GiB with one after every
+pass). They are views of grow-only buffers (:class:`_Buffers`) instead, and the allocator's
+free blocks are released once at the end of each forward and backward. Releasing after every
+pass, as before, unmapped the blocks whose sizes do recur too, so that each pass faulted all of
+its memory in again.
 
 Not done: the span's attention runs the blockwise kernel in PyTorch ops (``_SortedBlock``),
 not the fused C++ one (csrc/lsh_chunks.cpp, which gathers its rows by position and masks
@@ -95,6 +99,29 @@ def chunk_runs(chunks: int, parts: int) -> list[int]:
 
 
 SPAN_ROWS = 1 << 16  # sorted slots of a round that a process attends per pass, all sequences
+
+
+class _Buffers:
+    """Grow-only (rows, width) buffers, one per role, for the per-pass tensors whose row count
+    changes from pass to pass: a pass takes a view of its role's buffer, which is replaced
+    (with an eighth to spare) only when a pass needs more rows. A role's view is used up
+    before the next one of the same role is taken (every exchange here is synchronous)."""
+
+    SPARE = 8
+
+    def __init__(self) -> None:
+        self._held: dict[str, torch.Tensor] = {}
+
+    def rows(self, role: str, n: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """An (n, width) view in ``like``'s dtype and device, its values unset."""
+        buf = self._held.get(role)
+        if (buf is None or buf.shape[0] < n or buf.shape[1] != width or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = self._held[role] = like.new_empty(n + n // self.SPARE, width)
+        return buf[:n]
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 class _Route:
@@ -150,6 +177,7 @@ class RoundSplit:
         key += torch.arange(self.G, device=key.device).view(-1, 1, 1) * (self.n * M)
         self.skey, self.order = key.view(-1).sort()
         del key
+        self.buffers = _Buffers()
 
     # ----------------------------------------------------------------- the sorted order
     def _slots(self, buckets: torch.Tensor, nb: int) -> torch.Tensor:
@@ -211,15 +239,19 @@ class RoundSplit:
         """Entries' rows (K, ...) out to their destinations -> the span rows received."""
         width = x.shape[1:].numel()
         out = [s * width for s in self._recv_splits(route)]
-        got = _exchange(x, out, [s * width for s in route.splits], self.group, what)
+        got = _exchange(x, out, [s * width for s in route.splits], self.group, what,
+                        transport=self.ex.transport)
         return got.view(-1, *x.shape[1:])
 
-    def _return(self, x: torch.Tensor, route: _Route, what: str) -> torch.Tensor:
-        """Rows (K_in, ...) for the entries received -> their senders', in send order."""
-        width = x.shape[1:].numel()
-        got = _exchange(x, [s * width for s in route.splits],
-                        [s * width for s in self._recv_splits(route)], self.group, what)
-        return got.view(-1, *x.shape[1:])
+    def _return(self, x: torch.Tensor, route: _Route, what: str,
+                role: str = "returned") -> torch.Tensor:
+        """Rows (K_in, width) for the entries received -> their senders', in send order (a
+        view of the ``role`` buffer, used up before the next return to it)."""
+        width = x.shape[1]
+        out = self.buffers.rows(role, sum(route.splits), width, x)
+        return _exchange(x, [s * width for s in route.splits],
+                         [s * width for s in self._recv_splits(route)], self.group, what,
+                         out=out, transport=self.ex.transport).view(-1, width)
 
     def _recv_splits(self, route: _Route) -> list[int]:
         """How many entries each process sends here in ``route``'s pass (asked once)."""
@@ -231,7 +263,8 @@ class RoundSplit:
         return route.received
 
     def _gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B, h, l, E) local rows of the entries' items (zero for the padding rows)."""
+        """(B, h, l, E) local rows of the entries' items (zero for the padding rows), in the
+        ``sent`` buffer (used up by the send that follows)."""
         lp, R, (B, h, n_local, E) = self.lp, self.R, x.shape
         g, i = ids // (R * lp), ids % lp
         b, head, i = g // h, g % h, i.clamp(max=n_local - 1)
@@ -241,7 +274,8 @@ class RoundSplit:
                       + (n_local - 1) * strides[2]) // E
             flat = x.as_strided((extent + 1, E), (E, 1))  # from x's own storage offset
             at = (b * strides[0] + head * strides[1] + i * strides[2]) // E
-            rows = flat.index_select(0, at)
+            rows = torch.index_select(flat, 0, at,
+                                      out=self.buffers.rows("sent", at.numel(), E, x))
         else:
             rows = x[b, head, i]
         if n_local < lp:
@@ -257,7 +291,8 @@ class RoundSplit:
         turn. ``what`` names the traffic (``_exchange``): the backward's gradient pass sends
         "gradients", so that benchmarks/sequence.py tells it from the recomputation."""
         G, SM = self.G, route.span * self.M
-        meta = torch.stack([route.target, self.ex.start + route.ids % self.lp], dim=1)
+        meta = self.buffers.rows("meta", route.ids.numel(), 2, route.ids)
+        torch.stack([route.target, self.ex.start + route.ids % self.lp], dim=1, out=meta)
         got_meta = self._send(meta, route, what)
         at, pos = got_meta[:, 0].contiguous(), got_meta[:, 1]
         span_pos = pos.new_empty(G * SM).index_copy_(0, at, pos)
@@ -300,8 +335,10 @@ class RoundSplit:
         for r, route in self._passes():
             at, seq, _ = self._span(qk, v, route)
             SM = route.span * M
-            o = qk.new_zeros(G, SM, E)
-            z = qk.new_zeros(G, SM, dtype=lse_dtype)
+            # only the owned chunks' rows are written; the halos' are sent back unset and
+            # dropped by their senders (``route.own``)
+            o = qk.new_empty(G, SM, E)
+            z = qk.new_empty(G, SM, dtype=lse_dtype)
             for start, stop, spec in self._blocks(r, route):
                 blk = _SortedBlock(seq, start, stop, spec)
                 torch.matmul(blk.kept, blk.v, out=o[:, start * M:stop * M].view(
@@ -311,13 +348,16 @@ class RoundSplit:
             del seq  # the received rows
             sent = self._return(o.view(G * SM, E).index_select(0, at), route, "values")
             del o
-            o_r = sent.index_select(0, route.own)
-            sent = self._return(z.view(-1).index_select(0, at), route, "values")
-            z_r = sent.index_select(0, route.own)
+            n_own = route.own.numel()
+            o_r = torch.index_select(sent, 0, route.own,
+                                     out=self.buffers.rows("owned", n_own, E, sent))
+            sent = self._return(z.view(-1, 1).index_select(0, at), route, "values", "lse")
+            z_r = sent.view(-1).index_select(0, route.own)
             del sent, z, at
-            _fold_rows(fold, route.rows, o_r, z_r)
+            _fold_rows(fold, route.rows, o_r, z_r, self.buffers.rows("fold", n_own, E, o_r))
             del o_r, z_r, route
-            release_cached_blocks()  # this pass's index tensors: sizes that do not recur
+        self.buffers.clear()
+        release_cached_blocks()  # what the buffers held: sizes that need not recur
         return _Fold(fold.out.view(G, lp, E), fold.top.view(G, lp), fold.total.view(G, lp))
 
     def backward(self, qk: torch.Tensor, v: torch.Tensor, fold: _Fold,
@@ -336,7 +376,10 @@ class RoundSplit:
             rows = self.row_of(route.ids)
             at, seq, (d_span, s_span) = self._span(
                 qk, v, route, (lambda ids=route.ids: self._gather(grad_out, ids),
-                               lambda rows=rows: stats.index_select(0, rows)), "gradients")
+                               lambda rows=rows: torch.index_select(
+                                   stats, 0, rows,
+                                   out=self.buffers.rows("stats", rows.numel(), 3, stats))),
+                "gradients")
             del at
             SM = route.span * M
             gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
@@ -352,15 +395,19 @@ class RoundSplit:
             del gq_span
             grad_v.index_add_(0, rows, self._return(gv_span, route, "gradients"))
             del gv_span, route, rows
-            release_cached_blocks()
+        self.buffers.clear()
+        release_cached_blocks()
         return grad_q, grad_v
 
 
-def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor) -> None:
+def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor,
+               scratch: torch.Tensor) -> None:
     """Fold one round's outputs o (N, E) and log-sum-exps z (N,) of the positions ``rows``
     into the flat ``fold`` (in place), as one process folds every position's
-    (``fold_step``); a position's first round finds top = -inf and total = 0."""
-    part = _Fold(*(t.index_select(0, rows) for t in fold))
+    (``fold_step``); a position's first round finds top = -inf and total = 0. ``scratch``
+    (N, E) holds the positions' folded outputs meanwhile."""
+    part = _Fold(torch.index_select(fold.out, 0, rows, out=scratch),
+                 *(t.index_select(0, rows) for t in fold[1:]))
     for whole, folded in zip(fold, fold_step(part, o, z), strict=True):
         whole.index_copy_(0, rows, folded)
 

@@ -51,11 +51,13 @@ from torch import nn
 
 from reformer.attention.base import HeadSlicedAttention
 from reformer.model import ReformerLM, ReformerOutput, shifted_targets
+from reformer.parallel import shm
 from reformer.parallel.exchange import HeadExchange
 from reformer.parallel.rounds import SplitExchange, even_sizes
 from reformer.reversible import CallInfo
 
 LSH_SPLITS = ("rounds", "heads")
+TRANSPORTS = ("auto", "shared-memory", "collective")
 
 
 def split_lengths(length: int, parts: int) -> list[int]:
@@ -78,14 +80,35 @@ class SequenceParallelLM(nn.Module):
     """
 
     def __init__(self, model: ReformerLM, group: dist.ProcessGroup | None = None,
-                 lsh_split: str = "rounds") -> None:
+                 lsh_split: str = "rounds", transport: str = "auto") -> None:
+        """``transport``: how the exchanges move rows. "shared-memory" through /dev/shm
+        (reformer.parallel.shm: every process on this machine, the model on the CPU),
+        "collective" through the group's backend (gloo or NCCL), "auto" the first where it
+        applies. Every process of the group must construct it (it is a collective)."""
         super().__init__()
         if lsh_split not in LSH_SPLITS:
             raise ValueError(f"lsh_split={lsh_split!r} is not one of {LSH_SPLITS}: 'rounds' "
                              "splits LSH layers by sorted slots, 'heads' exchanges heads")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r} is not one of {TRANSPORTS}")
         self.model, self.group, self.lsh_split = model, group, lsh_split
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.attentions = [m for m in model.modules() if isinstance(m, HeadSlicedAttention)]
+        self.shared = self._shared_memory(transport)
+        self.transport = "collective" if self.shared is None else "shared-memory"
+
+    def _shared_memory(self, wanted: str) -> shm.SharedMemoryAllToAll | None:
+        """The shared-memory transport where asked for and possible, else None."""
+        if wanted == "collective":
+            return None
+        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        if shm.one_machine(self.group, usable=on_cpu):  # the same answer everywhere
+            return shm.SharedMemoryAllToAll(self.group)
+        if wanted == "shared-memory":
+            raise ValueError("transport='shared-memory' needs every process of the group on "
+                             "this machine (sharing /dev/shm) and the model on the CPU; use "
+                             "transport='collective' (or 'auto')")
+        return None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, n_hashes: int | None = None,
@@ -99,7 +122,7 @@ class SequenceParallelLM(nn.Module):
         mine = slice(start, start + lengths[self.rank])
         self._share_rng()
         kind = SplitExchange if self.lsh_split == "rounds" else HeadExchange
-        exchange = kind(lengths, self.rank, self.group)
+        exchange = kind(lengths, self.rank, self.group, self.shared)
         self._check_heads(exchange)
         call = CallInfo(attention_mask=None if attention_mask is None else attention_mask.bool(),
                         n_hashes=n_hashes, owned_grads=labels is not None and not return_logits,

@@ -1,0 +1,216 @@
+"""``all_to_all_single`` through shared memory, for the processes of a group on one machine.
+
+Sequence parallelism over gloo on one machine sends every exchanged row through a loopback
+TCP socket: at 2M tokens on 2 processes the split by sorted slots spent 156 s of an 840 s
+step inside gloo's ``all_to_all`` (docs/benchmarks.md), about 1 GB/s. Here each process
+copies what it sends into an outbox of its own, a file in ``/dev/shm`` that every process of
+the group maps, and each copies what it receives straight out of the senders' outboxes: two
+memory copies per row and no socket.
+
+One call:
+
+1. A process whose message outgrows its outbox makes a larger one (a new file, with a new
+   generation number), before anything is sent.
+2. An all-gather over the group (gloo, a few dozen bytes) tells every process each one's
+   outbox (generation and size), message size and split sizes. It also means that every
+   process has finished reading the previous call's outboxes, so they may be overwritten.
+   If any message is larger than ``max_bytes``, every process falls back to
+   ``dist.all_to_all_single`` for this call (the decision is the same everywhere).
+3. Each process maps the outboxes that changed, copies its message for the others into its
+   own (at the offsets it has in the message; its own part goes straight to its output),
+   and waits at a barrier: then every outbox is written, and mapped by every reader.
+4. Each copies its parts out of the others' outboxes, and unlinks the file of an outbox it
+   made in this call: every reader holds a mapping now, which outlives the name. So no file
+   is left in ``/dev/shm`` between calls, whatever ends the process.
+
+Outboxes are sized to the largest message so far (with a quarter to spare) and kept between
+calls; a process's resident memory grows by its own outbox and those of the others that it
+has read (touched pages of a shared mapping count for every process that touched them).
+``max_bytes`` bounds that: the head exchange's whole-head messages (512 MiB at 2M tokens)
+go through gloo, the split's (at most 24 MiB there) through the outboxes.
+
+Used by :class:`reformer.parallel.sequence.SequenceParallelLM` where every process of its
+group runs on this machine and the model is on the CPU (:func:`one_machine`): its exchanges
+(reformer.parallel.exchange, rounds) send through the transport it made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import socket
+import uuid
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SHM = Path("/dev/shm")
+MAX_BYTES = 64 << 20  # larger messages go through dist.all_to_all_single
+PAGE = mmap.PAGESIZE
+
+
+def _machine_id() -> str:
+    """This machine and boot: processes that share /dev/shm give the same string."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return socket.gethostname() + ":" + (boot.read_text().strip() if boot.exists() else "")
+
+
+def one_machine(group: dist.ProcessGroup | None, usable: bool = True) -> bool:
+    """Whether every process of ``group`` runs on this machine, with a /dev/shm to share, and
+    says it can use it (``usable``): the same answer everywhere (a collective: every process
+    of the group must call it)."""
+    here = _machine_id() if usable and SHM.is_dir() and os.access(SHM, os.W_OK) else None
+    every: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, here, group=group)
+    return all(m is not None and m == every[0] for m in every)
+
+
+class _Mapped:
+    """A file of /dev/shm mapped into this process, as a uint8 tensor (``bytes``)."""
+
+    def __init__(self, path: Path, size: int, create: bool) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.path, self.size = path, size
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def close(self) -> None:
+        self.bytes = None  # the tensor exports the mapping's buffer: drop it first
+        try:
+            self._map.close()
+        except BufferError:  # a view of it is still alive somewhere: the GC unmaps it later
+            pass
+
+
+def _unlink(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+class _Boxes:
+    """What a transport maps: its own outbox, the others' (rank -> (generation, outbox)),
+    and the name of an outbox made in the current call (unlinked at its end)."""
+
+    def __init__(self) -> None:
+        self.own: _Mapped | None = None
+        self.peers: dict[int, tuple[int, _Mapped]] = {}
+        self.made: Path | None = None
+
+    def close(self) -> None:
+        for box in [self.own, *(m for _, m in self.peers.values())]:
+            if box is not None:
+                box.close()
+        _unlink(self.made)
+        self.own, self.peers, self.made = None, {}, None
+
+
+class SharedMemoryAllToAll:
+    """``dist.all_to_all_single`` between the processes of ``group`` through shared memory.
+
+    Call it as ``transport(out, x, out_splits, in_splits)`` with flat contiguous CPU tensors
+    of one dtype (sizes in elements, as ``dist.all_to_all_single`` takes them), in every
+    process of the group. :meth:`close` (or garbage collection, or the interpreter's exit)
+    unmaps the outboxes.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 max_bytes: int = MAX_BYTES) -> None:
+        self.group, self.max_bytes = group, max_bytes
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        name = [uuid.uuid4().hex if self.rank == 0 else None]  # one name for the group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(name, src=src, group=group)
+        self.prefix = f"reformer-a2a-{name[0]}"
+        self._generations = itertools.count(1)
+        self.gen = 0  # my outbox's generation (0: none yet)
+        self.boxes = _Boxes()
+        self._finalizer = weakref.finalize(self, self.boxes.close)
+        self.calls = self.fallbacks = 0
+
+    def _path(self, rank: int, gen: int) -> Path:
+        return SHM / f"{self.prefix}-{rank}-{gen}"
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # --------------------------------------------------------------------------- a call
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
+                 in_splits: list[int]) -> None:
+        if out.dtype != x.dtype or not (out.is_contiguous() and x.is_contiguous()):
+            raise ValueError(f"shared-memory all_to_all takes contiguous tensors of one dtype, "
+                             f"got {x.dtype} -> {out.dtype}")
+        if x.device.type != "cpu" or out.device.type != "cpu":
+            raise ValueError(f"shared-memory all_to_all takes CPU tensors, got {x.device}; "
+                             "use dist.all_to_all_single for other devices")
+        P, me, size = self.world, self.rank, x.element_size()
+        if len(in_splits) != P or len(out_splits) != P or sum(in_splits) != x.numel() \
+                or sum(out_splits) != out.numel():
+            raise ValueError(f"splits {in_splits} -> {out_splits} do not fit {x.numel()} -> "
+                             f"{out.numel()} elements over {P} processes")
+        boxes = self.boxes
+        self.calls += 1
+        nbytes = x.numel() * size
+        if nbytes <= self.max_bytes and (boxes.own is None or nbytes > boxes.own.size):
+            self._grow(nbytes)
+        mine = torch.tensor([self.gen, boxes.own.size if boxes.own else 0, nbytes, *in_splits],
+                            dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(P)]
+        dist.all_gather(every, mine, group=self.group)  # also: the last call is read by all
+        meta = torch.stack(every).tolist()
+        for p in range(P):  # map the others' outboxes that are new since the last call
+            gen, capacity = meta[p][0], meta[p][1]
+            if p != me and gen and boxes.peers.get(p, (0, None))[0] != gen:
+                old = boxes.peers.pop(p, (0, None))[1]
+                if old is not None:
+                    old.close()
+                boxes.peers[p] = (gen, _Mapped(self._path(p, gen), capacity, create=False))
+        if max(row[2] for row in meta) > self.max_bytes:
+            # every process's all_to_all returns after every other has entered it, so after
+            # each has mapped what this call made
+            self.fallbacks += 1
+            dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group)
+            self._unlink_made()
+            return
+        starts_in = [0, *itertools.accumulate(in_splits)]
+        starts_out = [0, *itertools.accumulate(out_splits)]
+        flat_x, flat_out = x.view(-1).view(torch.uint8), out.view(-1).view(torch.uint8)
+        for p in range(P):  # my message, at its own offsets; my part straight to my output
+            a, b = starts_in[p] * size, starts_in[p + 1] * size
+            if p == me:
+                flat_out[starts_out[me] * size:starts_out[me + 1] * size].copy_(flat_x[a:b])
+            elif b > a:
+                boxes.own.bytes[a:b].copy_(flat_x[a:b])
+        dist.barrier(group=self.group)  # every outbox written, and mapped by its readers
+        for p in range(P):
+            if p == me or out_splits[p] == 0:
+                continue
+            at = sum(meta[p][3:3 + me]) * size  # my part of p's message
+            n = out_splits[p] * size
+            flat_out[starts_out[p] * size:starts_out[p] * size + n].copy_(
+                boxes.peers[p][1].bytes[at:at + n])
+        self._unlink_made()
+
+    def _grow(self, nbytes: int) -> None:
+        """A new outbox of at least ``nbytes`` (a quarter to spare, whole pages)."""
+        size = max(PAGE, -(-(nbytes + nbytes // 4) // PAGE) * PAGE)
+        gen = next(self._generations)
+        made = _Mapped(self._path(self.rank, gen), size, create=True)
+        boxes = self.boxes
+        if boxes.own is not None:
+            boxes.own.close()
+        _unlink(boxes.made)  # (a file made earlier in this call cannot be: one grows a call)
+        boxes.own, boxes.made, self.gen = made, made.path, gen
+
+    def _unlink_made(self) -> None:
+        _unlink(self.boxes.made)
+        self.boxes.made = None
+

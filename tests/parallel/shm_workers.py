@@ -1,0 +1,99 @@
+"""What each process of the shared-memory all_to_all tests runs (gloo on the CPU): every
+exchange through reformer.parallel.shm against dist.all_to_all_single on the same inputs;
+rank 0 writes what the processes saw to a JSON file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+DTYPES = (torch.float32, torch.float64, torch.int64, torch.bfloat16)
+
+
+def leftover(prefix: str) -> int:
+    """Files of this transport left in /dev/shm."""
+    from reformer.parallel import shm
+
+    return len(list(shm.SHM.glob(prefix + "*")))
+
+
+def exchange_both(transport, out_splits, in_splits, dtype, seed) -> tuple[bool, int]:
+    """One exchange through ``transport`` and through gloo: (equal?, files left after it)."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    x = (torch.randn(sum(in_splits), generator=g) * 1000).to(dtype)
+    want = torch.empty(sum(out_splits), dtype=dtype)
+    dist.all_to_all_single(want, x, out_splits, in_splits)
+    got = torch.full_like(want, -7)
+    transport(got, x, out_splits, in_splits)
+    dist.barrier()  # every process has finished the call
+    return bool(torch.equal(got, want)), leftover(transport.prefix)
+
+
+def splits_for(world: int, seed: int, largest: int) -> tuple[list[int], list[int]]:
+    """Each process's sizes to every other (some zero), the same on every process: this
+    process's (out_splits, in_splits)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, largest + 1, (world, world), generator=g)  # [src, dst]
+    sizes[torch.rand(world, world, generator=g) < 0.2] = 0
+    rank = dist.get_rank()
+    return sizes[:, rank].tolist(), sizes[rank].tolist()
+
+
+def compute(rank: int, world: int) -> dict:
+    from reformer.parallel import shm
+
+    out = {"one_machine": shm.one_machine(None),
+           "one_machine_unusable_somewhere": shm.one_machine(None, usable=rank != 1)}
+    transport = shm.SharedMemoryAllToAll()
+    equal, files, gens = [], [], []
+    for seed in range(24):  # growing and shrinking messages, every dtype, empty parts
+        largest = [3, 40, 1000, 70000, 10, 0][seed % 6]
+        out_splits, in_splits = splits_for(world, seed, largest)
+        same, left = exchange_both(transport, out_splits, in_splits, DTYPES[seed % 4], seed)
+        equal.append(same)
+        files.append(left)
+        gens.append(transport.gen)
+    out.update(equal=all(equal), files_left=max(files), generations=max(gens),
+               calls=transport.calls, fallbacks=transport.fallbacks)
+    transport.close()
+    dist.barrier()
+    out["files_after_close"] = leftover(transport.prefix)
+
+    # a message over max_bytes on one process only: every process falls back to gloo
+    small = shm.SharedMemoryAllToAll(max_bytes=4096)
+    fell = []
+    for seed, big in ((100, rank == world - 1), (101, False), (102, True), (103, False)):
+        in_splits = [600 if big else 5] * world  # float32: 600 * world * 4 > 4096 bytes
+        every = [torch.tensor(in_splits) for _ in range(world)]
+        dist.all_gather(every, torch.tensor(in_splits))
+        out_splits = [int(t[rank]) for t in every]
+        before = small.fallbacks
+        same, left = exchange_both(small, out_splits, in_splits, torch.float32, seed)
+        fell.append({"fell_back": small.fallbacks > before, "equal": same, "files": left})
+    out["fallback"] = fell
+    small.close()
+    try:
+        transport_err = shm.SharedMemoryAllToAll()
+        transport_err(torch.empty(3), torch.empty(4), [1] * world, [1] * world)
+    except ValueError as err:
+        out["bad_splits"] = str(err)
+    try:
+        transport_err(torch.empty(4, dtype=torch.float64), torch.empty(4), [1] * world,
+                      [1] * world)
+    except ValueError as err:
+        out["bad_dtype"] = str(err)
+    transport_err.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return {"ranks": gathered}
+
+
+if __name__ == "__main__":  # python shm_workers.py RANK WORLD STORE OUT
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.parallel.launch import worker_main
+
+    worker_main(compute)

@@ -1,0 +1,48 @@
+"""The shared-memory all_to_all (reformer.parallel.shm) on 2 and 3 gloo processes: every
+exchange equals dist.all_to_all_single's, outboxes grow, no file outlives a call, and a
+message over the size bound sends everyone through gloo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.parallel.launch import run_workers
+
+pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
+def ranks(request, tmp_path_factory) -> list[dict]:
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"shm{world}")
+    return run_workers(Path(__file__).with_name("shm_workers.py"), world, tmp)["ranks"]
+
+
+def test_every_exchange_equals_gloos(ranks):
+    # four dtypes, parts of 0 to 70,000 elements, some empty, in every process
+    for r in ranks:
+        assert r["equal"] and r["calls"] == 24 and r["fallbacks"] == 0
+
+
+def test_outboxes_grow_and_no_file_outlives_a_call(ranks):
+    for r in ranks:
+        assert r["generations"] >= 2  # messages grew past the first outbox
+        assert r["files_left"] == 0 and r["files_after_close"] == 0
+
+
+def test_a_message_over_the_bound_on_one_process_sends_everyone_through_gloo(ranks):
+    fell = [[call["fell_back"] for call in r["fallback"]] for r in ranks]
+    assert all(f == [True, False, True, False] for f in fell)
+    assert all(call["equal"] and call["files"] == 0 for r in ranks for call in r["fallback"])
+
+
+def test_one_machine_is_agreed_by_every_process(ranks):
+    assert all(r["one_machine"] for r in ranks)
+    assert not any(r["one_machine_unusable_somewhere"] for r in ranks)
+
+
+def test_bad_inputs_are_refused_with_what_was_given(ranks):
+    for r in ranks:
+        assert "do not fit 4 -> 3 elements" in r["bad_splits"]
+        assert "torch.float32 -> torch.float64" in r["bad_dtype"]
