@@ -142,6 +142,51 @@ def bf16_errors(rank: int, world: int) -> dict:
             "loss": abs(losses["sp"] - losses["one"]) / abs(losses["one"])}
 
 
+def fused_check(rank: int, world: int) -> dict:
+    """float32, all-LSH, long enough to split and a multiple of the chunks (no padding mask):
+    spans attend in the C++ kernel (as one process does). Relative differences of logits,
+    loss and gradients from one process, with the spans in the C++ kernel and in the
+    blockwise PyTorch one, and how many split calls took each."""
+    from reformer.parallel import rounds
+    from reformer.parallel.sequence import SequenceParallelLM, split_lengths
+
+    overrides = dict(attn_layers=("lsh",), causal=False, n_hashes=3)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(7)
+    reference = build(**overrides).float()
+    ref = reference(ids, labels=ids)
+    ref.loss.backward()
+    taken = []
+    original = rounds.RoundSplit._fused
+    out = {}
+    # a pass per round, and a pass per chunk (each span then has one query chunk)
+    for name, force, span_rows in (("kernel", None, 1 << 16), ("kernel-by-chunk", None, 1),
+                                   ("blocks", False, 1 << 16)):
+        rounds.SPAN_ROWS = span_rows
+
+        def fused(self, qk, v, force=force):
+            taken.append(original(self, qk, v) if force is None else force)
+            return taken[-1]
+        rounds.RoundSplit._fused = fused
+        model = build(**overrides).float()
+        sp = SequenceParallelLM(model)
+        torch.manual_seed(7 if rank == 0 else 100 + rank)
+        got = sp(ids, labels=ids)
+        got.loss.backward()
+        sp.sync_gradients()
+        lengths = split_lengths(64, world)
+        start = sum(lengths[:rank])
+        mine = slice(start, start + lengths[rank])
+        out[name] = {"logits": relative(got.logits, ref.logits[:, mine]),
+                     "loss": relative(got.loss, ref.loss),
+                     "grads": max(relative(p.grad, q.grad) for p, q in
+                                  zip(model.parameters(), reference.parameters(), strict=True)),
+                     "fused_calls": sum(taken)}
+        taken.clear()
+    rounds.RoundSplit._fused, rounds.SPAN_ROWS = original, 1 << 16
+    return out
+
+
 def heads_check(rank: int, world: int) -> dict:
     """n_heads=3 on 2 or 4 processes: a clear error where a layer exchanges heads (local and
     full layers), none where every layer splits by sorted slots (the loss is then finite)."""
@@ -165,6 +210,8 @@ def compute(rank: int, world: int) -> dict:
     results.update({f"collective/{name}": compare(name, rank, world, transport="collective")
                     for name in COLLECTIVE})
     results["bf16"] = bf16_errors(rank, world)
+    fused = fused_check(rank, world)
+    results.update({f"fused/{k}": v for k, v in fused.items()})
     results["heads-check"] = heads_check(rank, world)  # the same on every process
     gathered = [None] * world
     dist.all_gather_object(gathered, results)

@@ -38,6 +38,14 @@
 //   straight into the rows of the chunks it owns; rows of chunks outside its run (its first
 //   chunk's predecessor, the previous round's last chunk) are kept aside and added after the
 //   round. dO may be float32 or the rows' type. Python: _block_backward.
+//
+// Spans (reformer/parallel/rounds.py): given `rows`, slot j's row of q and v is rows[j], not
+// g * Lp + pos[j] (the rows as received from other processes), pos holds whole-sequence
+// positions for the masks, and only chunks first .. first + count - 1 are queries (the
+// span's neighbour chunks on either side are keys only). With one round, each query's output,
+// log-sum-exp (top) and total = 1 land in its own row: the received order, which is the
+// order the outputs go back in. The backward adds the gradients of every row it read,
+// neighbours' too, as it does for a thread's neighbour chunks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -48,6 +56,7 @@
 #include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -92,17 +101,25 @@ void matmul(bool trans_a, bool trans_b, int m, int n, int k, const BFloat16* a, 
 }
 
 // The kernel's inputs as raw pointers. Sorted slot j of sequence g holds position
-// pos[g * slots + j], row g * Lp + pos of q and v. T: the rows' type (float or bfloat16).
+// pos[g * slots + j], row g * Lp + pos of q and v, or row rows[g * slots + j] where rows is
+// given (a span of the sorted order received from other processes, whose positions are the
+// whole sequence's: reformer/parallel/rounds.py). Each round's query chunks are first ..
+// first + count - 1 (all of them unless a span says otherwise: its neighbour chunks are
+// keys only). T: the rows' type (float or bfloat16).
 template <typename T>
 struct Sorted {
   const T *q, *v;
   int64_t q_stride, v_stride, E;
   const int64_t* pos;
+  const int64_t* rows;  // nullptr: g * Lp + pos
   int64_t G, Lp, slots, M, lo, W, n;  // n = slots / M chunks; chunk c sees c+lo .. c+lo+W-1
+  int64_t first, count;  // the query chunks of each round
   Masks masks;
   float eps;  // the keys' norm floor (F.normalize's eps)
 
   int64_t wrap(int64_t chunk) const { return ((chunk % n) + n) % n; }
+  // the row of q and v at flat slot j (= g * slots + slot) of sequence g
+  int64_t row_of(int64_t g, int64_t j) const { return rows ? rows[j] : g * Lp + pos[j]; }
 };
 
 // Prefetch one row of E values of T; for_write: a row that will be added to (fetched ready
@@ -138,7 +155,7 @@ class Window {
   // kernel timed the same within noise).
   void prefetch(int64_t g, int64_t c, int64_t i) const {
     const int64_t first = g * s_.slots + s_.wrap(c + s_.lo + s_.W - 1) * s_.M;
-    const int64_t r = g * s_.Lp + s_.pos[first + i];
+    const int64_t r = s_.row_of(g, first + i);
     prefetch_row(s_.q + r * s_.q_stride, s_.E);
     prefetch_row(s_.v + r * s_.v_stride, s_.E);
   }
@@ -160,7 +177,7 @@ class Window {
       chunk[sl] = s_.wrap(w);
       for (int64_t i = 0; i < M; ++i) {
         const int64_t j = g * s_.slots + chunk[sl] * M + i, at = sl * M + i;
-        const int64_t r = g * s_.Lp + s_.pos[j];
+        const int64_t r = s_.row_of(g, j);
         norm[at] = reformer::gather_key_row(s_.q + r * s_.q_stride, s_.v + r * s_.v_stride,
                                             raw.data() + at * E, unit.data() + at * E,
                                             value.data() + at * E, E, s_.eps);
@@ -228,39 +245,59 @@ bool gemm_available(at::ScalarType dtype) {
                              : dtype == at::kBFloat16 && cblas_gemm_bf16bf16f32 != nullptr;
 }
 
+// The query chunks of a span: where [first, first + count) lies in a round of nr chunks.
+struct Queries {
+  int64_t first, count;
+};
+
 template <typename T>
 Sorted<T> sorted_inputs(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
-                        int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
+                        const std::optional<at::Tensor>& rows, Queries queries, int64_t M,
+                        int64_t lo, int64_t W, bool causal, double invalid,
                         double self_value, double eps, const char* op) {
   TORCH_CHECK(gemm_available(q.scalar_type()), op, ": no BLAS matrix product for ",
               q.scalar_type(), " in this PyTorch build");
   const int64_t* p = pos.data_ptr<int64_t>();
   const int64_t G = pos.size(0), N = q.size(0), Lp = G ? N / G : 0;
   const auto [low, high] = std::minmax_element(p, p + pos.numel());
-  TORCH_CHECK(pos.numel() == 0 || (*low >= 0 && *high < Lp), op, ": position out of range [0, ",
-              Lp, ")");
+  // with rows, positions are the whole sequence's: only the mask arithmetic's bound applies
+  const int64_t bound = rows ? (int64_t{1} << 24) : Lp;
+  TORCH_CHECK(pos.numel() == 0 || (*low >= 0 && *high < bound), op,
+              ": position out of range [0, ", bound, ")");
+  const int64_t* r = nullptr;
+  if (rows) {
+    r = rows->data_ptr<int64_t>();
+    const auto [rlow, rhigh] = std::minmax_element(r, r + rows->numel());
+    TORCH_CHECK(rows->numel() == 0 || (*rlow >= 0 && *rhigh < N), op,
+                ": row out of range [0, ", N, ")");
+  }
   const Masks masks{1.0f, static_cast<float>(invalid), static_cast<float>(self_value), causal,
                     true};
   return Sorted<T>{q.data_ptr<T>(), v.data_ptr<T>(), q.stride(0), v.stride(0), q.size(1),
-                   p, G, Lp, pos.size(1), M, lo, W, pos.size(1) / M, masks,
-                   static_cast<float>(eps)};
+                   p, r, G, Lp, pos.size(1), M, lo, W, pos.size(1) / M, queries.first,
+                   queries.count, masks, static_cast<float>(eps)};
 }
 
 // run(sorted_inputs<T>(...)) with T the rows' type (checked by check_sorted).
 template <typename Run>
-void with_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos, int64_t M,
+void with_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
+                 const std::optional<at::Tensor>& rows, Queries queries, int64_t M,
                  int64_t lo, int64_t W, bool causal, double invalid, double self_value,
                  double eps, const char* op, Run&& run) {
   if (q.scalar_type() == at::kBFloat16) {
-    run(sorted_inputs<BFloat16>(q, v, pos, M, lo, W, causal, invalid, self_value, eps, op));
+    run(sorted_inputs<BFloat16>(q, v, pos, rows, queries, M, lo, W, causal, invalid,
+                                self_value, eps, op));
   } else {
-    run(sorted_inputs<float>(q, v, pos, M, lo, W, causal, invalid, self_value, eps, op));
+    run(sorted_inputs<float>(q, v, pos, rows, queries, M, lo, W, causal, invalid, self_value,
+                             eps, op));
   }
 }
 
 // The checks that lsh_forward_ and lsh_backward_ share; the rows' type picks the kernel.
-void check_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
-                  int64_t rounds, int64_t M, int64_t lo, int64_t W, const char* op) {
+// Returns each round's query chunks (first, count: count -1 is every chunk after first).
+Queries check_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& pos,
+                     const std::optional<at::Tensor>& rows, int64_t first, int64_t count,
+                     int64_t rounds, int64_t M, int64_t lo, int64_t W, const char* op) {
   for (const at::Tensor* t : {&q, &v})
     TORCH_CHECK(t->dim() == 2 && t->scalar_type() == q.scalar_type() && t->stride(1) == 1 &&
                     t->device().is_cpu() && t->sizes() == q.sizes() &&
@@ -277,13 +314,21 @@ void check_sorted(const at::Tensor& q, const at::Tensor& v, const at::Tensor& po
               "include 0");
   TORCH_CHECK(rounds >= 1 && pos.size(1) % (rounds * M) == 0, op, ": the chunks must split "
               "evenly into the rounds");
+  TORCH_CHECK(!rows || (rows->sizes() == pos.sizes() && rows->is_contiguous() &&
+                        rows->scalar_type() == at::kLong), op,
+              ": rows must be a contiguous int64 tensor of pos's shape");
+  const int64_t nr = pos.size(1) / (rounds * M);
+  if (count < 0) count = nr - first;
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= nr, op, ": query chunks ", first,
+              " .. ", first + count - 1, " are not within a round's ", nr);
+  return {first, count};
 }
 
 template <typename T>
 void forward_chunks(const Sorted<T>& s, float* o, float* top, float* total, int64_t rounds) {
-  const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds;
+  const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds, nq = s.count;
   for (int64_t r = 0; r < rounds; ++r) {
-    at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.G * nq, 1, [&](int64_t begin, int64_t end) {
       Window<T> win(s);
       std::vector<float> scores(M * K), o_r(M * E), z(M), inv(M);
       std::vector<T> weights_t(std::is_same_v<T, float> ? 0 : M * K);
@@ -291,10 +336,10 @@ void forward_chunks(const Sorted<T>& s, float* o, float* top, float* total, int6
       T* weights = std::is_same_v<T, float> ? reinterpret_cast<T*>(scores.data())
                                             : weights_t.data();
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t g = t / nr, c = r * nr + t % nr;
+        const int64_t g = t / nq, c = r * nr + s.first + t % nq;
         win.load(g, c);
         const bool ahead = t + 1 < end;  // prefetch for the next chunk, c1 of sequence g1
-        const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
+        const int64_t g1 = (t + 1) / nq, c1 = r * nr + s.first + (t + 1) % nq;
         const int64_t own = chunk_weights(s, win, c, scores.data(), z.data(), inv.data(),
                                           [&](int64_t i) {
                                             if (ahead) win.prefetch(g1, c1, i);
@@ -308,7 +353,7 @@ void forward_chunks(const Sorted<T>& s, float* o, float* top, float* total, int6
         matmul(false, false, M, E, K, weights, K, win.value.data(), E, o_r.data(), E);
         for (int64_t i = 0; i < M; ++i) {  // fold into the result (own rows: this chunk's)
           if (ahead) {  // the row that chunk c1 folds into, and its running top and total
-            const int64_t p1 = g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i];
+            const int64_t p1 = s.row_of(g1, g1 * s.slots + c1 * M + i);
             prefetch_row(o + p1 * E, E, true);
             __builtin_prefetch(top + p1, 1);
             __builtin_prefetch(total + p1, 1);
@@ -342,15 +387,17 @@ void check_per_row(std::initializer_list<const at::Tensor*> rows, const at::Tens
 void lsh_forward_(at::Tensor out, at::Tensor top, at::Tensor total, const at::Tensor& q,
                   const at::Tensor& v, const at::Tensor& pos, int64_t rounds, int64_t M,
                   int64_t lo, int64_t W, bool causal, double invalid, double self_value,
-                  double eps) {
-  check_sorted(q, v, pos, rounds, M, lo, W, "lsh_forward_");
+                  double eps, const std::optional<at::Tensor>& rows, int64_t first,
+                  int64_t count) {
+  const Queries queries =
+      check_sorted(q, v, pos, rows, first, count, rounds, M, lo, W, "lsh_forward_");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat,
               "lsh_forward_: out must be contiguous float32 (N, E)");
   check_per_row({&top, &total}, q, "lsh_forward_: top and total must be contiguous float32 (N,)");
   float *o = out.data_ptr<float>(), *m = top.data_ptr<float>(), *t = total.data_ptr<float>();
-  with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_forward_",
-              [&](const auto& s) { forward_chunks(s, o, m, t, rounds); });
+  with_sorted(q, v, pos, rows, queries, M, lo, W, causal, invalid, self_value, eps,
+              "lsh_forward_", [&](const auto& s) { forward_chunks(s, o, m, t, rounds); });
 }
 
 // Row j of the ring leaves it: its gradients as a query (dq), as a key (dk, with respect to
@@ -380,14 +427,14 @@ template <typename T, typename D>  // D: dO's type, float or T
 void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
                      int64_t d_stride, const float* rd, const float* top, const float* total,
                      int64_t rounds) {
-  const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds;
+  const int64_t M = s.M, E = s.E, K = s.W * M, nr = s.n / rounds, nq = s.count;
   const int m = static_cast<int>(M), k = static_cast<int>(K), e_ = static_cast<int>(E);
   constexpr bool kFloat = std::is_same_v<T, float>;
   for (int64_t r = 0; r < rounds; ++r) {
     std::mutex aside_lock;
     std::vector<int64_t> aside_rows;  // rows of chunks outside the run that produced them
     std::vector<float> aside_q, aside_v;
-    at::parallel_for(0, s.G * nr, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.G * nq, 1, [&](int64_t begin, int64_t end) {
       Window<T> win(s);
       // Per ring slot row: the gradients of q and v collected while the slot is in the ring
       // (flush_row), added to the rows' gradients once, when the slot leaves it.
@@ -399,8 +446,8 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
       std::vector<float> keep_q, keep_v;
       // whether (g, chunk) is one of this run's chunks (only this thread adds to its rows)
       auto owned = [&](int64_t g, int64_t chunk) {
-        const int64_t t = g * nr + (chunk - r * nr);
-        return chunk >= r * nr && chunk < (r + 1) * nr && t >= begin && t < end;
+        const int64_t q0 = r * nr + s.first, t = g * nq + (chunk - q0);
+        return chunk >= q0 && chunk < q0 + nq && t >= begin && t < end;
       };
       auto evict = [&](int64_t sl) {  // rows of chunks outside the run are kept aside
         const bool direct = owned(win.sequence(), win.chunk[sl]);
@@ -419,20 +466,19 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
         }
       };
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t g = t / nr, c = r * nr + t % nr;
+        const int64_t g = t / nq, c = r * nr + s.first + t % nq;
         win.load(g, c, evict);
         // prefetch for the next chunk, c1 of sequence g1: its gathers and dO rows, and the
         // gradient rows of the slot that its load will flush
         const bool ahead = t + 1 < end;
-        const int64_t g1 = (t + 1) / nr, c1 = r * nr + (t + 1) % nr;
+        const int64_t g1 = (t + 1) / nq, c1 = r * nr + s.first + (t + 1) % nq;
         const int64_t next = win.slot(c1 + s.lo + s.W - 1);
         const int64_t own = chunk_weights(
             s, win, c, probs.data(), z.data(), inv.data(),  // P = probs * inv (per row)
             [&](int64_t i) {
               if (!ahead) return;
               win.prefetch(g1, c1, i);
-              prefetch_row(g_out + (g1 * s.Lp + s.pos[g1 * s.slots + c1 * M + i]) * d_stride,
-                           E);
+              prefetch_row(g_out + s.row_of(g1, g1 * s.slots + c1 * M + i) * d_stride, E);
             });
         const T* q_own = win.raw.data() + own * M * E;
         for (int64_t i = 0; i < M; ++i) {  // share = this round's weight in the final softmax
@@ -489,9 +535,11 @@ void backward_chunks(const Sorted<T>& s, float* gq, float* gv, const D* g_out,
 void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
                    const at::Tensor& v, const at::Tensor& pos,
                    const at::Tensor& d_out, const at::Tensor& row_dot, const at::Tensor& top,
-                   const at::Tensor& total, int64_t rounds, int64_t M, int64_t lo, int64_t W, bool causal, double invalid,
-                   double self_value, double eps) {
-  check_sorted(q, v, pos, rounds, M, lo, W, "lsh_backward_");
+                   const at::Tensor& total, int64_t rounds, int64_t M, int64_t lo, int64_t W,
+                   bool causal, double invalid, double self_value, double eps,
+                   const std::optional<at::Tensor>& rows, int64_t first, int64_t count) {
+  const Queries queries =
+      check_sorted(q, v, pos, rows, first, count, rounds, M, lo, W, "lsh_backward_");
   const int64_t N = q.size(0);
   for (const at::Tensor* t : {&grad_q, &grad_v})
     TORCH_CHECK(t->is_contiguous() && t->sizes() == q.sizes() &&
@@ -507,8 +555,8 @@ void lsh_backward_(at::Tensor grad_q, at::Tensor grad_v, const at::Tensor& q,
   float *gq = grad_q.data_ptr<float>(), *gv = grad_v.data_ptr<float>();
   const float *rd = row_dot.data_ptr<float>(), *m = top.data_ptr<float>(),
               *t = total.data_ptr<float>();
-  with_sorted(q, v, pos, M, lo, W, causal, invalid, self_value, eps, "lsh_backward_",
-              [&](const auto& s) {
+  with_sorted(q, v, pos, rows, queries, M, lo, W, causal, invalid, self_value, eps,
+              "lsh_backward_", [&](const auto& s) {
                 using T = std::remove_cv_t<std::remove_pointer_t<decltype(s.q)>>;
                 if (d_out.scalar_type() == at::kFloat)
                   backward_chunks(s, gq, gv, d_out.data_ptr<float>(), d_out.stride(0), rd, m,
@@ -527,10 +575,11 @@ bool lsh_chunks_bf16_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
   m.def("lsh_forward_(Tensor(a!) out, Tensor(b!) top, Tensor(c!) total, Tensor q, Tensor v, "
         "Tensor pos, int rounds, int M, int lo, int W, bool causal, float invalid, "
-        "float self_value, float eps) -> ()");
+        "float self_value, float eps, Tensor? rows=None, int first=0, int count=-1) -> ()");
   m.def("lsh_backward_(Tensor(a!) grad_q, Tensor(b!) grad_v, Tensor q, Tensor v, Tensor pos, "
         "Tensor d_out, Tensor row_dot, Tensor top, Tensor total, int rounds, int M, int lo, "
-        "int W, bool causal, float invalid, float self_value, float eps) -> ()");
+        "int W, bool causal, float invalid, float self_value, float eps, Tensor? rows=None, "
+        "int first=0, int count=-1) -> ()");
   m.def("lsh_chunks_available() -> bool", &lsh_chunks_available);
   m.def("lsh_chunks_bf16_available() -> bool", &lsh_chunks_bf16_available);
 }

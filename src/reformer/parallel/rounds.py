@@ -21,8 +21,8 @@ order instead:
    that a pass's received rows stay small next to the streams: at 1M tokens on 2 processes
    rank 0 peaked at 4.37 GiB with one pass per round and 3.78 GiB with passes of 64K slots
    (sampled resident memory, one step each).
-3. It attends each of its chunks over its window with the one-process kernel's blocks
-   (``_SortedBlock`` over the span; masks by the items' whole-sequence positions), and sends
+3. It attends each of its chunks over its window with the one-process kernel (masks by the
+   items' whole-sequence positions; see below for which), and sends
    each item's output and log-sum-exp back to the item's owner, which folds the rounds
    online as one process does (round by round, in the same order).
 4. Backward (flash style, as ``SortedWindowAttention``): the owner sends every item of the
@@ -51,10 +51,13 @@ free blocks are released once at the end of each forward and backward. Releasing
 pass, as before, unmapped the blocks whose sizes do recur too, so that each pass faulted all of
 its memory in again.
 
-Not done: the span's attention runs the blockwise kernel in PyTorch ops (``_SortedBlock``),
-not the fused C++ one (csrc/lsh_chunks.cpp, which gathers its rows by position and masks
-by the same index); on this CPU that and the traffic make a step slower than head
-parallelism's (docs/benchmarks.md).
+A span attends in the chunkwise C++ kernel (csrc/lsh_chunks.cpp) where one process's sorted
+attention would (float32 or bfloat16 rows, no padding mask, no dropout): given the received
+rows' order for each slot and the span's own chunks as the queries, it writes each query's
+output and log-sum-exp in its received row, the order they go back in. Otherwise the
+blockwise kernel in PyTorch ops (``_SortedBlock``) runs, over the same span. Rows move
+through shared memory where every process is on one machine (shm.py). On this CPU the
+traffic still makes a step slower than head parallelism's (docs/benchmarks.md).
 
 Shapes: B batch, h heads of the slice, G = B*h, l this process's positions (l' with the
 padding to Lp that the last process adds), L / Lp whole (padded) length, R rounds, M chunk
@@ -69,15 +72,19 @@ import itertools
 import torch
 import torch.distributed as dist
 
+from reformer import _native
 from reformer._memory import release_cached_blocks
 from reformer.attention import _chunked
 from reformer.attention._chunked import padded_mask
 from reformer.attention._sorted import (
+    FUSED_DTYPES,
     _block_backward,
     _Fold,
+    _fused_applies,
     _Sequence,
     _SortedBlock,
     fold_step,
+    norm_eps,
     row_dots,
 )
 from reformer.attention.base import AttentionState, consecutive, key_offset, window
@@ -317,6 +324,20 @@ class RoundSplit:
         return [(self.before + a, self.before + b, spec)
                 for a, b in _chunked._blocks(self.G, stop - first, self.M, K)]
 
+    def _fused(self, qk: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether spans attend in the chunkwise C++ kernel (csrc/lsh_chunks.cpp, given the
+        received rows' order and the span's query chunks): as one process's sorted
+        attention decides, for float32 or bfloat16 rows without padding or dropout."""
+        return _fused_applies(qk, v, self.skey, self.valid, None, self.dropout)
+
+    def _kernel_args(self, seq: _Sequence, route: _Route) -> tuple:
+        """The arguments that lsh_forward_ and lsh_backward_ take after their own, for a
+        span: one round of its chunks, rows as received, my chunks as the queries."""
+        first, stop = route.chunks
+        return (seq.q, seq.v, seq.pos, 1, self.M, self.offsets[0], len(self.offsets),
+                self.causal, *_chunked.mask_values(seq.q.dtype), norm_eps(self.key_offset),
+                seq.row, self.before, stop - first)
+
     def _passes(self):
         """(round, its route) for every pass, in order (rounds in order, as one process
         folds them)."""
@@ -332,8 +353,19 @@ class RoundSplit:
         fold = _Fold(qk.new_zeros(G * lp, E),
                      qk.new_full((G * lp,), float("-inf"), dtype=lse_dtype),
                      qk.new_zeros(G * lp, dtype=lse_dtype))
+        fused = self._fused(qk, v)
         for r, route in self._passes():
             at, seq, _ = self._span(qk, v, route)
+            if fused:  # outputs and log-sum-exps in the received order: as they go back
+                n_in = seq.q.shape[0]
+                o, z, ones = (qk.new_empty(size, dtype=torch.float32)
+                              for size in ((n_in, E), (n_in,), (n_in,)))
+                _native.op("lsh_forward_", seq.q, FUSED_DTYPES)(
+                    o, z, ones, *self._kernel_args(seq, route))
+                del seq, ones
+                self._fold_returned(fold, o.to(qk.dtype), z.view(-1, 1), route)
+                del o, z, at, route
+                continue
             SM = route.span * M
             # only the owned chunks' rows are written; the halos' are sent back unset and
             # dropped by their senders (``route.own``)
@@ -346,19 +378,26 @@ class RoundSplit:
                 z[:, start * M:stop * M] = blk.lse.view(G, -1)
                 del blk
             del seq  # the received rows
-            sent = self._return(o.view(G * SM, E).index_select(0, at), route, "values")
-            del o
-            n_own = route.own.numel()
-            o_r = torch.index_select(sent, 0, route.own,
-                                     out=self.buffers.rows("owned", n_own, E, sent))
-            sent = self._return(z.view(-1, 1).index_select(0, at), route, "values", "lse")
-            z_r = sent.view(-1).index_select(0, route.own)
-            del sent, z, at
-            _fold_rows(fold, route.rows, o_r, z_r, self.buffers.rows("fold", n_own, E, o_r))
-            del o_r, z_r, route
+            self._fold_returned(fold, o.view(G * SM, E).index_select(0, at),
+                                z.view(-1, 1).index_select(0, at), route)
+            del o, z, at, route
         self.buffers.clear()
         release_cached_blocks()  # what the buffers held: sizes that need not recur
         return _Fold(fold.out.view(G, lp, E), fold.top.view(G, lp), fold.total.view(G, lp))
+
+    def _fold_returned(self, fold: _Fold, o: torch.Tensor, z: torch.Tensor,
+                       route: _Route) -> None:
+        """Send the outputs o (K_in, E) and log-sum-exps z (K_in, 1) of the entries received
+        back to their senders, and fold those of my own positions' items into ``fold``."""
+        E = o.shape[1]
+        sent = self._return(o, route, "values")
+        n_own = route.own.numel()
+        o_r = torch.index_select(sent, 0, route.own,
+                                 out=self.buffers.rows("owned", n_own, E, sent))
+        sent = self._return(z, route, "values", "lse")
+        z_r = sent.view(-1).index_select(0, route.own)
+        del sent
+        _fold_rows(fold, route.rows, o_r, z_r, self.buffers.rows("fold", n_own, E, o_r))
 
     def backward(self, qk: torch.Tensor, v: torch.Tensor, fold: _Fold,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,6 +411,7 @@ class RoundSplit:
         del row
         grad_q = qk.new_zeros(G * lp, E)
         grad_v = qk.new_zeros(G * lp, E)
+        fused = self._fused(qk, v)
         for r, route in self._passes():
             rows = self.row_of(route.ids)
             at, seq, (d_span, s_span) = self._span(
@@ -382,14 +422,23 @@ class RoundSplit:
                 "gradients")
             del at
             SM = route.span * M
-            gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
-            gv_span = qk.new_zeros(G * SM, E)
             span_fold = _Fold(None, s_span[:, 1].contiguous(), s_span[:, 2].contiguous())
             row_span = s_span[:, 0].contiguous()
-            for start, stop, spec in self._blocks(r, route):
-                blk = _SortedBlock(seq, start, stop, spec)
-                _block_backward(blk, d_span, row_span, span_fold, gq_span, gv_span)
-                del blk
+            if fused:  # float32 gradients in the received rows' order
+                gq_span, gv_span = (qk.new_zeros(G * SM, E, dtype=torch.float32)
+                                    for _ in range(2))
+                q_rows, v_rows, pos, *rest = self._kernel_args(seq, route)
+                _native.op("lsh_backward_", seq.q, FUSED_DTYPES)(
+                    gq_span, gv_span, q_rows, v_rows, pos, d_span, row_span, span_fold.top,
+                    span_fold.total, *rest)
+                gq_span, gv_span = gq_span.to(qk.dtype), gv_span.to(qk.dtype)
+            else:
+                gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
+                gv_span = qk.new_zeros(G * SM, E)
+                for start, stop, spec in self._blocks(r, route):
+                    blk = _SortedBlock(seq, start, stop, spec)
+                    _block_backward(blk, d_span, row_span, span_fold, gq_span, gv_span)
+                    del blk
             del seq, d_span, s_span, span_fold, row_span
             grad_q.index_add_(0, rows, self._return(gq_span, route, "gradients"))
             del gq_span
