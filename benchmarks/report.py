@@ -357,7 +357,7 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                 f"would take {rest:.0f} s, {rest / one['step_s']:.2f}x the one-process "
                 f"{one['config']} step; {sp['config']} was {one['step_s'] / sp['step_s']:.2f}x "
                 f"faster than {one['config']} (2 processes of 1 thread against 1).", ""]
-        out += sequence_traffic(sp, weak)
+        out += sequence_traffic(sp, weak, transport)
         tags = sp["per_rank"][0]["all_to_all"]
         extra = (tags["backward-recompute"]["calls"] - tags["forward"]["calls"]) // sp["n_layers"]
         if split == "rounds" and extra > 0:
@@ -382,6 +382,29 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                     "only the owned chunks as queries) would remove the second; the traffic "
                     "is the design's, small on NVLink or InfiniBand (below) but not over "
                     "gloo on one 2-core machine.", ""]
+            out += ["Where the time went at 2x256K (py-spy at 50 Hz on rank 0, 2026-12-06, "
+                    "commit e2947bb, gloo; time blocked inside gloo is not sampled): the step "
+                    "took 107 s against 54 s for 1x128K, 1.99x, 20.9% of it inside "
+                    "all_to_all. Of rank 0's 87 s of sampled CPU time: feed-forward 24.5%, "
+                    "the span's attention in PyTorch ops 23.6%, projections and W_o 10.8%, "
+                    "gathering the rows to send 8.7%, zero-filled span buffers and the "
+                    "gathers of outputs to return 8.3%, folding the rounds 5.3%, the loss "
+                    "2.9%, hashing 2.7%, releasing the allocator's free blocks after every "
+                    "pass 2.4%, routing 1.9%, the rest 8.9%. The release after every pass "
+                    "also made each pass fault its memory in again: the two processes of a "
+                    "2x256K step spent 47 s in the kernel (system time), one process of "
+                    "1x128K 2 s.", "",
+                    "What changed since, measured the same way (one step each, one after "
+                    "another on the idle machine, 2026-12-06 15:46 to 15:52, against 1x128K "
+                    "at commit e2947bb: 50.1 s): the commit's 2x256K step took 99.1 s (1.98x, "
+                    "47 s system time, peak 1.37 GiB per process); with grow-only pass "
+                    "buffers, one release per call and the spans in the C++ kernel, 79.6 s "
+                    "(1.59x, 20 s system time, 1.44 GiB); with the rows through shared memory "
+                    "too, 73.0 s (1.46x, 14 s, 1.46 GiB), 13.3% of it still inside the "
+                    "exchanges (the copies, two small gloo collectives per call, and waiting "
+                    "for the other process): one call of the largest size alone took 6 ms "
+                    "through shared memory against 7 ms through gloo, so the transport is not "
+                    "where most of that time goes.", ""]
         if (split, transport) == ("heads", "collective"):
             w = HEAD_BYTES
             out += ["Why the head exchange cannot meet the memory targets at this width, however "
@@ -400,8 +423,9 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
     return out
 
 
-def sequence_traffic(sp: dict, weak: dict) -> list[str]:
+def sequence_traffic(sp: dict, weak: dict, transport: str = "collective") -> list[str]:
     """The all_to_all and sync_gradients traffic of the 2-process runs."""
+    via = "shared memory" if transport == "shared-memory" else "gloo"
     rows = []
     for r in (sp, weak):
         layers, local = r["n_layers"], r["seq_len"] // r["processes"]
@@ -419,7 +443,7 @@ def sequence_traffic(sp: dict, weak: dict) -> list[str]:
             "backward + gradients), GB sent (of which to the other process), bytes per local "
             "token; then the wall time inside all_to_all over the step (transfer and waiting "
             "for the other process; share of the slower process's step), the rate of the "
-            "step's largest call alone from a barrier (bytes leaving a process / time, gloo "
+            f"step's largest call alone from a barrier (bytes leaving a process / time, {via} "
             "on one machine; in brackets every call of the step at that time each: an upper "
             "bound where calls are smaller), and the all-reduce of `sync_gradients` (fp32 "
             "gradients of every weight):", "",
