@@ -24,6 +24,10 @@ the local slice. Attention comes in two forms:
   the forward's exchanges and sends dL/do out and the gradients back); the plain stack uses
   the exchanges as autograd Functions.
 
+Both forms move rows with ``all_to_all``: through shared memory where every process of the
+group is on this machine and the model is on the CPU (shm.py; measured faster than gloo's
+loopback sockets, docs/benchmarks.md), else through the group's backend.
+
 Rotations are drawn for the whole length (so the number of buckets is the one-process one)
 from an RNG stream every process shares, so all hash a head alike. The loss is the sum over
 the processes' slices divided by the whole sequence's count of targets; the label shift
