@@ -328,6 +328,7 @@ class RoundSplit:
         """Whether spans attend in the chunkwise C++ kernel (csrc/lsh_chunks.cpp, given the
         received rows' order and the span's query chunks): as one process's sorted
         attention decides, for float32 or bfloat16 rows without padding or dropout."""
+        # (the span's positions are int64, as self.skey, which stands in for them here)
         return _fused_applies(qk, v, self.skey, self.valid, None, self.dropout)
 
     def _kernel_args(self, seq: _Sequence, route: _Route) -> tuple:
@@ -348,7 +349,7 @@ class RoundSplit:
     # --------------------------------------------------------------- forward, backward
     def forward(self, qk: torch.Tensor, v: torch.Tensor) -> _Fold:
         """-> the folded rounds (out (G, l', E), top, total) for the local positions."""
-        G, M, E, lp = self.G, self.M, qk.shape[-1], self.lp
+        G, E, lp = self.G, qk.shape[-1], self.lp
         lse_dtype = _chunked.lse_dtype(qk.dtype)
         fold = _Fold(qk.new_zeros(G * lp, E),
                      qk.new_full((G * lp,), float("-inf"), dtype=lse_dtype),
@@ -356,34 +357,36 @@ class RoundSplit:
         fused = self._fused(qk, v)
         for r, route in self._passes():
             at, seq, _ = self._span(qk, v, route)
-            if fused:  # outputs and log-sum-exps in the received order: as they go back
-                n_in = seq.q.shape[0]
-                o, z, ones = (qk.new_empty(size, dtype=torch.float32)
-                              for size in ((n_in, E), (n_in,), (n_in,)))
-                _native.op("lsh_forward_", seq.q, FUSED_DTYPES)(
-                    o, z, ones, *self._kernel_args(seq, route))
-                del seq, ones
-                self._fold_returned(fold, o.to(qk.dtype), z.view(-1, 1), route)
-                del o, z, at, route
-                continue
-            SM = route.span * M
-            # only the owned chunks' rows are written; the halos' are sent back unset and
-            # dropped by their senders (``route.own``)
-            o = qk.new_empty(G, SM, E)
-            z = qk.new_empty(G, SM, dtype=lse_dtype)
-            for start, stop, spec in self._blocks(r, route):
-                blk = _SortedBlock(seq, start, stop, spec)
-                torch.matmul(blk.kept, blk.v, out=o[:, start * M:stop * M].view(
-                    G, stop - start, M, E))
-                z[:, start * M:stop * M] = blk.lse.view(G, -1)
-                del blk
-            del seq  # the received rows
-            self._fold_returned(fold, o.view(G * SM, E).index_select(0, at),
-                                z.view(-1, 1).index_select(0, at), route)
-            del o, z, at, route
+            o, z = self._attend(r, route, seq, at, fused)
+            del seq, at  # the received rows
+            self._fold_returned(fold, o.to(qk.dtype), z.view(-1, 1), route)
+            del o, z, route
         self.buffers.clear()
         release_cached_blocks()  # what the buffers held: sizes that need not recur
         return _Fold(fold.out.view(G, lp, E), fold.top.view(G, lp), fold.total.view(G, lp))
+
+    def _attend(self, r: int, route: _Route, seq: _Sequence, at: torch.Tensor,
+                fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """My chunks of a received span attended: (outputs (K_in, E), log-sum-exps (K_in,))
+        of the entries received, in the order they came (and go back) in; the halos' rows
+        are left unset (their senders drop them: ``route.own``)."""
+        n_in, E = seq.q.shape
+        if fused:  # the kernel writes each query's row where it was received
+            o, z, ones = (seq.q.new_empty(size, dtype=torch.float32)
+                          for size in ((n_in, E), (n_in,), (n_in,)))
+            _native.op("lsh_forward_", seq.q, FUSED_DTYPES)(o, z, ones,
+                                                            *self._kernel_args(seq, route))
+            return o, z
+        G, M, SM = self.G, self.M, route.span * self.M
+        o = seq.q.new_empty(G, SM, E)  # in the span's slot order
+        z = seq.q.new_empty(G, SM, dtype=_chunked.lse_dtype(seq.q.dtype))
+        for start, stop, spec in self._blocks(r, route):
+            blk = _SortedBlock(seq, start, stop, spec)
+            torch.matmul(blk.kept, blk.v, out=o[:, start * M:stop * M].view(
+                G, stop - start, M, E))
+            z[:, start * M:stop * M] = blk.lse.view(G, -1)
+            del blk
+        return o.view(G * SM, E).index_select(0, at), z.view(-1).index_select(0, at)
 
     def _fold_returned(self, fold: _Fold, o: torch.Tensor, z: torch.Tensor,
                        route: _Route) -> None:
@@ -399,10 +402,31 @@ class RoundSplit:
         del sent
         _fold_rows(fold, route.rows, o_r, z_r, self.buffers.rows("fold", n_own, E, o_r))
 
+    def _attend_backward(self, r: int, route: _Route, seq: _Sequence, d_span: torch.Tensor,
+                         s_span: torch.Tensor, fused: bool) -> tuple[torch.Tensor, ...]:
+        """The gradients of a received span's rows (qk and v, (K_in, E) each, in the order
+        received) from my chunks, given each row's dL/do and (row sum, top, total)."""
+        n_in, E = seq.q.shape
+        span_fold = _Fold(None, s_span[:, 1].contiguous(), s_span[:, 2].contiguous())
+        row_span = s_span[:, 0].contiguous()
+        if fused:  # float32 whatever the rows' type
+            gq, gv = (seq.q.new_zeros(n_in, E, dtype=torch.float32) for _ in range(2))
+            q_rows, v_rows, pos, *rest = self._kernel_args(seq, route)
+            _native.op("lsh_backward_", seq.q, FUSED_DTYPES)(
+                gq, gv, q_rows, v_rows, pos, d_span, row_span, span_fold.top, span_fold.total,
+                *rest)
+            return gq, gv
+        gq, gv = seq.q.new_zeros(n_in, E), seq.q.new_zeros(n_in, E)
+        for start, stop, spec in self._blocks(r, route):
+            blk = _SortedBlock(seq, start, stop, spec)
+            _block_backward(blk, d_span, row_span, span_fold, gq, gv)
+            del blk
+        return gq, gv
+
     def backward(self, qk: torch.Tensor, v: torch.Tensor, fold: _Fold,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dL/d(qk), dL/dv (G*l', E) each, from dL/do (B, h, l, E)."""
-        G, M, E, lp = self.G, self.M, qk.shape[-1], self.lp
+        G, E, lp = self.G, qk.shape[-1], self.lp
         n_local = grad_out.shape[2]
         out = fold.out.view(grad_out.shape[:2] + (lp, E))[:, :, :n_local]
         row = fold.top.new_zeros(grad_out.shape[:2] + (lp,))  # dS = P (dP - row)
@@ -421,25 +445,9 @@ class RoundSplit:
                                    out=self.buffers.rows("stats", rows.numel(), 3, stats))),
                 "gradients")
             del at
-            SM = route.span * M
-            span_fold = _Fold(None, s_span[:, 1].contiguous(), s_span[:, 2].contiguous())
-            row_span = s_span[:, 0].contiguous()
-            if fused:  # float32 gradients in the received rows' order
-                gq_span, gv_span = (qk.new_zeros(G * SM, E, dtype=torch.float32)
-                                    for _ in range(2))
-                q_rows, v_rows, pos, *rest = self._kernel_args(seq, route)
-                _native.op("lsh_backward_", seq.q, FUSED_DTYPES)(
-                    gq_span, gv_span, q_rows, v_rows, pos, d_span, row_span, span_fold.top,
-                    span_fold.total, *rest)
-                gq_span, gv_span = gq_span.to(qk.dtype), gv_span.to(qk.dtype)
-            else:
-                gq_span = qk.new_zeros(G * SM, E)  # in the received rows' order
-                gv_span = qk.new_zeros(G * SM, E)
-                for start, stop, spec in self._blocks(r, route):
-                    blk = _SortedBlock(seq, start, stop, spec)
-                    _block_backward(blk, d_span, row_span, span_fold, gq_span, gv_span)
-                    del blk
-            del seq, d_span, s_span, span_fold, row_span
+            gq_span, gv_span = self._attend_backward(r, route, seq, d_span, s_span, fused)
+            gq_span, gv_span = gq_span.to(qk.dtype), gv_span.to(qk.dtype)
+            del seq, d_span, s_span
             grad_q.index_add_(0, rows, self._return(gq_span, route, "gradients"))
             del gq_span
             grad_v.index_add_(0, rows, self._return(gv_span, route, "gradients"))
