@@ -4,7 +4,9 @@ rank 0 writes what the processes saw to a JSON file."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,9 +89,62 @@ def compute(rank: int, world: int) -> dict:
     except ValueError as err:
         out["bad_dtype"] = str(err)
     transport_err.close()
+    out["one_machine_elsewhere"] = one_machine_with_unordered_stores(rank == 1)
+    out["timed_out"] = wait_past_timeout(rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, out)
-    return {"ranks": gathered}
+    return {"ranks": gathered, "peer_exited": wait_for_an_exited_process(rank)}
+
+
+def one_machine_with_unordered_stores(here: bool) -> bool:
+    """one_machine when this process (``here``) says its processor is an aarch64."""
+    from reformer.parallel import shm
+
+    machine = shm.platform.machine
+    if here:
+        shm.platform.machine = lambda: "aarch64"
+    try:
+        return shm.one_machine(None)
+    finally:
+        shm.platform.machine = machine
+
+
+def wait_past_timeout(rank: int) -> str | None:
+    """Rank 0 calls a transport with a half-second timeout that rank 1 never calls (it waits
+    for rank 0's error, then closes its end): rank 0's error."""
+    from reformer.parallel import shm
+
+    flag = Path(sys.argv[3]).with_name("timed-out")
+    transport = shm.SharedMemoryAllToAll(timeout=0.5)
+    err = None
+    if rank == 0:
+        try:
+            transport(torch.empty(dist.get_world_size()), torch.ones(dist.get_world_size()),
+                      [1] * dist.get_world_size(), [1] * dist.get_world_size())
+        except RuntimeError as e:
+            err = str(e)
+        flag.touch()
+    else:
+        while not flag.exists():
+            time.sleep(0.01)
+    transport.close()
+    dist.barrier()
+    return err
+
+
+def wait_for_an_exited_process(rank: int) -> str | None:
+    """Every process but rank 0 exits without calling; rank 0's call: its error."""
+    from reformer.parallel import shm
+
+    transport = shm.SharedMemoryAllToAll(timeout=60)  # (a wait that missed the exit fails)
+    if rank:
+        os._exit(0)
+    world = dist.get_world_size()
+    try:
+        transport(torch.empty(world), torch.ones(world), [1] * world, [1] * world)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":  # python shm_workers.py RANK WORLD STORE OUT

@@ -13,10 +13,15 @@ pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /de
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-processes", "3-processes"])
-def ranks(request, tmp_path_factory) -> list[dict]:
+def results(request, tmp_path_factory) -> dict:
     world = request.param
     tmp = tmp_path_factory.mktemp(f"shm{world}")
-    return run_workers(Path(__file__).with_name("shm_workers.py"), world, tmp)["ranks"]
+    return run_workers(Path(__file__).with_name("shm_workers.py"), world, tmp)
+
+
+@pytest.fixture(scope="module")
+def ranks(results) -> list[dict]:
+    return results["ranks"]
 
 
 def test_every_exchange_equals_gloos(ranks):
@@ -46,3 +51,18 @@ def test_bad_inputs_are_refused_with_what_was_given(ranks):
     for r in ranks:
         assert "do not fit 4 -> 3 elements" in r["bad_splits"]
         assert "torch.float32 -> torch.float64" in r["bad_dtype"]
+
+
+def test_one_machine_says_no_where_a_processor_may_reorder_stores(ranks):
+    # the counters rely on stores kept in order (x86-64): one aarch64 says no for all
+    assert not any(r["one_machine_elsewhere"] for r in ranks)
+
+
+def test_a_wait_gives_up_after_its_timeout_naming_the_process(ranks):
+    assert "process 1 of the group" in ranks[0]["timed_out"]
+    assert "has not reached step 1 in 0.5 s" in ranks[0]["timed_out"]
+
+
+def test_a_process_that_exits_is_named_by_the_ones_waiting_for_it(results):
+    assert "exited before reaching step 1" in results["peer_exited"]
+    assert "process 1 of the group" in results["peer_exited"]

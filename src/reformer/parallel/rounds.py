@@ -265,7 +265,10 @@ class RoundSplit:
         if route.received is None:
             sent = torch.tensor(route.splits, dtype=torch.int64)
             got = torch.empty_like(sent)
-            dist.all_to_all_single(got, sent, group=self.group)
+            if self.ex.transport is not None:  # (not a row exchange: not through _exchange)
+                self.ex.transport(got, sent, [1] * self.P, [1] * self.P)
+            else:
+                dist.all_to_all_single(got, sent, group=self.group)
             route.received = got.tolist()
         return route.received
 
