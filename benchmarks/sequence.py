@@ -80,15 +80,15 @@ class AllToAllMeter:
                              **kwargs)
         seconds = time.perf_counter() - t0
         splits = input_split_sizes or [input.numel() // self.world] * self.world
-        size = input.element_size()
+        size = input.element_size()  # (the message: sum(splits), gathered from input or not)
         # reformer.parallel.exchange._exchange names its traffic: in the backward, values
         # (inputs and outputs) are the recomputation, gradients (of the inputs and outputs)
         # the backward's own
         what = sys._getframe(1).f_locals.get("what")
         tag = self.phase if self.phase == "forward" else \
             "backward-recompute" if what == "values" else "backward-grad"
-        self.calls.append((tag, input.numel() * size,
-                           (input.numel() - splits[self.rank]) * size, seconds))
+        self.calls.append((tag, sum(splits) * size, (sum(splits) - splits[self.rank]) * size,
+                           seconds))
         return work
 
     def remove(self) -> None:

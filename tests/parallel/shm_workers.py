@@ -35,6 +35,23 @@ def exchange_both(transport, out_splits, in_splits, dtype, seed) -> tuple[bool, 
     return bool(torch.equal(got, want)), leftover(transport.prefix)
 
 
+def gathered_both(transport, seed: int, dtype: torch.dtype, width: int,
+                  largest: int = 300) -> bool:
+    """Rows of an (N, width) tensor, picked by an index (repeats, any order), sent through
+    ``transport`` with ``rows=`` and through gloo as the gathered tensor: equal?"""
+    rank = dist.get_rank()
+    out_rows, in_rows = splits_for(dist.get_world_size(), seed, largest)
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    x = (torch.randn(97, width, generator=g) * 1000).to(dtype)
+    rows = torch.randint(0, 97, (sum(in_rows),), generator=g)
+    out_splits, in_splits = [n * width for n in out_rows], [n * width for n in in_rows]
+    want = torch.empty(sum(out_splits), dtype=dtype)
+    dist.all_to_all_single(want, x.index_select(0, rows).view(-1), out_splits, in_splits)
+    got = torch.full_like(want, -7)
+    transport(got, x, out_splits, in_splits, rows=rows)
+    return bool(torch.equal(got, want))
+
+
 def splits_for(world: int, seed: int, largest: int) -> tuple[list[int], list[int]]:
     """Each process's sizes to every other (some zero), the same on every process: this
     process's (out_splits, in_splits)."""
@@ -61,6 +78,9 @@ def compute(rank: int, world: int) -> dict:
         gens.append(transport.gen)
     out.update(equal=all(equal), files_left=max(files), generations=max(gens),
                calls=transport.calls, fallbacks=transport.fallbacks)
+    out["gathered_equal"] = [  # rows of a 2-D tensor, gathered as they are sent
+        gathered_both(transport, seed, DTYPES[seed % 4], width)
+        for seed, width in zip(range(200, 208), (3, 64, 1, 5, 3, 64, 1, 5), strict=True)]
     transport.close()
     dist.barrier()
     out["files_after_close"] = leftover(transport.prefix)
@@ -76,6 +96,8 @@ def compute(rank: int, world: int) -> dict:
         before = small.fallbacks
         same, left = exchange_both(small, out_splits, in_splits, torch.float32, seed)
         fell.append({"fell_back": small.fallbacks > before, "equal": same, "files": left})
+    out["fallback_gathered"] = gathered_both(small, 104, torch.float32, 64, largest=40)
+    out["fallback_gathered_fell"] = small.fallbacks  # 2 above, and this one
     out["fallback"] = fell
     small.close()
     try:
@@ -88,6 +110,11 @@ def compute(rank: int, world: int) -> dict:
                       [1] * world)
     except ValueError as err:
         out["bad_dtype"] = str(err)
+    try:  # rows of 3 cannot be split 2 + 2
+        transport_err(torch.empty(2 * world), torch.empty(5, 3), [2] * world, [2] * world,
+                      rows=torch.zeros(2, dtype=torch.int64))
+    except ValueError as err:
+        out["bad_rows"] = str(err)
     transport_err.close()
     out["one_machine_elsewhere"] = one_machine_with_unordered_stores(rank == 1)
     out["timed_out"] = wait_past_timeout(rank)

@@ -30,6 +30,11 @@ def test_every_exchange_equals_gloos(ranks):
         assert r["equal"] and r["calls"] == 24 and r["fallbacks"] == 0
 
 
+def test_rows_gathered_as_they_are_sent_equal_gloos_of_the_gathered_tensor(ranks):
+    for r in ranks:
+        assert r["gathered_equal"] == [True] * 8
+
+
 def test_outboxes_grow_and_no_file_outlives_a_call(ranks):
     for r in ranks:
         assert r["generations"] >= 2  # messages grew past the first outbox
@@ -40,6 +45,8 @@ def test_a_message_over_the_bound_on_one_process_sends_everyone_through_gloo(ran
     fell = [[call["fell_back"] for call in r["fallback"]] for r in ranks]
     assert all(f == [True, False, True, False] for f in fell)
     assert all(call["equal"] and call["files"] == 0 for r in ranks for call in r["fallback"])
+    # rows to gather, over the bound: gathered first, then through gloo
+    assert all(r["fallback_gathered"] and r["fallback_gathered_fell"] == 3 for r in ranks)
 
 
 def test_one_machine_is_agreed_by_every_process(ranks):
@@ -51,6 +58,7 @@ def test_bad_inputs_are_refused_with_what_was_given(ranks):
     for r in ranks:
         assert "do not fit 4 -> 3 elements" in r["bad_splits"]
         assert "torch.float32 -> torch.float64" in r["bad_dtype"]
+        assert "in rows of (3,)" in r["bad_rows"]
 
 
 def test_one_machine_says_no_where_a_processor_may_reorder_stores(ranks):

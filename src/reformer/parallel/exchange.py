@@ -66,24 +66,31 @@ class _AllToAll(torch.autograd.Function):
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
               group: dist.ProcessGroup | None, what: str, out: torch.Tensor | None = None,
-              transport: SharedMemoryAllToAll | None = None) -> torch.Tensor:
-    """All-to-all of the flat ``x``: ``in_splits[p]`` elements to process p, ``out_splits[p]``
-    from it, into ``out`` (contiguous, ``sum(out_splits)`` elements) or a new tensor, through
-    ``transport`` (shm.py) or else the group's backend. ``what`` (values | gradients: inputs,
-    outputs or their gradients) names the traffic for benchmarks/sequence.py."""
+              transport: SharedMemoryAllToAll | None = None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """All-to-all of the flat ``x`` (or of ``x.index_select(0, rows)``, ``x`` 2-D): ``in_splits[p]``
+    elements to process p, ``out_splits[p]`` from it, into ``out`` (contiguous,
+    ``sum(out_splits)`` elements) or a new tensor, through ``transport`` (shm.py, which gathers
+    the rows straight into its outbox) or else the group's backend. ``what`` (values |
+    gradients: inputs, outputs or their gradients) names the traffic for
+    benchmarks/sequence.py."""
     out = x.new_empty(sum(out_splits)) if out is None else out.view(-1)
-    _all_to_all(out, x.contiguous().view(-1), out_splits, in_splits, group, transport)
+    x = x.contiguous() if rows is not None else x.contiguous().view(-1)
+    _all_to_all(out, x, out_splits, in_splits, group, transport, rows)
     return out
 
 
 def _all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
                 in_splits: list[int], group: dist.ProcessGroup | None,
-                transport: SharedMemoryAllToAll | None) -> None:
+                transport: SharedMemoryAllToAll | None,
+                rows: torch.Tensor | None = None) -> None:
     """Every exchange of rows goes through here (benchmarks/sequence.py meters it)."""
-    if transport is None:
-        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    else:
-        transport(out, x, out_splits, in_splits)
+    if transport is not None:
+        transport(out, x, out_splits, in_splits, rows)
+        return
+    if rows is not None:
+        x = x.index_select(0, rows).view(-1)
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
 
 
 def _flat(x: torch.Tensor, b: int, s: slice) -> slice:

@@ -242,12 +242,14 @@ class RoundSplit:
         return ids // (R * lp) * lp + ids % lp
 
     # ----------------------------------------------------------------------- exchanges
-    def _send(self, x: torch.Tensor, route: _Route, what: str) -> torch.Tensor:
-        """Entries' rows (K, ...) out to their destinations -> the span rows received."""
+    def _send(self, x: torch.Tensor, route: _Route, what: str,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries' rows (K, ...) out to their destinations (or rows ``rows`` (K,) of a 2-D
+        ``x``, gathered as they are sent) -> the span rows received."""
         width = x.shape[1:].numel()
         out = [s * width for s in self._recv_splits(route)]
         got = _exchange(x, out, [s * width for s in route.splits], self.group, what,
-                        transport=self.ex.transport)
+                        transport=self.ex.transport, rows=rows)
         return got.view(-1, *x.shape[1:])
 
     def _return(self, x: torch.Tensor, route: _Route, what: str,
@@ -272,31 +274,36 @@ class RoundSplit:
             route.received = got.tolist()
         return route.received
 
-    def _gather(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(B, h, l, E) local rows of the entries' items (zero for the padding rows), in the
-        ``sent`` buffer (used up by the send that follows)."""
+    def _gather(self, x: torch.Tensor, ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (B, h, l, E) local rows of the entries' items, to be sent: (rows of E over x's
+        memory, the entries' rows of it), which the send gathers straight where they go;
+        where x's rows are not rows of E in memory, or the padding's rows must be zero,
+        (the entries' rows in the ``sent`` buffer (used up by the send that follows), None)."""
         lp, R, (B, h, n_local, E) = self.lp, self.R, x.shape
         g, i = ids // (R * lp), ids % lp
         b, head, i = g // h, g % h, i.clamp(max=n_local - 1)
         strides = x.stride()
-        if strides[3] == 1 and all(st % E == 0 for st in strides[:3]):  # rows of E: one gather
+        if strides[3] == 1 and all(st % E == 0 for st in strides[:3]):  # rows of E
             extent = ((B - 1) * strides[0] + (h - 1) * strides[1]
                       + (n_local - 1) * strides[2]) // E
             flat = x.as_strided((extent + 1, E), (E, 1))  # from x's own storage offset
             at = (b * strides[0] + head * strides[1] + i * strides[2]) // E
+            if n_local == lp:
+                return flat, at
             rows = torch.index_select(flat, 0, at,
                                       out=self.buffers.rows("sent", at.numel(), E, x))
         else:
             rows = x[b, head, i]
         if n_local < lp:
             rows[ids % lp >= n_local] = 0
-        return rows
+        return rows, None
 
     def _span(self, qk: torch.Tensor, v: torch.Tensor, route: _Route,
               extra: tuple = (), what: str = "values") -> tuple:
         """Send a pass's entries: (their span slots here (K_in,), the span as a _Sequence
-        over the received rows, what each of ``extra`` (functions making a (K, ...) tensor
-        of the entries) made, as received). Received rows stay in the order they came in;
+        over the received rows, what each of ``extra`` (functions making the entries' rows,
+        as :meth:`_gather` does) made, as received). Received rows stay in the order they came in;
         ``_Sequence.row`` maps span slots to them. Each tensor is made, sent and freed in
         turn. ``what`` names the traffic (``_exchange``): the backward's gradient pass sends
         "gradients", so that benchmarks/sequence.py tells it from the recomputation."""
@@ -312,7 +319,9 @@ class RoundSplit:
         got = []
         for make in (lambda: self._gather(qk, route.ids), lambda: self._gather(v, route.ids),
                      *extra):
-            got.append(self._send(make(), route, what))
+            src, index = make()
+            got.append(self._send(src, route, what, index))
+            del src, index
         seq = _Sequence(got[0], got[1], span_pos.view(G, SM), self.valid,
                         s_row=rows.view(G, SM))
         return at, seq, got[2:]
@@ -443,10 +452,7 @@ class RoundSplit:
             rows = self.row_of(route.ids)
             at, seq, (d_span, s_span) = self._span(
                 qk, v, route, (lambda ids=route.ids: self._gather(grad_out, ids),
-                               lambda rows=rows: torch.index_select(
-                                   stats, 0, rows,
-                                   out=self.buffers.rows("stats", rows.numel(), 3, stats))),
-                "gradients")
+                               lambda rows=rows: (stats, rows)), "gradients")
             del at
             gq_span, gv_span = self._attend_backward(r, route, seq, d_span, s_span, fused)
             gq_span, gv_span = gq_span.to(qk.dtype), gv_span.to(qk.dtype)

@@ -101,6 +101,10 @@ class _Mapped:
             if create:
                 os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
+        except BaseException:
+            if create:  # nothing left behind
+                _unlink(path)
+            raise
         finally:
             os.close(fd)
         self.path, self.size = path, size
@@ -155,9 +159,15 @@ class _Control:
         self.width = -(-(5 + world) // 16) * 16  # whole 128-byte lines per slot
         self.world, self.rank, self.timeout = world, rank, timeout
         self.box = _Mapped(path, max(PAGE, 8 * self.width * world), create)
-        self.words = self.box.words()
-        self.table = self.box.bytes.view(torch.int64)[:world * self.width].view(world, -1)
-        self.words[rank * self.width + 1] = os.getpid()
+        try:
+            self.words = self.box.words()
+            self.table = self.box.bytes.view(torch.int64)[:world * self.width].view(world, -1)
+            self.words[rank * self.width + 1] = os.getpid()
+        except BaseException:
+            self.box.close()
+            if create:
+                _unlink(path)
+            raise
 
     def post(self, values: list[int], counter: int) -> None:
         """Write my slot's figures, then my counter."""
@@ -239,8 +249,11 @@ class SharedMemoryAllToAll:
 
     Call it as ``transport(out, x, out_splits, in_splits)`` with flat contiguous CPU tensors
     of one dtype (sizes in elements, as ``dist.all_to_all_single`` takes them), in every
-    process of the group. :meth:`close` (or garbage collection, or the interpreter's exit)
-    unmaps the outboxes. ``timeout``: seconds a call waits for the other processes.
+    process of the group. With ``rows`` (int64), the message is ``x.index_select(0, rows)``
+    for a 2-D ``x``, gathered straight into the outbox (and this process's part into ``out``)
+    instead of into a tensor that is then copied there. :meth:`close` (or garbage
+    collection, or the interpreter's exit) unmaps the outboxes. ``timeout``: seconds a call
+    waits for the other processes.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None,
@@ -275,7 +288,7 @@ class SharedMemoryAllToAll:
 
     # --------------------------------------------------------------------------- a call
     def __call__(self, out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
-                 in_splits: list[int]) -> None:
+                 in_splits: list[int], rows: torch.Tensor | None = None) -> None:
         if out.dtype != x.dtype or not (out.is_contiguous() and x.is_contiguous()):
             raise ValueError(f"shared-memory all_to_all takes contiguous tensors of one dtype, "
                              f"got {x.dtype} -> {out.dtype}")
@@ -283,14 +296,18 @@ class SharedMemoryAllToAll:
             raise ValueError(f"shared-memory all_to_all takes CPU tensors, got {x.device}; "
                              "use dist.all_to_all_single for other devices")
         P, me, size = self.world, self.rank, x.element_size()
-        if len(in_splits) != P or len(out_splits) != P or sum(in_splits) != x.numel() \
-                or sum(out_splits) != out.numel():
-            raise ValueError(f"splits {in_splits} -> {out_splits} do not fit {x.numel()} -> "
-                             f"{out.numel()} elements over {P} processes")
+        width = 1 if rows is None else x.shape[1:].numel()
+        n_in = x.numel() if rows is None else rows.numel() * width
+        if len(in_splits) != P or len(out_splits) != P or sum(in_splits) != n_in \
+                or sum(out_splits) != out.numel() or (rows is not None and (
+                    x.dim() != 2 or any(s % width for s in in_splits))):
+            raise ValueError(f"splits {in_splits} -> {out_splits} do not fit {n_in} -> "
+                             f"{out.numel()} elements over {P} processes"
+                             + ("" if rows is None else f" in rows of {tuple(x.shape[1:])}"))
         boxes, control = self.boxes, self.boxes.control
         self.calls += 1
         step = 2 * self.calls  # my counter goes to step - 1, then to step
-        nbytes = x.numel() * size
+        nbytes = n_in * size
         if nbytes <= self.max_bytes and (boxes.own is None or nbytes > boxes.own.size):
             self._grow(nbytes)
         control.post([self.gen, boxes.own.size if boxes.own else 0, nbytes, *in_splits],
@@ -308,18 +325,24 @@ class SharedMemoryAllToAll:
             # every process's all_to_all returns after every other has entered it, so after
             # each has mapped what this call made
             self.fallbacks += 1
-            dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group)
+            message = x if rows is None else x.index_select(0, rows).view(-1)
+            dist.all_to_all_single(out, message, out_splits, in_splits, group=self.group)
             self._unlink_made()
             return
         starts_in = [0, *itertools.accumulate(in_splits)]
         starts_out = [0, *itertools.accumulate(out_splits)]
-        flat_x, flat_out = x.view(-1).view(torch.uint8), out.view(-1).view(torch.uint8)
+        flat_out = out.view(-1).view(torch.uint8)
         for p in range(P):  # my message, at its own offsets; my part straight to my output
-            a, b = starts_in[p] * size, starts_in[p + 1] * size
-            if p == me:
-                flat_out[starts_out[me] * size:starts_out[me + 1] * size].copy_(flat_x[a:b])
-            elif b > a:
-                boxes.own.bytes[a:b].copy_(flat_x[a:b])
+            a, b = starts_in[p], starts_in[p + 1]
+            if b == a:
+                continue
+            to = (flat_out[starts_out[me] * size:starts_out[me + 1] * size] if p == me
+                  else boxes.own.bytes[a * size:b * size]).view(x.dtype)
+            if rows is None:
+                to.copy_(x.view(-1)[a:b])
+            else:
+                torch.index_select(x, 0, rows[a // width:b // width],
+                                   out=to.view(-1, width))
         control.post([], step)
         control.wait(step)  # every outbox written, and mapped by its readers
         for p in range(P):
