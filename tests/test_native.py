@@ -269,6 +269,34 @@ def test_fold_round_matches_pytorch(monkeypatch):
 
 
 @needs_compiler
+def test_fold_rows_matches_the_pytorch_fold_of_some_rows(monkeypatch):
+    """Sequence parallelism's fold of returned rows (parallel/rounds.py): rows picked from
+    returned outputs in any order, into some positions of the running result, whose first
+    round starts from top = -inf and total = 0; the rest stay as they were."""
+    from reformer.attention._sorted import _Fold
+    from reformer.parallel.rounds import _Buffers, _fold_rows
+
+    fold_rows = native(monkeypatch, "fold_rows_")
+    g = torch.Generator().manual_seed(12)
+    N, E, S = 41, 7, 60
+    got = _Fold(torch.zeros(N, E), torch.full((N,), float("-inf")), torch.zeros(N))
+    want = _Fold(*(t.clone() for t in got))
+    for r in range(3):
+        o, z = torch.randn(S, E, generator=g), torch.randn(S, generator=g) * 3
+        rows = torch.randperm(N, generator=g)[:30]  # distinct, some positions left out
+        index = torch.randint(0, S, (30,), generator=g)
+        fold_rows(*got, rows, o, z, index)
+        monkeypatch.setenv(_native.ENV, "off")
+        _fold_rows(want, rows, o, z, index, _Buffers())
+        monkeypatch.setenv(_native.ENV, "on")
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.isinf(got.top).any() and torch.isfinite(got.top).any()  # some never folded
+    with pytest.raises(RuntimeError, match="out of range"):
+        fold_rows(*got, rows, o, z, torch.full((30,), S))
+
+
+@needs_compiler
 def test_signed_argmax_matches_pytorch(monkeypatch):
     signed_argmax = native(monkeypatch, "signed_argmax")
     g = torch.Generator().manual_seed(10)

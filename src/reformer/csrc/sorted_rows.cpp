@@ -9,6 +9,10 @@
 //   (o_s, z_s)[unsort], softmax_row.h's fold_row. PyTorch: two index_selects, a maximum,
 //   two exps, and the weights' arithmetic (the gathered round is written and read back
 //   once more).
+// fold_rows_: the same fold for some rows only, the round's outputs in any order: row rows[i]
+//   of the running result takes (o, z)[index[i]] (sequence parallelism's returned rows,
+//   parallel/rounds.py). PyTorch: five index_selects, the fold's arithmetic, three
+//   index_copy_s.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -96,9 +100,38 @@ void fold_round_(at::Tensor out, at::Tensor top, at::Tensor total, const at::Ten
   });
 }
 
+void fold_rows_(at::Tensor out, at::Tensor top, at::Tensor total, const at::Tensor& rows,
+                const at::Tensor& o, const at::Tensor& z, const at::Tensor& index) {
+  check_rows(out, "fold_rows_", "out");
+  check_rows(o, "fold_rows_", "o");
+  TORCH_CHECK(out.is_contiguous() && o.is_contiguous() && o.size(1) == out.size(1),
+              "fold_rows_: out (N, E) and o (S, E) must be contiguous, with rows of one width");
+  const int64_t N = out.size(0), S = o.size(0), E = out.size(1), n = rows.numel();
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&top, &total})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == at::kFloat,
+                "fold_rows_: top and total must hold one float32 value per row of out");
+  TORCH_CHECK(z.is_contiguous() && z.numel() == S && z.scalar_type() == at::kFloat,
+              "fold_rows_: z must hold one float32 value per row of o");
+  TORCH_CHECK(index.numel() == n, "fold_rows_: rows and index must be of one length");
+  check_index(rows, N, "fold_rows_");
+  check_index(index, S, "fold_rows_");
+  float *to = out.data_ptr<float>(), *m = top.data_ptr<float>(), *t = total.data_ptr<float>();
+  const float *from = o.data_ptr<float>(), *zs = z.data_ptr<float>();
+  const int64_t *row = rows.data_ptr<int64_t>(), *at_ = index.data_ptr<int64_t>();
+  // rows are distinct (each position once per round), so the threads may split them
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = row[i], s = at_[i];
+      reformer::fold_row(to + p * E, m + p, t + p, from + s * E, zs[s], E);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reformer, m) {
+  m.def("fold_rows_(Tensor(a!) out, Tensor(b!) top, Tensor(c!) total, Tensor rows, Tensor o, "
+        "Tensor z, Tensor index) -> ()");
   m.def("gather_span_rows(Tensor rows, Tensor values, Tensor index, float eps) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("fold_round_(Tensor(a!) out, Tensor(b!) top, Tensor(c!) total, Tensor o_s, Tensor z_s, "
@@ -108,6 +141,7 @@ TORCH_LIBRARY_FRAGMENT(reformer, m) {
 TORCH_LIBRARY_IMPL(reformer, CPU, m) {
   m.impl("gather_span_rows", &gather_span_rows);
   m.impl("fold_round_", &fold_round_);
+  m.impl("fold_rows_", &fold_rows_);
 }
 
 // The LSH kernel's backward (attention/_sorted.py, _block_backward).

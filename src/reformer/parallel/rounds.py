@@ -78,6 +78,7 @@ from reformer.attention import _chunked
 from reformer.attention._chunked import padded_mask
 from reformer.attention._sorted import (
     FUSED_DTYPES,
+    _add_rows,
     _block_backward,
     _Fold,
     _fused_applies,
@@ -404,15 +405,9 @@ class RoundSplit:
                        route: _Route) -> None:
         """Send the outputs o (K_in, E) and log-sum-exps z (K_in, 1) of the entries received
         back to their senders, and fold those of my own positions' items into ``fold``."""
-        E = o.shape[1]
-        sent = self._return(o, route, "values")
-        n_own = route.own.numel()
-        o_r = torch.index_select(sent, 0, route.own,
-                                 out=self.buffers.rows("owned", n_own, E, sent))
-        sent = self._return(z, route, "values", "lse")
-        z_r = sent.view(-1).index_select(0, route.own)
-        del sent
-        _fold_rows(fold, route.rows, o_r, z_r, self.buffers.rows("fold", n_own, E, o_r))
+        o_sent = self._return(o, route, "values")
+        z_sent = self._return(z, route, "values", "lse").view(-1)
+        _fold_rows(fold, route.rows, o_sent, z_sent, route.own, self.buffers)
 
     def _attend_backward(self, r: int, route: _Route, seq: _Sequence, d_span: torch.Tensor,
                          s_span: torch.Tensor, fused: bool) -> tuple[torch.Tensor, ...]:
@@ -457,9 +452,9 @@ class RoundSplit:
             gq_span, gv_span = self._attend_backward(r, route, seq, d_span, s_span, fused)
             gq_span, gv_span = gq_span.to(qk.dtype), gv_span.to(qk.dtype)
             del seq, d_span, s_span
-            grad_q.index_add_(0, rows, self._return(gq_span, route, "gradients"))
+            _add_rows(grad_q, rows, self._return(gq_span, route, "gradients"))
             del gq_span
-            grad_v.index_add_(0, rows, self._return(gv_span, route, "gradients"))
+            _add_rows(grad_v, rows, self._return(gv_span, route, "gradients"))
             del gv_span, route, rows
         self.buffers.clear()
         release_cached_blocks()
@@ -467,14 +462,23 @@ class RoundSplit:
 
 
 def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor,
-               scratch: torch.Tensor) -> None:
-    """Fold one round's outputs o (N, E) and log-sum-exps z (N,) of the positions ``rows``
-    into the flat ``fold`` (in place), as one process folds every position's
-    (``fold_step``); a position's first round finds top = -inf and total = 0. ``scratch``
-    (N, E) holds the positions' folded outputs meanwhile."""
-    part = _Fold(torch.index_select(fold.out, 0, rows, out=scratch),
+               index: torch.Tensor, buffers: _Buffers) -> None:
+    """Fold one round's outputs o[index] (N, E) and log-sum-exps z[index] (N,) into the flat
+    ``fold``'s rows ``rows`` (N,, distinct) in place, as one process folds every position's;
+    a position's first round finds top = -inf and total = 0. In one pass over the rows where
+    everything is float32 (csrc/sorted_rows.cpp, fold_row as one process's native fold), else
+    in PyTorch ops (``fold_step``), through ``buffers``' "owned" and "fold" rows."""
+    native = _native.op("fold_rows_", o) if all(
+        t.dtype == torch.float32 for t in (*fold, z)) else None
+    if native is not None:
+        native(fold.out, fold.top, fold.total, rows, o, z, index)
+        return
+    n, E = index.numel(), o.shape[1]
+    o_r = torch.index_select(o, 0, index, out=buffers.rows("owned", n, E, o))
+    part = _Fold(torch.index_select(fold.out, 0, rows, out=buffers.rows("fold", n, E, o)),
                  *(t.index_select(0, rows) for t in fold[1:]))
-    for whole, folded in zip(fold, fold_step(part, o, z), strict=True):
+    for whole, folded in zip(fold, fold_step(part, o_r, z.index_select(0, index)),
+                             strict=True):
         whole.index_copy_(0, rows, folded)
 
 
