@@ -405,6 +405,32 @@ def sequence_section(path: Path, gpu_step: dict | None) -> list[str]:
                     "for the other process): one call of the largest size alone took 6 ms "
                     "through shared memory against 7 ms through gloo, so the transport is not "
                     "where most of that time goes.", ""]
+        if (split, transport) == ("rounds", "shared-memory") \
+                and one["run"] == "2026-12-06T17:12:40":
+            out += ["What made this run faster than the one before it (2026-12-06 16:01, "
+                    "commit fa90018: 2x2M 691 s against 1x1M 508 s, 1.36x; 2x1M 335 s), each "
+                    "change measured at 2x256K against 1x128K (48.5 s), one step each on the "
+                    "idle machine:", "",
+                    "- The processes keep step through counters in a shared control block "
+                    "(shm.py) instead of two gloo collectives per call: at commit 5386f9b "
+                    "those averaged 1.8 ms (the all-gather of each call's sizes) and 1.3 ms "
+                    "(the barrier), waiting included, 5 s of the 68.6 s step. With the "
+                    "counters the step took 63.2 s, 6.9% of it inside the exchanges instead "
+                    "of 13.1%.",
+                    "- The rows to send are gathered straight into the outbox (and a "
+                    "process's own part into its output), not into a buffer that was then "
+                    "copied there: 62.3 s, peak 1.41 GiB instead of 1.44.",
+                    "- After this run (commit 7b15631, not in the table above): the returned "
+                    "rows are folded in one native pass, and the gradients sent back added "
+                    "with the native row add. Interleaved with the previous commit, two "
+                    "steps each on a busier machine: 63.8 and 61.6 s against 67.1 and "
+                    "70.2 s, peak 1.37 GiB instead of 1.41.", "",
+                    "Where the rest of the time goes at 2x256K (py-spy at 50 Hz on both "
+                    "processes, commit e439103, the counters in): of the split's sampled "
+                    "time, 47% was the attention kernel over the spans, 18% the exchanges, "
+                    "11% gathering the rows to send, 10% folding the rounds, 3% adding the "
+                    "gradients back, 3% the slots of the sorted order; routing was under 1%.",
+                    ""]
         if (split, transport) == ("heads", "collective"):
             w = HEAD_BYTES
             out += ["Why the head exchange cannot meet the memory targets at this width, however "

@@ -281,7 +281,7 @@ def test_fold_rows_matches_the_pytorch_fold_of_some_rows(monkeypatch):
     N, E, S = 41, 7, 60
     got = _Fold(torch.zeros(N, E), torch.full((N,), float("-inf")), torch.zeros(N))
     want = _Fold(*(t.clone() for t in got))
-    for r in range(3):
+    for _ in range(3):  # rounds
         o, z = torch.randn(S, E, generator=g), torch.randn(S, generator=g) * 3
         rows = torch.randperm(N, generator=g)[:30]  # distinct, some positions left out
         index = torch.randint(0, S, (30,), generator=g)

@@ -56,8 +56,10 @@ attention would (float32 or bfloat16 rows, no padding mask, no dropout): given t
 rows' order for each slot and the span's own chunks as the queries, it writes each query's
 output and log-sum-exp in its received row, the order they go back in. Otherwise the
 blockwise kernel in PyTorch ops (``_SortedBlock``) runs, over the same span. Rows move
-through shared memory where every process is on one machine (shm.py). On this CPU the
-traffic still makes a step slower than head parallelism's (docs/benchmarks.md).
+through shared memory where every process is on one machine (shm.py), and a process folds
+the rows returned to it (and adds the gradients) in one native pass each. On this 2-core CPU
+2M tokens on 2 processes took 1.23x the time of 1M on one (head parallelism: 1.22x, in
+another session) at 6.82 GiB per process (head parallelism: 8.69; docs/benchmarks.md).
 
 Shapes: B batch, h heads of the slice, G = B*h, l this process's positions (l' with the
 padding to Lp that the last process adds), L / Lp whole (padded) length, R rounds, M chunk
