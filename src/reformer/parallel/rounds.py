@@ -466,7 +466,7 @@ class RoundSplit:
 def _fold_rows(fold: _Fold, rows: torch.Tensor, o: torch.Tensor, z: torch.Tensor,
                index: torch.Tensor, buffers: _Buffers) -> None:
     """Fold one round's outputs o[index] (N, E) and log-sum-exps z[index] (N,) into the flat
-    ``fold``'s rows ``rows`` (N,, distinct) in place, as one process folds every position's;
+    ``fold``'s rows ``rows`` ((N,), distinct) in place, as one process folds every position's;
     a position's first round finds top = -inf and total = 0. In one pass over the rows where
     everything is float32 (csrc/sorted_rows.cpp, fold_row as one process's native fold), else
     in PyTorch ops (``fold_step``), through ``buffers``' "owned" and "fold" rows."""
