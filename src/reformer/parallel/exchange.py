@@ -75,8 +75,9 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
     gradients: inputs, outputs or their gradients) names the traffic for
     benchmarks/sequence.py."""
     out = x.new_empty(sum(out_splits)) if out is None else out.view(-1)
-    x = x.contiguous() if rows is not None else x.contiguous().view(-1)
-    _all_to_all(out, x, out_splits, in_splits, group, transport, rows)
+    x = x.contiguous()
+    _all_to_all(out, x if rows is not None else x.view(-1), out_splits, in_splits, group,
+                transport, rows)
     return out
 
 
