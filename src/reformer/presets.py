@@ -20,11 +20,14 @@ Presets:
   about two rows of sub-pixels, LSH across the picture), sized to learn visibly in 20 minutes
   on a 2-core CPU; axial positions shaped (row, column, channel).
 - ``listops``, ``classify``, ``mlm``: bidirectional trunks (``causal=False``, LSH looking
-  one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (vocabulary
-  16, up to 2,000 tokens, both ends pooled, sinusoidal positions: the fourth run of
-  docs/lra.md, the first past the root-operator rule, where the same run with learned axial
-  positions was not), byte-level text classification at 4K, and
-  masked language modelling of 4K windows (vocabulary 257: the bytes and the mask token).
+  one chunk both ways) for the heads of reformer.heads: Long Range Arena's ListOps (up to
+  2,000 tokens, both ends pooled, sinusoidal positions: the fourth run of docs/lra.md, the
+  first past the root-operator rule, where the same run with learned axial positions was
+  not), byte-level text classification at 4K, and masked language modelling of 4K windows
+  (vocabulary 257: the bytes and the mask token).
+- ``listops-mlm``: the ``listops`` trunk trained by masked language modelling of ListOps's
+  inputs, to start a ``listops`` run from (``--init-from``). Both presets' vocabulary is 17,
+  ListOps's 16 symbols and the mask token, so the one's trunk fits the other.
 - ``seq2seq``: the encoder-decoder (reformer.encoder_decoder) with this shape on both sides,
   the encoder reading both ways and the decoder causally (vocabulary 258: the bytes, the
   start and the end token).
@@ -64,6 +67,11 @@ def _reads_both_ways(**shape: Any) -> ReformerConfig:
                           chunk_length=64, local_chunk_length=64, n_chunks_after=1,
                           causal=False, attn_head_chunk_size=4, **shape)
 
+
+# ListOps's classifier and its masked-LM pre-training share one trunk (vocabulary 17: the 16
+# symbols of reformer.data.listops and listops-mlm's mask token)
+LISTOPS_TRUNK = _reads_both_ways(vocab_size=17, d_ff=256, n_layers=4, max_seq_len=2048,
+                                 pos_embedding="sinusoidal")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -116,12 +124,20 @@ PRESETS: dict[str, Preset] = {
             name="listops",
             description="Long Range Arena's ListOps: a 4-layer bidirectional classifier, "
             "up to 2,000 tokens (CPU)",
-            model=_reads_both_ways(vocab_size=16, d_ff=256, n_layers=4, max_seq_len=2048,
-                                   pos_embedding="sinusoidal"),
+            model=LISTOPS_TRUNK,
             training=dict(task="listops", seq_len=2048, batch_size=8, steps=100000,
                           max_minutes=85.0, lr=3e-3, warmup_steps=100, eval_every=200,
                           eval_windows=400, checkpoint_every=100, pooling="ends",
                           precision="bf16"),
+        ),
+        Preset(
+            name="listops-mlm",
+            description="the listops trunk pre-trained by masked language modelling of "
+            "ListOps's inputs, for --init-from (CPU)",
+            model=LISTOPS_TRUNK,
+            training=dict(task="listops-mlm", seq_len=2048, batch_size=8, steps=100000,
+                          max_minutes=40.0, lr=3e-3, warmup_steps=100, eval_every=200,
+                          eval_windows=100, checkpoint_every=100, precision="bf16"),
         ),
         Preset(
             name="classify",

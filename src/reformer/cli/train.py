@@ -39,11 +39,12 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
-                "seed", "device", "parallel", "pooling", "head_hidden", "mask_prob")
+                "seed", "device", "parallel", "pooling", "head_hidden", "mask_prob",
+                "init_from")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic",
                 "classify": "classify", "listops": "listops", "mlm": "mlm",
-                "seq2seq": "seq2seq"}
+                "listops-mlm": "listops-mlm", "seq2seq": "seq2seq"}
 
 
 # ----------------------------------------------------------------------------- train
@@ -103,6 +104,8 @@ def train_changes(args: argparse.Namespace) -> dict:
     for k in ("data", "val_data"):
         if k in changes:
             changes[k] = tuple(str(Path(p).absolute()) for p in changes[k])
+    if "init_from" in changes:
+        changes["init_from"] = str(Path(changes["init_from"]).absolute())
     if getattr(args, "sequence_parallel", False):
         if changes.get("parallel", "sequence") != "sequence":
             raise ValueError(f"--sequence-parallel and --parallel {changes['parallel']} "
@@ -164,7 +167,9 @@ def describe(trainer: Trainer) -> str:
             f"{'/'.join(model.attn_layers)}, context {cfg.seq_len:,} tokens, "
             f"{trainer.tokens_per_step:,} tokens/step, {cfg.precision} on {where}\n"
             f"data: {trainer.task.describe()}"
-            + (f"; resuming at step {trainer.step}" if trainer.step else ""))
+            + (f"; resuming at step {trainer.step}" if trainer.step else "")
+            + (f"\ntrunk from {cfg.init_from} (step {trainer.init_step})"
+               if trainer.init_step is not None else ""))
 
 
 def run_training(trainer: Trainer) -> RunResult:
@@ -272,7 +277,9 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="text (default), images, the synthetic duplication task, classify "
                        "(labelled text: --data FOLDER of class folders, or FILE.jsonl of "
                        '{"text", "label"} lines), listops (Long Range Arena, generated), mlm '
-                       "(masked language modelling of text) or seq2seq (the encoder-decoder on "
+                       "(masked language modelling of text), listops-mlm (masked language "
+                       "modelling of ListOps's inputs, to pre-train a trunk for --init-from) "
+                       "or seq2seq (the encoder-decoder on "
                        '--data FILE.jsonl of {"source", "target"} lines)')
         p.add_argument("--pooling", choices=POOLINGS,
                        help="classify, listops: the classifier reads the mean of the real "
@@ -282,7 +289,13 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
                        help="classify, listops: a residual ReLU layer of N units before the "
                        "classifier, 0 for none (default: 0)")
         p.add_argument("--mask-prob", type=float, metavar="X",
-                       help="mlm: share of tokens masked and predicted (default: 0.15)")
+                       help="mlm, listops-mlm: share of tokens masked and predicted "
+                       "(default: 0.15)")
+        p.add_argument("--init-from", metavar="RUN",
+                       help="start the model's trunk (every weight but the head's) from the "
+                       "newest checkpoint of run directory RUN, e.g. a listops-mlm run for a "
+                       "listops classifier; the models must share d_model, layers and "
+                       "vocabulary (default: fresh weights)")
         p.add_argument("--images", nargs="+", metavar="PATH",
                        help="folders, files or globs of PNG/JPEG pictures (default: crops of "
                        "scikit-image's photographs)")

@@ -8,6 +8,15 @@ original token at the chosen positions and -100 (not predicted) everywhere else,
 
 :class:`MaskedTextTask` is the training CLI's ``--task mlm``: random windows of text
 (reformer.data.text) masked so, with the mask token id 256, one past the 256 byte values.
+:class:`MaskedListOpsTask` is ``--task listops-mlm``: ListOps's training inputs (their values
+unused) masked so, with the mask token id 16, one past ListOps's symbols. It pre-trains a trunk
+that ``--init-from`` then hands to a ``--task listops`` classifier (self-pre-training: the
+trunk first learns the inputs' structure from the inputs alone); the ``listops`` preset's
+vocabulary of 17 holds the mask token for that reason.
+
+Decision: a data-parallel rank draws the masks of the whole global micro-batch at the full
+``seq_len``, whatever its own rows' padded length, so every rank's generator makes the same
+calls (TaskSpec's contract) though the ranks pad their rows to different lengths.
 
 Shapes: B batch, L length.
 """
@@ -19,11 +28,14 @@ from typing import Any
 import torch
 
 from reformer.config import fail, is_int, is_real
+from reformer.data import listops
+from reformer.data.labelled import ListOpsTask
 from reformer.data.task import Task, TaskSpec
 from reformer.data.text import TextTask
 
 KEEP, RANDOM = 0.1, 0.1  # of the chosen tokens; the rest (0.8) become the mask token
 MASK_TOKEN = 256  # the mlm task's mask id: one past the 256 byte values
+LISTOPS_MASK_TOKEN = len(listops.VOCAB)  # listops-mlm's mask id: one past ListOps's symbols
 
 
 def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
@@ -92,3 +104,49 @@ class MaskedTextTask(Task):
 
     def describe(self) -> str:
         return f"{self.text.describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"
+
+
+class MaskedListOpsTask(ListOpsTask):
+    """Masked language modelling on ListOps's training inputs (BERT masking of 15%).
+
+    The examples, their order and the held-out ones are ``--task listops``'s (the validation
+    split, masked the same way whatever the run's seed); the values are not used.
+    """
+
+    name, vocab_size, n_classes = "listops-mlm", LISTOPS_MASK_TOKEN + 1, 0
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        self.mask_generator = torch.Generator().manual_seed(spec.seed + 1)
+        self._held_out: tuple[torch.Tensor, ...] | None = None
+
+    def _mask(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return bert_mask(ids, LISTOPS_MASK_TOKEN, self.vocab_size, p=self.spec.mask_prob,
+                         attention_mask=mask, generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask, _ = super().next_batch()  # this rank's rows, padded to their longest
+        spec, length = self.spec, ids.shape[1]
+        full = ids.new_zeros((spec.global_batch, spec.seq_len))  # see the module's Decision
+        full_mask = torch.zeros_like(full, dtype=torch.bool)
+        full[spec.rank_rows, :length], full_mask[spec.rank_rows, :length] = ids, mask
+        inputs, labels = self._mask(full, full_mask, self.mask_generator)
+        return inputs[spec.rank_rows, :length], mask, labels[spec.rank_rows, :length]
+
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._held_out is None:
+            ids, mask, _ = super().eval_set()
+            inputs, labels = self._mask(ids, mask, torch.Generator().manual_seed(0))
+            self._held_out = (inputs, mask, labels)
+        return self._held_out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "masks": self.mask_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.mask_generator.set_state(state["masks"])
+
+    def describe(self) -> str:
+        return f"{super().describe()}; {100 * self.spec.mask_prob:g}% of tokens masked"

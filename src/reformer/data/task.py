@@ -6,8 +6,9 @@ hides what the tokens are. Three tasks exist:
 - ``text``: random windows of byte-level text (reformer.data.text);
 - ``images``: whole pictures as raster-order byte sequences (reformer.data.images);
 - ``synthetic``: the paper's duplication task 0w0w (reformer.data.synthetic);
-- ``classify``, ``listops`` and ``mlm`` train the heads of reformer.heads (labelled text,
-  Long Range Arena's ListOps, masked language modelling; reformer.data.labelled). Their
+- ``classify``, ``listops``, ``mlm`` and ``listops-mlm`` train the heads of reformer.heads
+  (labelled text, Long Range Arena's ListOps, masked language modelling of text or of
+  ListOps's inputs; reformer.data.labelled and reformer.data.masking). Their
   batches are ``(input_ids, attention_mask, labels)`` (the mask None where every token is
   real), labels (B,) class ids for the classifiers.
 - ``seq2seq`` trains the encoder-decoder on pairs of texts; its batches are ``(input_ids,
@@ -48,13 +49,16 @@ import torch
 
 from reformer.config import is_int
 
-TASKS = ("text", "images", "synthetic", "classify", "listops", "mlm", "seq2seq")
+TASKS = ("text", "images", "synthetic", "classify", "listops", "mlm", "listops-mlm",
+         "seq2seq")
 # what one token (or, for the classifiers, one example) is
 UNITS = {"text": "char", "images": "dim", "synthetic": "symbol", "classify": "example",
-         "listops": "example", "mlm": "masked char", "seq2seq": "target byte"}
+         "listops": "example", "mlm": "masked char", "listops-mlm": "masked symbol",
+         "seq2seq": "target byte"}
 HEADS = ("lm", "classify", "mlm", "seq2seq")  # the models (reformer.heads.build_model)
+# the heads' tasks; the other tasks train the language model
 TASK_HEADS = {"classify": "classify", "listops": "classify", "mlm": "mlm",
-              "seq2seq": "seq2seq"}  # the other tasks train the language model
+              "listops-mlm": "mlm", "seq2seq": "seq2seq"}
 
 
 def task_head(task: str) -> str:
@@ -154,7 +158,9 @@ class Task(ABC):
 TASK_CLASSES = {"text": ("text", "TextTask"), "images": ("images", "ImageTask"),
                 "synthetic": ("synthetic", "DuplicationTask"),
                 "classify": ("labelled", "ClassifyTask"), "listops": ("labelled", "ListOpsTask"),
-                "mlm": ("masking", "MaskedTextTask"), "seq2seq": ("pairs", "PairTask")}
+                "mlm": ("masking", "MaskedTextTask"),
+                "listops-mlm": ("masking", "MaskedListOpsTask"),
+                "seq2seq": ("pairs", "PairTask")}
 
 
 def build_task(spec: TaskSpec) -> Task:

@@ -251,6 +251,45 @@ def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes,
     return step
 
 
+HEAD_PREFIXES = ("head.", "hidden.")  # the heads' own weights (reformer.heads, model.py)
+
+
+def load_trunk(source: str | Path, model: ReformerTrunk) -> int:
+    """Start ``model``'s trunk from the newest checkpoint of run directory ``source``.
+
+    Every weight of ``model`` but its head's (:data:`HEAD_PREFIXES`) is copied from there, so
+    a classifier can start from a masked LM's or a language model's trunk; the head keeps its
+    fresh weights. Returns the step the weights were saved at. The two models must have the
+    same trunk (d_model, layers, vocabulary, ...): a missing or differently shaped weight is
+    a ValueError naming it. Attention kinds, hash rounds and causality have no weights and may
+    differ.
+    """
+    source = Path(source)
+    found = latest_checkpoint(source)
+    if found is None:
+        raise ValueError(f"init_from={str(source)!r} holds no checkpoint; pass the run "
+                         "directory of a run that has saved one")
+    try:
+        data = found.weights.read_bytes()
+        tensors, step = load_safetensors(data), _weights_step(data)
+    except (SafetensorError, ValueError) as err:
+        raise _damaged(source, found.weights, err) from err
+    own = model.state_dict()
+    trunk = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in trunk if k not in tensors]
+    if missing:
+        raise ValueError(f"{found.weights} lacks {len(missing)} of this model's trunk weights "
+                         f"(first: {missing[0]}); init_from needs a run whose model has the "
+                         "same layers (same n_layers, attention layout, positions)")
+    for k in trunk:
+        if tensors[k].shape != own[k].shape:
+            raise ValueError(f"{found.weights}: {k} is {tuple(tensors[k].shape)} there but "
+                             f"{tuple(own[k].shape)} here; give this run the model config of "
+                             f"{source / CONFIG_FILE} (d_model, d_ff, vocab_size, ...)")
+    model.load_state_dict({k: tensors[k] for k in trunk}, strict=False)
+    return step
+
+
 def load_checkpoint(run_dir: Path, model: ReformerTrunk) -> dict[str, Any]:
     """Load the newest checkpoint: its weights into ``model``; returns its trainer state.
 

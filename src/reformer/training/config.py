@@ -69,6 +69,9 @@ class TrainConfig:
     pooling: str = "mean"  # classify, listops: mean (over real tokens), first or ends
     head_hidden: int = 0  # classify, listops: width of a residual ReLU layer (0: none)
     mask_prob: float = 0.15  # mlm
+    # a run directory whose newest checkpoint's trunk (every weight but the head's) starts
+    # this run's (checkpoint.load_trunk), e.g. a listops-mlm run's for a listops classifier
+    init_from: str | None = None
     # under torchrun: ddp (whole model per process), fsdp (sharded per layer) or sequence
     # (each sequence split across the processes; reformer.parallel.sequence)
     parallel: str = "ddp"
@@ -110,6 +113,9 @@ class TrainConfig:
                  self.mask_prob, "must lie in (0, 1]", "pass e.g. mask_prob=0.15")
         require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",
                  f"use one of {PARALLEL}")
+        require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from),
+                 "init_from", self.init_from, "must be a run directory's path or None",
+                 "pass e.g. init_from='runs/listops-mlm'")
 
     def _validate_optimiser(self) -> None:
         require(_is_number(self.lr) and self.lr > 0, "lr", self.lr,

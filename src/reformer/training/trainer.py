@@ -145,6 +145,13 @@ class Trainer:
         module = build_model(self.run.model, self.task.head, self.task.n_classes,
                              self.run.training.pooling, self.run.training.head_hidden)
         state = ckpt.load_checkpoint(self.run_dir, module) if resume else None
+        self.init_step = None  # the step of the trunk that init_from started this run from
+        if state is None and self.run.training.init_from is not None:
+            if self.task.head == "seq2seq":
+                raise ValueError("init_from starts one trunk (a language model, classifier or "
+                                 "masked LM); the seq2seq task's encoder-decoder has two: "
+                                 "leave init_from unset")
+            self.init_step = ckpt.load_trunk(self.run.training.init_from, module)
         module.to(self.device)
         self.model = wrap(module, self.run.training.parallel, self.device) \
             if self.world.distributed else module
