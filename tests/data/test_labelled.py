@@ -10,7 +10,7 @@ import torch
 
 from reformer.data import listops
 from reformer.data.labelled import BUCKET_POOL, PAD_MULTIPLE, pad_examples
-from reformer.data.masking import MASK_TOKEN
+from reformer.data.masking import LISTOPS_MASK_TOKEN, MASK_TOKEN
 from reformer.data.task import TaskSpec, build_task
 
 
@@ -96,7 +96,7 @@ def test_classify_refuses_missing_data_and_unknown_held_out_labels(jsonl, tmp_pa
         build_task(spec("classify", [jsonl], val_data=(str(val),)))
 
 
-@pytest.mark.parametrize("task", ["classify", "listops", "mlm"])
+@pytest.mark.parametrize("task", ["classify", "listops", "mlm", "listops-mlm"])
 def test_sampler_state_replays_batches(task, jsonl):
     made = build_task(spec(task, [jsonl] if task == "classify" else (), seq_len=2048))
     state = made.state_dict()
@@ -120,7 +120,7 @@ def test_a_pool_of_batches_is_grouped_by_length():
     assert spans[-1][1] - spans[0][0] > 0  # (the pool's lengths differ: the test can fail)
 
 
-@pytest.mark.parametrize("task", ["classify", "listops"])
+@pytest.mark.parametrize("task", ["classify", "listops", "listops-mlm"])
 def test_resume_inside_a_pool_serves_the_same_batches(task, jsonl):
     made = build_task(spec(task, [jsonl] if task == "classify" else (), seq_len=2048))
     for _ in range(3):
@@ -134,7 +134,7 @@ def test_resume_inside_a_pool_serves_the_same_batches(task, jsonl):
         assert all(torch.equal(x, y) for x, y in zip(batch, again, strict=True))
 
 
-@pytest.mark.parametrize("task", ["classify", "listops", "mlm"])
+@pytest.mark.parametrize("task", ["classify", "listops", "mlm", "listops-mlm"])
 def test_ranks_rows_make_the_one_process_batch(task, jsonl):
     data = [jsonl] if task == "classify" else ()
     whole = build_task(spec(task, data, seq_len=2048, batch_size=4)).next_batch()
@@ -147,7 +147,8 @@ def test_ranks_rows_make_the_one_process_batch(task, jsonl):
                 continue
             rows = full[2 * rank:2 * rank + 2]
             if rows.dim() == 2:  # each rank pads to its own longest example
-                assert not rows[:, part[i].shape[1]:].any()
+                pad = -100 if i == 2 else 0  # masked-LM labels mark padding "no loss"
+                assert (rows[:, part[i].shape[1]:] == pad).all()
                 rows = rows[:, :part[i].shape[1]]
             assert torch.equal(part[i], rows)
 
@@ -174,3 +175,23 @@ def test_mlm_masks_fifteen_percent_and_labels_only_those():
     assert (inputs[~chosen] < 256).all()
     val_a, val_b = task.eval_set(), build_task(spec("mlm", seq_len=1024, seed=5)).eval_set()
     assert torch.equal(val_a[0], val_b[0]) and torch.equal(val_a[2], val_b[2])
+
+
+def test_listops_mlm_masks_the_listops_inputs_and_labels_only_real_tokens():
+    masked = build_task(spec("listops-mlm", seq_len=2048, batch_size=8))
+    plain = build_task(spec("listops", seq_len=2048, batch_size=8))
+    assert masked.vocab_size == LISTOPS_MASK_TOKEN + 1 == len(listops.VOCAB) + 1
+    inputs, mask, labels = masked.next_batch()
+    ids, same_mask, _ = plain.next_batch()  # the same examples in the same order
+    assert torch.equal(mask, same_mask) and inputs.shape == labels.shape == ids.shape
+    chosen = labels != -100
+    assert not chosen[~mask].any() and not inputs[~mask].any()  # padding stays padding
+    assert 0.12 < chosen.sum() / mask.sum() < 0.18
+    assert torch.equal(labels[chosen], ids[chosen])  # the labels are the original symbols
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+    assert (inputs[chosen] == LISTOPS_MASK_TOKEN).float().mean() > 0.7
+    assert (inputs[~chosen] < LISTOPS_MASK_TOKEN).all()
+    val_a = masked.eval_set()
+    val_b = build_task(spec("listops-mlm", seq_len=2048, seed=5)).eval_set()
+    assert all(torch.equal(a, b) for a, b in zip(val_a, val_b, strict=True))
+    assert (val_a[2] != -100).any()

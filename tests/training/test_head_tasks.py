@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,7 +46,9 @@ def head_run(task, data=(), vocab=256, seq_len=128, model=None, **changes) -> Ru
 RUNS = {"classify": lambda d: head_run("classify", [d]),
         "listops": lambda d: head_run("listops", vocab=16, seq_len=2048, batch_size=2,
                                       eval_windows=4, pooling="first", head_hidden=16),
-        "mlm": lambda d: head_run("mlm", vocab=257)}
+        "mlm": lambda d: head_run("mlm", vocab=257),
+        "listops-mlm": lambda d: head_run("listops-mlm", vocab=17, seq_len=2048, batch_size=2,
+                                          eval_windows=4)}
 
 
 def records(run_dir, kind):
@@ -66,9 +69,10 @@ def test_head_runs_resume_exactly_and_log_accuracy(tmp_path, reviews, task):
     assert [e["step"] for e in evals] == [0, 3, 6] and 0 <= evals[-1]["val_accuracy"] <= 1
 
     model, _ = ckpt.load_model(tmp_path / "a")
-    kind = ReformerForMaskedLM if task == "mlm" else ReformerForSequenceClassification
+    masked = task.endswith("mlm")
+    kind = ReformerForMaskedLM if masked else ReformerForSequenceClassification
     assert isinstance(model, kind)
-    if task != "mlm":
+    if not masked:
         assert model.n_classes == (2 if task == "classify" else 10)
     if task == "listops":  # the run's hidden layer is rebuilt from its config
         assert model.hidden.inner.out_features == 16
@@ -138,6 +142,68 @@ def test_heads_refuse_causal_trunks_and_sequence_parallelism(tmp_path, reviews):
         Trainer.create(tmp_path / "c", causal)
     with pytest.raises(ValueError, match="vocab_size=256 cannot hold the mlm task's 257"):
         Trainer.create(tmp_path / "m", head_run("mlm"))
+
+
+def listops_pair(tmp_path, **model):
+    """A listops-mlm run of 2 steps and the config of a listops run to start from it."""
+    pre = head_run("listops-mlm", vocab=17, seq_len=2048, batch_size=2, eval_windows=2,
+                   steps=2, eval_every=2, model=model)
+    Trainer.create(tmp_path / "pre", pre).run_loop()
+    fine = head_run("listops", vocab=17, seq_len=2048, batch_size=2, eval_windows=2, steps=2,
+                    eval_every=2, pooling="ends", init_from=str(tmp_path / "pre"))
+    return pre, fine
+
+
+def test_init_from_starts_the_trunk_from_another_runs_checkpoint(tmp_path):
+    _, fine = listops_pair(tmp_path)
+    source, _ = ckpt.load_model(tmp_path / "pre")
+    started = Trainer.create(tmp_path / "fine", fine)
+    assert started.init_step == 2
+    theirs, ours = source.state_dict(), started.module.state_dict()
+    trunk = [k for k in ours if not k.startswith(ckpt.HEAD_PREFIXES)]
+    assert len(trunk) > 10 and set(trunk) < set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in trunk)
+    assert ours["head.weight"].shape == (10, 4 * 16)  # a fresh classifier, not the MLM's
+    fresh = Trainer.create(tmp_path / "fresh", RunConfig(fine.model, replace(
+        fine.training, init_from=None)))
+    assert fresh.init_step is None and not torch.equal(
+        fresh.module.state_dict()["embed.weight"], theirs["embed.weight"])
+    started.run_loop()  # a resumed run continues from its own checkpoint, not the source's
+    saved, _ = ckpt.load_model(tmp_path / "fine")
+    resumed = Trainer.resume(tmp_path / "fine")
+    assert resumed.init_step is None
+    assert all(torch.equal(v, saved.state_dict()[k])
+               for k, v in resumed.module.state_dict().items())
+    assert not torch.equal(saved.state_dict()["embed.weight"], theirs["embed.weight"])
+
+
+def test_init_from_refuses_what_does_not_fit(tmp_path):
+    _, fine = listops_pair(tmp_path, d_ff=48)  # the source's feed-forward is wider
+    with pytest.raises(ValueError, match=r"ff.*is \(48, 16\) there but \(32, 16\) here; give "
+                       "this run the model config of"):
+        Trainer.create(tmp_path / "a", fine)
+    deeper = RunConfig(fine.model.replace(n_layers=4, d_ff=48), fine.training)
+    with pytest.raises(ValueError, match=r"lacks .* trunk weights \(first: stack\.blocks\.2\."):
+        Trainer.create(tmp_path / "b", deeper)
+    empty = RunConfig(fine.model, replace(fine.training, init_from=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        Trainer.create(tmp_path / "c", empty)
+    with pytest.raises(ValueError, match="init_from=''"):
+        replace(fine.training, init_from="")
+
+
+def test_cli_init_from_names_the_trunk_it_starts_from(tmp_path, capsys, monkeypatch):
+    listops_pair(tmp_path)
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps(ReformerConfig(vocab_size=17, max_seq_len=2048,
+                                                **TRUNK).to_dict()))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "listops", "--config", str(config), "--init-from", "pre",
+                 "--steps", "1", "--batch-size", "2", "--eval-windows", "2", "--device", "cpu",
+                 "--out", "fine"]) == 0
+    assert f"trunk from {tmp_path / 'pre'} (step 2)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "fine" / "config.json").read_text())["training"]
+    assert saved["init_from"] == str(tmp_path / "pre")  # absolute: resumable from anywhere
 
 
 @pytest.fixture

@@ -25,7 +25,12 @@ def test_presets_are_consistent(name):
 
 def build_task_vocab(task: str) -> int:
     return {"text": 256, "images": 256, "synthetic": 128, "classify": 256, "listops": 16,
-            "mlm": 257, "seq2seq": 258}[task]
+            "mlm": 257, "listops-mlm": 17, "seq2seq": 258}[task]
+
+
+def test_listops_and_its_pre_training_share_one_trunk():
+    """--init-from needs the same trunk: the listops-mlm preset's must fit the listops one's."""
+    assert get_preset("listops").model == get_preset("listops-mlm").model
 
 
 def test_enwik8_is_the_papers_model():
