@@ -9,8 +9,10 @@ memory copies per row and no socket.
 
 The processes keep step through a control block, one more shared file with a slot per
 process: its call counter, its process id and what it says about its message. A process
-waits for the others' counters by polling them (a short spin, then yielding the CPU, then
-sleeping), not through the group's backend: at 2x256K tokens on this 2-core machine its two
+waits for the others' counters by polling them (a short spin, then yielding the CPU for up to
+1 ms, then sleeping; a group with more processes than cores sleeps at once, since a spinning
+or yielding wait there holds the core that the awaited process needs), not through the
+group's backend: at 2x256K tokens on this 2-core machine its two
 gloo collectives per call (an all-gather of the figures, a barrier) averaged 1.8 and 1.3 ms,
 5 s of a 69 s step, waiting included. With the counters that step took 63 s, and 4.4 s
 of it inside the exchanges instead of 9 s. A wait notices a process that has exited (it
@@ -149,8 +151,8 @@ class _Control:
     generation, outbox size, message bytes, split sizes...]``, each written only by its
     process (the counter last)."""
 
-    SPINS = 2000  # polls before yielding the CPU
-    YIELD_S = 0.01  # then yield for this long, then sleep
+    SPINS = 2000  # polls before yielding the CPU (none where the group outnumbers the cores)
+    YIELD_S = 1e-3  # then yield for this long, then sleep
     NAP_S = 1e-3  # the longest sleep between polls
     CHECK_S = 1.0  # how often a sleeping wait asks whether the others are alive
 
@@ -158,6 +160,8 @@ class _Control:
                  timeout: float) -> None:
         self.width = -(-(5 + world) // 16) * 16  # whole 128-byte lines per slot
         self.world, self.rank, self.timeout = world, rank, timeout
+        # More processes than cores: a spinning wait holds the core the awaited one needs.
+        self.spins = self.SPINS if world <= len(os.sched_getaffinity(0)) else 0
         self.box = _Mapped(path, max(PAGE, 8 * self.width * world), create)
         try:
             self.words = self.box.words()
@@ -185,7 +189,7 @@ class _Control:
         for p in range(self.world):
             at = p * self.width
             if p != self.rank and words[at] < counter:
-                for _ in range(self.SPINS):
+                for _ in range(self.spins):
                     if words[at] >= counter:
                         break
                 else:
@@ -195,7 +199,7 @@ class _Control:
         """Wait for process p's counter without holding the CPU: yield it, then sleep."""
         words = self.words
         start = time.monotonic()
-        nap, check = 0.0, start + self.CHECK_S
+        nap, check = (0.0 if self.spins else 1e-5), start + self.CHECK_S  # crowded: sleep
         while words[at] < counter:
             if nap:
                 time.sleep(nap)
