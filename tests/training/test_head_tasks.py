@@ -177,7 +177,7 @@ def test_init_from_starts_the_trunk_from_another_runs_checkpoint(tmp_path):
     assert not torch.equal(saved.state_dict()["embed.weight"], theirs["embed.weight"])
 
 
-def test_init_from_refuses_what_does_not_fit(tmp_path):
+def test_init_from_refuses_what_does_not_fit(tmp_path, reversals):
     _, fine = listops_pair(tmp_path, d_ff=48)  # the source's feed-forward is wider
     with pytest.raises(ValueError, match=r"ff.*is \(48, 16\) there but \(32, 16\) here; give "
                        "this run the model config of"):
@@ -190,6 +190,9 @@ def test_init_from_refuses_what_does_not_fit(tmp_path):
         Trainer.create(tmp_path / "c", empty)
     with pytest.raises(ValueError, match="init_from=''"):
         replace(fine.training, init_from="")
+    pairs = head_run("seq2seq", [reversals], vocab=258, init_from=str(tmp_path / "pre"))
+    with pytest.raises(ValueError, match="encoder-decoder has two: leave init_from unset"):
+        Trainer.create(tmp_path / "d", pairs)
 
 
 def test_cli_init_from_names_the_trunk_it_starts_from(tmp_path, capsys, monkeypatch):

@@ -10,9 +10,11 @@ memory copies per row and no socket.
 The processes keep step through a control block, one more shared file with a slot per
 process: its call counter, its process id and what it says about its message. A process
 waits for the others' counters by polling them (a short spin, then yielding the CPU for up to
-1 ms, then sleeping; a group with more processes than cores sleeps at once, since a spinning
-or yielding wait there holds the core that the awaited process needs), not through the
-group's backend: at 2x256K tokens on this 2-core machine its two
+10 ms, then sleeping; a group with more processes than cores sleeps at once, since a spinning
+or yielding wait there holds the core that the awaited process needs: tests/parallel's
+test_sequence.py beside two busy loops took 313 s so, 408 s before; a 1 ms yield took 184 s
+there but about 5 s more of a 2x256K step alone), not through the group's backend: at 2x256K
+tokens on this 2-core machine its two
 gloo collectives per call (an all-gather of the figures, a barrier) averaged 1.8 and 1.3 ms,
 5 s of a 69 s step, waiting included. With the counters that step took 63 s, and 4.4 s
 of it inside the exchanges instead of 9 s. A wait notices a process that has exited (it
@@ -152,7 +154,7 @@ class _Control:
     process (the counter last)."""
 
     SPINS = 2000  # polls before yielding the CPU (none where the group outnumbers the cores)
-    YIELD_S = 1e-3  # then yield for this long, then sleep
+    YIELD_S = 0.01  # then yield for this long, then sleep
     NAP_S = 1e-3  # the longest sleep between polls
     CHECK_S = 1.0  # how often a sleeping wait asks whether the others are alive
 
