@@ -150,7 +150,8 @@ def listops_pair(tmp_path, **model):
                    steps=2, eval_every=2, model=model)
     Trainer.create(tmp_path / "pre", pre).run_loop()
     fine = head_run("listops", vocab=17, seq_len=2048, batch_size=2, eval_windows=2, steps=2,
-                    eval_every=2, pooling="ends", init_from=str(tmp_path / "pre"))
+                    eval_every=2, pooling="ends", head_hidden=8,  # a head of two parts
+                    init_from=str(tmp_path / "pre"))
     return pre, fine
 
 

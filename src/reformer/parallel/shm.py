@@ -163,7 +163,7 @@ class _Control:
         self.width = -(-(5 + world) // 16) * 16  # whole 128-byte lines per slot
         self.world, self.rank, self.timeout = world, rank, timeout
         # More processes than cores: a spinning wait holds the core the awaited one needs.
-        self.spins = self.SPINS if world <= len(os.sched_getaffinity(0)) else 0
+        self.crowded = world > len(os.sched_getaffinity(0))
         self.box = _Mapped(path, max(PAGE, 8 * self.width * world), create)
         try:
             self.words = self.box.words()
@@ -191,7 +191,7 @@ class _Control:
         for p in range(self.world):
             at = p * self.width
             if p != self.rank and words[at] < counter:
-                for _ in range(self.spins):
+                for _ in range(0 if self.crowded else self.SPINS):
                     if words[at] >= counter:
                         break
                 else:
@@ -201,7 +201,7 @@ class _Control:
         """Wait for process p's counter without holding the CPU: yield it, then sleep."""
         words = self.words
         start = time.monotonic()
-        nap, check = (0.0 if self.spins else 1e-5), start + self.CHECK_S  # crowded: sleep
+        nap, check = (1e-5 if self.crowded else 0.0), start + self.CHECK_S  # crowded: sleep
         while words[at] < counter:
             if nap:
                 time.sleep(nap)

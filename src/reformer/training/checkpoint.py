@@ -222,33 +222,45 @@ def remove_stale(run_dir: Path) -> None:
 # ------------------------------------------------------------------------ loading
 def load_weights(run_dir: str | Path, model: ReformerTrunk) -> int:
     """Load the newest checkpoint's weights into ``model``; returns the step they were saved at."""
+    found, tensors, step = _newest_weights(
+        Path(run_dir), f"{str(run_dir)!r} holds no checkpoint yet; train first or pass another "
+        "run directory")
+    _fit(found, tensors, model)
+    return step
+
+
+def _newest_weights(run_dir: Path, none: str) -> tuple[Checkpoint, dict[str, torch.Tensor], int]:
+    """The newest checkpoint of ``run_dir``, its tensors and their step; ``none``: the error
+    when there is no checkpoint."""
     for attempt in range(3):
         found = latest_checkpoint(run_dir)
         if found is None:
-            raise ValueError(f"{str(run_dir)!r} holds no checkpoint yet; train first or pass "
-                             "another run directory")
+            raise ValueError(none)
         try:
             data = found.weights.read_bytes()
             break
         except FileNotFoundError:  # a running save replaced it meanwhile: look again
             if attempt == 2:
                 raise
-    return _load_weight_bytes(Path(run_dir), found, data, model)
+    return (found, *_decode_weights(run_dir, found, data))
 
 
-def _load_weight_bytes(run_dir: Path, found: Checkpoint, data: bytes,
-                       model: ReformerTrunk) -> int:
+def _decode_weights(run_dir: Path, found: Checkpoint, data: bytes
+                    ) -> tuple[dict[str, torch.Tensor], int]:
     try:
-        tensors, step = load_safetensors(data), _weights_step(data)
+        return load_safetensors(data), _weights_step(data)
     except (SafetensorError, ValueError) as err:
         raise _damaged(run_dir, found.weights, err) from err
+
+
+def _fit(found: Checkpoint, tensors: dict[str, torch.Tensor], model: ReformerTrunk) -> None:
+    """Load every tensor into ``model`` (strict); a misfit is a ValueError naming the file."""
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise ValueError(f"{found.weights} does not fit the model of its {CONFIG_FILE} "
                          f"({first}); the weights come from another config") from err
-    return step
 
 
 HEAD_PREFIXES = ("head.", "hidden.")  # the heads' own weights (reformer.heads, model.py)
@@ -265,15 +277,9 @@ def load_trunk(source: str | Path, model: ReformerTrunk) -> int:
     differ.
     """
     source = Path(source)
-    found = latest_checkpoint(source)
-    if found is None:
-        raise ValueError(f"init_from={str(source)!r} holds no checkpoint; pass the run "
-                         "directory of a run that has saved one")
-    try:
-        data = found.weights.read_bytes()
-        tensors, step = load_safetensors(data), _weights_step(data)
-    except (SafetensorError, ValueError) as err:
-        raise _damaged(source, found.weights, err) from err
+    found, tensors, step = _newest_weights(
+        source, f"init_from={str(source)!r} holds no checkpoint; pass the run directory of a "
+        "run that has saved one")
     own = model.state_dict()
     trunk = [k for k in own if not k.startswith(HEAD_PREFIXES)]
     missing = [k for k in trunk if k not in tensors]
@@ -299,7 +305,8 @@ def load_checkpoint(run_dir: Path, model: ReformerTrunk) -> dict[str, Any]:
     if found is None:
         raise ValueError(f"{run_dir} holds no checkpoint yet, so there is nothing to resume; "
                          "start the run again instead")
-    step = _load_weight_bytes(run_dir, found, found.weights.read_bytes(), model)
+    tensors, step = _decode_weights(run_dir, found, found.weights.read_bytes())
+    _fit(found, tensors, model)
     if not found.state.is_file():
         raise ValueError(f"{found.folder} has weights but no {STATE_FILE}, so it cannot be "
                          "resumed; start a new run in another folder")
