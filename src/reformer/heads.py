@@ -96,13 +96,14 @@ class ReformerForSequenceClassification(ReformerTrunk):
         config: the trunk (``causal=False``).
         n_classes: C.
         pooling: "mean" (over real tokens), "first" (the first token's state) or "ends"
-            (the first and the last real token's states, concatenated).
+            (the first and the last ``width`` real tokens' states, concatenated).
         hidden: 0 for a linear classifier, else the width of one residual ReLU layer before
             it (see the module docstring).
+        width: with "ends", how many tokens each end gives (K; 1 by default).
     """
 
     def __init__(self, config: ReformerConfig, n_classes: int, pooling: str = "mean",
-                 hidden: int = 0) -> None:
+                 hidden: int = 0, width: int = 1) -> None:
         _bidirectional(config, "a sequence classifier")
         check_positive_int("n_classes", n_classes)
         if pooling not in POOLINGS:
@@ -110,11 +111,15 @@ class ReformerForSequenceClassification(ReformerTrunk):
         if not is_int(hidden) or hidden < 0:
             fail("hidden", hidden, "must be a non-negative integer",
                  "pass 0 for a linear classifier or e.g. 256 for one hidden layer")
+        check_positive_int("width", width)
+        if width > 1 and pooling != "ends":
+            fail("width", width, f"applies to pooling='ends' only (pooling={pooling!r})",
+                 "pass width=1 or pooling='ends'")
         super().__init__(config)
-        self.n_classes, self.pooling = n_classes, pooling
-        width = (4 if pooling == "ends" else 2) * config.d_model
-        self.hidden = _ResidualReLU(width, hidden) if hidden else nn.Identity()
-        self.head = nn.Linear(width, n_classes)
+        self.n_classes, self.pooling, self.width = n_classes, pooling, width
+        features = (4 * width if pooling == "ends" else 2) * config.d_model
+        self.hidden = _ResidualReLU(features, hidden) if hidden else nn.Identity()
+        self.head = nn.Linear(features, n_classes)
         self.apply(self._init_weights)
         if hidden:
             nn.init.zeros_(self.hidden.outer.weight)  # starts as the linear classifier
@@ -136,11 +141,7 @@ class ReformerForSequenceClassification(ReformerTrunk):
         if self.pooling == "first":
             pooled = self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1))  # (B, 2D)
         elif self.pooling == "ends":
-            rows = torch.arange(y1.shape[0], device=y1.device)
-            last = _last_real(input_ids, attention_mask)  # (B,)
-            pooled = torch.cat([self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1)),
-                                self.norm(torch.cat([y1[rows, last], y2[rows, last]], dim=-1))],
-                               dim=-1)  # (B, 4D)
+            pooled = self._ends(y1, y2, _last_real(input_ids, attention_mask))  # (B, 4KD)
         else:
             weights = _mean_weights(input_ids, attention_mask, y1.dtype)
             pooled = _ChunkedMeanPool.apply(y1, y2, weights, self.norm,
@@ -149,6 +150,18 @@ class ReformerForSequenceClassification(ReformerTrunk):
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
         loss = None if labels is None else F.cross_entropy(wide, labels.long())
         return ReformerOutput(logits=logits, loss=loss)
+
+    def _ends(self, y1: torch.Tensor, y2: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The normalised states of positions 0..K-1 and last-K+1..last, in that order, as
+        one (B, 4KD) row each; a slot outside a sequence shorter than K is zeros."""
+        offsets = torch.arange(self.width, device=y1.device)
+        slots = torch.cat([offsets.expand(len(last), -1),
+                           last[:, None] - self.width + 1 + offsets], dim=1)  # (B, 2K)
+        inside = (slots >= 0) & (slots <= last[:, None])
+        index = slots.clamp(min=0).minimum(last[:, None])[..., None]  # (B, 2K, 1)
+        picked = [y.gather(1, index.expand(-1, -1, y.shape[-1])) for y in (y1, y2)]
+        states = self.norm(torch.cat(picked, dim=-1)) * inside[..., None]  # (B, 2K, 2D)
+        return states.flatten(1)
 
 
 class _ResidualReLU(nn.Module):
@@ -221,18 +234,19 @@ class _ChunkedMeanPool(torch.autograd.Function):
 
 
 def build_model(config: ReformerConfig, head: str = "lm", n_classes: int = 0,
-                pooling: str = "mean", head_hidden: int = 0) -> nn.Module:
+                pooling: str = "mean", head_hidden: int = 0, pool_width: int = 1) -> nn.Module:
     """The model a task trains (``Task.head``): the language model, the masked language
-    model, a classifier of ``n_classes`` with ``pooling`` (and a hidden layer of
-    ``head_hidden`` if > 0), or an encoder-decoder whose encoder and decoder both take
-    ``config``'s shape."""
+    model, a classifier of ``n_classes`` with ``pooling`` (``pool_width`` tokens from each end
+    for "ends"; and a hidden layer of ``head_hidden`` if > 0), or an encoder-decoder whose
+    encoder and decoder both take ``config``'s shape."""
     if head == "lm":
         from reformer.model import ReformerLM
         return ReformerLM(config)
     if head == "mlm":
         return ReformerForMaskedLM(config)
     if head == "classify":
-        return ReformerForSequenceClassification(config, n_classes, pooling, head_hidden)
+        return ReformerForSequenceClassification(config, n_classes, pooling, head_hidden,
+                                                 pool_width)
     if head == "seq2seq":
         from reformer.encoder_decoder import ReformerEncoderDecoder
         return ReformerEncoderDecoder.from_config(config)

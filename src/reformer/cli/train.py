@@ -39,8 +39,8 @@ TRAIN_FIELDS = ("task", "data", "val_data", "val_fraction", "seq_len", "image_si
                 "image_channels", "steps", "max_minutes",
                 "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
                 "precision", "eval_every", "eval_windows", "eval_n_hashes", "checkpoint_every",
-                "seed", "device", "parallel", "pooling", "head_hidden", "mask_prob",
-                "init_from")
+                "seed", "device", "parallel", "pooling", "head_hidden", "pool_width",
+                "mask_prob", "init_from")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 TASK_PRESETS = {"text": DEFAULT_PRESET, "images": "images-cpu", "synthetic": "synthetic",
                 "classify": "classify", "listops": "listops", "mlm": "mlm",
@@ -288,6 +288,9 @@ def add_train_flags(p: argparse.ArgumentParser, demo: bool = False,
         p.add_argument("--head-hidden", type=int, metavar="N",
                        help="classify, listops: a residual ReLU layer of N units before the "
                        "classifier, 0 for none (default: 0)")
+        p.add_argument("--pool-width", type=int, metavar="K",
+                       help="classify, listops with --pooling ends: the classifier reads the "
+                       "first K and the last K real tokens' states (default: 1)")
         p.add_argument("--mask-prob", type=float, metavar="X",
                        help="mlm, listops-mlm: share of tokens masked and predicted "
                        "(default: 0.15)")

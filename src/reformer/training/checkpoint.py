@@ -364,7 +364,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     head = task_head(run.training.task)
     n_classes = _stored_classes(Path(run_dir)) if head == "classify" else 0
     model = build_model(config, head, n_classes, run.training.pooling,
-                        run.training.head_hidden)
+                        run.training.head_hidden, run.training.pool_width)
     load_weights(run_dir, model)
     return model.to(device).eval(), run
 

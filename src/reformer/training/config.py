@@ -68,6 +68,7 @@ class TrainConfig:
     # the heads' tasks (reformer.data.labelled): classifier pooling, share of tokens masked
     pooling: str = "mean"  # classify, listops: mean (over real tokens), first or ends
     head_hidden: int = 0  # classify, listops: width of a residual ReLU layer (0: none)
+    pool_width: int = 1  # classify, listops with pooling "ends": tokens read at each end
     mask_prob: float = 0.15  # mlm
     # a run directory whose newest checkpoint's trunk (every weight but the head's) starts
     # this run's (checkpoint.load_trunk), e.g. a listops-mlm run's for a listops classifier
@@ -109,6 +110,11 @@ class TrainConfig:
         require(is_int(self.head_hidden) and self.head_hidden >= 0, "head_hidden",
                  self.head_hidden, "must be a non-negative integer",
                  "pass 0 for a linear classifier or e.g. 256")
+        require(is_int(self.pool_width) and self.pool_width >= 1, "pool_width",
+                self.pool_width, "must be a positive integer", "pass e.g. pool_width=16")
+        require(self.pool_width == 1 or self.pooling == "ends", "pool_width", self.pool_width,
+                f"applies to pooling='ends' only (pooling={self.pooling!r})",
+                "pass pool_width=1 or pooling='ends'")
         require(_is_number(self.mask_prob) and 0 < self.mask_prob <= 1, "mask_prob",
                  self.mask_prob, "must lie in (0, 1]", "pass e.g. mask_prob=0.15")
         require(self.parallel in PARALLEL, "parallel", self.parallel, "is unknown",

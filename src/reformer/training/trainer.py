@@ -143,7 +143,8 @@ class Trainer:
         self.world.on_main(lambda: self._claim_run_dir(resume))
         torch.manual_seed(self.run.training.seed)
         module = build_model(self.run.model, self.task.head, self.task.n_classes,
-                             self.run.training.pooling, self.run.training.head_hidden)
+                             self.run.training.pooling, self.run.training.head_hidden,
+                             self.run.training.pool_width)
         state = ckpt.load_checkpoint(self.run_dir, module) if resume else None
         self.init_step = None  # the step of the trunk that init_from started this run from
         if state is None and self.run.training.init_from is not None:
