@@ -50,6 +50,7 @@ from reformer.model import ReformerOutput, ReformerTrunk
 from reformer.reversible import _leaf_params
 
 POOLINGS = ("mean", "first", "ends")
+SLOT_FEATURES = 32  # S: what each of the 2K slots of "ends" pooling with K > 1 passes on
 
 
 def _bidirectional(config: ReformerConfig, what: str) -> None:
@@ -117,7 +118,10 @@ class ReformerForSequenceClassification(ReformerTrunk):
                  "pass width=1 or pooling='ends'")
         super().__init__(config)
         self.n_classes, self.pooling, self.width = n_classes, pooling, width
-        features = (4 * width if pooling == "ends" else 2) * config.d_model
+        features = (4 if pooling == "ends" else 2) * config.d_model
+        if width > 1:  # each slot's state shrinks first, so the head's fan-in stays 2K * S
+            self.slots = nn.Linear(2 * config.d_model, SLOT_FEATURES)
+            features = 2 * width * SLOT_FEATURES
         self.hidden = _ResidualReLU(features, hidden) if hidden else nn.Identity()
         self.head = nn.Linear(features, n_classes)
         self.apply(self._init_weights)
@@ -141,7 +145,7 @@ class ReformerForSequenceClassification(ReformerTrunk):
         if self.pooling == "first":
             pooled = self.norm(torch.cat([y1[:, 0], y2[:, 0]], dim=-1))  # (B, 2D)
         elif self.pooling == "ends":
-            pooled = self._ends(y1, y2, _last_real(input_ids, attention_mask))  # (B, 4KD)
+            pooled = self._ends(y1, y2, _last_real(input_ids, attention_mask))
         else:
             weights = _mean_weights(input_ids, attention_mask, y1.dtype)
             pooled = _ChunkedMeanPool.apply(y1, y2, weights, self.norm,
@@ -153,15 +157,18 @@ class ReformerForSequenceClassification(ReformerTrunk):
 
     def _ends(self, y1: torch.Tensor, y2: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The normalised states of positions 0..K-1 and last-K+1..last, in that order, as
-        one (B, 4KD) row each; a slot outside a sequence shorter than K is zeros."""
+        one row each: (B, 4D) for K = 1, else each slot projected to S features first,
+        (B, 2KS); a slot outside a sequence shorter than K is zeros."""
         offsets = torch.arange(self.width, device=y1.device)
         slots = torch.cat([offsets.expand(len(last), -1),
                            last[:, None] - self.width + 1 + offsets], dim=1)  # (B, 2K)
         inside = (slots >= 0) & (slots <= last[:, None])
         index = slots.clamp(min=0).minimum(last[:, None])[..., None]  # (B, 2K, 1)
         picked = [y.gather(1, index.expand(-1, -1, y.shape[-1])) for y in (y1, y2)]
-        states = self.norm(torch.cat(picked, dim=-1)) * inside[..., None]  # (B, 2K, 2D)
-        return states.flatten(1)
+        states = self.norm(torch.cat(picked, dim=-1))  # (B, 2K, 2D)
+        if self.width > 1:
+            states = self.slots(states)  # (B, 2K, S)
+        return (states * inside[..., None]).flatten(1)
 
 
 class _ResidualReLU(nn.Module):

@@ -263,7 +263,7 @@ def _fit(found: Checkpoint, tensors: dict[str, torch.Tensor], model: ReformerTru
                          f"({first}); the weights come from another config") from err
 
 
-HEAD_PREFIXES = ("head.", "hidden.")  # the heads' own weights (reformer.heads, model.py)
+HEAD_PREFIXES = ("head.", "hidden.", "slots.")  # the heads' own weights (reformer.heads, model.py)
 
 
 def load_trunk(source: str | Path, model: ReformerTrunk) -> int:
