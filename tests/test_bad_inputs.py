@@ -209,7 +209,8 @@ def test_attention_layers_refuse_bad_inputs(kind):
     ("weight_decay", math.nan), ("val_fraction", 0.0), ("val_fraction", 1.0),
     ("min_lr_ratio", math.nan), ("betas", (0.9, 1.5)), ("betas", (math.nan, 0.9)),
     ("warmup_steps", 1.5), ("seed", -1), ("lr", "fast"), ("head_hidden", -1),
-    ("head_hidden", 2.5),
+    ("head_hidden", 2.5), ("pool_width", 0), ("pool_width", 2.5),
+    ("pool_width", 2),  # with the default pooling, "mean"
 ])
 def test_train_config_refuses_non_finite_and_out_of_range(field, value):
     with pytest.raises(ValueError, match=field):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY, random_ids
 from reformer import ReformerConfig
 from reformer.data.masking import bert_mask
-from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
+from reformer.heads import SLOT_FEATURES, ReformerForMaskedLM, ReformerForSequenceClassification
 from reformer.reversible import CallInfo
 
 ENCODER = {**TINY, "causal": False, "n_chunks_after": 1, "loss_chunk_size": 5}
@@ -103,9 +103,37 @@ def test_classification_equals_the_unchunked_reference(pooling, masked, hidden):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "ends"])
-def test_pooling_ignores_padding_tokens(pooling):
-    model = build(ReformerForSequenceClassification, n_classes=2, pooling=pooling).eval()
+@pytest.mark.parametrize("width", [4, 25])  # 25: more than the padded row's 21 real tokens
+@pytest.mark.parametrize("masked", [False, True])
+def test_wide_ends_pooling_equals_the_unchunked_reference(width, masked):
+    model = build(ReformerForSequenceClassification, n_classes=3, pooling="ends", hidden=7,
+                  width=width)
+    torch.nn.init.normal_(model.hidden.outer.weight, std=0.3)
+    ids, mask = random_ids(2, 30, seed=7), padded_mask() if masked else None
+    labels = torch.tensor([1, 2])
+    out = model(ids, attention_mask=mask, labels=labels)
+    got = grads_of(model, out.loss)
+    states = reference_states(model, ids, mask)  # (B, L, 2D)
+    rows = []
+    for b, last in enumerate([29, 20 if masked else 29]):  # the last real token
+        slots = [*range(width), *range(last - width + 1, last + 1)]  # both ends, in order
+        rows.append(torch.cat([model.slots(states[b, p]) if 0 <= p <= last
+                               else torch.zeros(SLOT_FEATURES, dtype=torch.float64)
+                               for p in slots]))
+    pooled = torch.stack(rows)
+    assert pooled.shape == (2, 2 * width * SLOT_FEATURES)
+    pooled = pooled + model.hidden.outer(torch.relu(model.hidden.inner(pooled)))
+    logits = model.head(pooled)
+    want_loss = F.cross_entropy(logits, labels)
+    want = grads_of(model, want_loss)
+    assert (out.logits - logits).abs().max() <= 1e-9
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("pooling, width", [("mean", 1), ("ends", 1), ("ends", 25)])
+def test_pooling_ignores_padding_tokens(pooling, width):
+    model = build(ReformerForSequenceClassification, n_classes=2, pooling=pooling,
+                  width=width).eval()
     ids, mask = random_ids(2, 30, seed=5), padded_mask()
     changed = ids.clone()
     changed[1, 21:] = (changed[1, 21:] + 1) % 32  # only padded positions differ
@@ -124,6 +152,10 @@ def test_heads_refuse_what_they_cannot_do():
         ReformerForSequenceClassification(encoder, 2, pooling="max")
     with pytest.raises(ValueError, match="hidden=-3 must be a non-negative integer"):
         ReformerForSequenceClassification(encoder, 2, hidden=-3)
+    with pytest.raises(ValueError, match="width=0 must be a positive integer"):
+        ReformerForSequenceClassification(encoder, 2, pooling="ends", width=0)
+    with pytest.raises(ValueError, match="width=2 applies to pooling='ends' only"):
+        ReformerForSequenceClassification(encoder, 2, pooling="mean", width=2)
     with pytest.raises(ValueError, match="n_classes=0"):
         ReformerForSequenceClassification(encoder, 0)
     model = ReformerForSequenceClassification(encoder, 2)

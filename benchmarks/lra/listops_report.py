@@ -15,10 +15,10 @@ frequent class, and the most frequent class of each root operator), writes
 ``lra-listops.png`` (validation accuracy, and validation bits per example, against minutes,
 one line per run) and ``lra-listops.json`` into ``--out``, and prints a Markdown table. Both
 panels mark the root-operator rule on the same validation examples: beating the rule there,
-not a validation accuracy, is the sign that a model reads more than the root operator. Two
-more rules evaluate only the root's digit arguments (those near either end, and all of
-them): how far a model gets that reads the ends of the sequence, or the depth of every
-token, without evaluating any nested operator.
+not a validation accuracy, is the sign that a model reads more than the root operator. Three
+more rules evaluate only the root's digit arguments (the runs of digits at either end, those
+near either end, and all of them): how far a model gets that reads the ends of the sequence,
+or the depth of every token, without evaluating any nested operator.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from pathlib import Path
 
 from reformer.data import listops
 from reformer.data.labelled import ListOpsTask
+from reformer.data.task import build_task
 from reformer.training import checkpoint as ckpt
 from reformer.training.evaluate import evaluate_head_run
-from reformer.training.metrics import MetricsLog
+from reformer.training.metrics import MetricsLog, classify_examples
 
 PUBLISHED = {"Transformer (LRA paper)": 36.37, "Reformer (LRA paper)": 37.27}
 
@@ -95,6 +96,18 @@ def _top_digits(symbols: list[str]) -> tuple[list[tuple[int, int]], int]:
     return digits, len(symbols)
 
 
+def _edge_digits(symbols: list[str]) -> list[int]:
+    """The root's digit arguments that no nested operator separates from either end: those
+    before its first nested operator and after its last (all of them if it has none). A
+    reader of the sequence finds them without counting brackets: the run of digits right
+    after the root operator, and the run right before the closing ']'."""
+    op, args = listops.parse(symbols)
+    nested = [k for k, arg in enumerate(args) if not isinstance(arg, int)]
+    if not nested:
+        return list(args)
+    return args[:nested[0]] + args[nested[-1] + 1:]
+
+
 def _summary(op: str, digits: list[int]) -> tuple:
     """What a digit argument list says about the root's value: MAX its largest digit, MIN
     its smallest, MED the digits, SM their sum modulo 10 and count."""
@@ -109,30 +122,35 @@ def _summary(op: str, digits: list[int]) -> tuple:
 
 
 def shallow_rules(n_test: int, n_fit: int = 20000, window: int = 128) -> dict[str, float]:
-    """Test accuracy of two rules that evaluate only the root's digit arguments (none of its
-    nested operators), fitted as the most frequent value of each case on ``n_fit`` training
-    examples: those within ``window`` tokens of either end of the sequence (what a
-    classifier that pools both ends of a stack of local attention layers can see), and all
-    of them (which needs the nesting depth of every token)."""
+    """Test accuracy of three rules that evaluate only the root's digit arguments (none of
+    its nested operators), fitted as the most frequent value of each case on ``n_fit``
+    training examples: the runs of digits at either end (:func:`_edge_digits`), those within
+    ``window`` tokens of either end of the sequence (what a classifier that pools both ends
+    of a stack of local attention layers can see), and all of them (which needs the nesting
+    depth of every token)."""
     def cases(split: str, n: int):
         for i in range(n):
             symbols, value = listops.example(ListOpsTask.DATA_SEED, split, i)
             digits, length = _top_digits(symbols)
             near = [d for p, d in digits if p < window or p >= length - window]
-            yield symbols[0], near, [d for _, d in digits], value
+            yield symbols[0], value, {"edge": _edge_digits(symbols), "ends": near,
+                                      "all": [d for _, d in digits]}
 
-    fitted = {"ends": defaultdict(Counter), "all": defaultdict(Counter)}
+    fitted = {"edge": defaultdict(Counter), "ends": defaultdict(Counter),
+              "all": defaultdict(Counter)}
     by_root: dict[str, Counter] = defaultdict(Counter)
-    for op, near, every, value in cases("train", n_fit):
-        fitted["ends"][_summary(op, near)][value] += 1
-        fitted["all"][_summary(op, every)][value] += 1
+    for op, value, digits in cases("train", n_fit):
+        for name, some in digits.items():
+            fitted[name][_summary(op, some)][value] += 1
         by_root[op][value] += 1
     right = Counter()
-    for op, near, every, value in cases("test", n_test):
-        for name, digits in (("ends", near), ("all", every)):
-            counts = fitted[name].get(_summary(op, digits), by_root[op])
+    for op, value, digits in cases("test", n_test):
+        for name, some in digits.items():
+            counts = fitted[name].get(_summary(op, some), by_root[op])
             right[name] += counts.most_common(1)[0][0] == value
-    return {f"the root operator and its digit arguments within {window} tokens of either end":
+    return {"the root operator and the runs of digit arguments at either end (before its "
+            "first nested operator, after its last)": right["edge"] / n_test,
+            f"the root operator and its digit arguments within {window} tokens of either end":
             right["ends"] / n_test,
             "the root operator and all its digit arguments (needs each token's depth)":
             right["all"] / n_test}
@@ -152,6 +170,27 @@ def trained_minutes(records: list[dict], step: int) -> float:
     before it)."""
     return max((r["elapsed_s"] for r in records if r["kind"] == "train" and r["step"] <= step),
                default=0.0) / 60
+
+
+def by_root(run_dir: Path, n_test: int) -> dict[str, dict[str, float]]:
+    """The run's test answers split by root operator: how many examples, its accuracy, the
+    root-operator rule's, and the share it answers otherwise than the rule. A classifier that
+    reads no more than the root operator answers as the rule on every MAX and MIN root."""
+    model, run = ckpt.load_model(run_dir, "cpu")
+    task = build_task(run.training.replace(eval_windows=n_test).task_spec())
+    ids, mask, labels = task.test_set(n_test)
+    picked = classify_examples(model, ids, mask, labels, seed=run.training.seed,
+                               precision=run.training.precision).tolist()
+    rule = {op: counts.most_common(1)[0][0] for op, counts in _root_counts(5000).items()}
+    split: dict[str, Counter] = defaultdict(Counter)
+    for op_id, answer, value in zip(ids[:, 0].tolist(), picked, labels.tolist(), strict=True):
+        op = listops.VOCAB[op_id]
+        split[op].update(n=1, right=answer == value, rule_right=rule[op] == value,
+                         otherwise=answer != rule[op])
+    return {op[1:]: {"examples": c["n"], "accuracy": c["right"] / c["n"],
+                     "rule_accuracy": c["rule_right"] / c["n"],
+                     "answered_otherwise": c["otherwise"] / c["n"]}
+            for op, c in sorted(split.items())}
 
 
 def attention(run_dir: Path) -> str:
@@ -191,6 +230,7 @@ def main() -> None:
                         "final_val_accuracy": points[-1][2], "curve": points,
                         "test_by_hash_rounds": {r: {"accuracy": m["accuracy"], "bits": b}
                                                 for r, (b, m) in scored.items()},
+                        "test_by_root": by_root(run_dir, args.test),
                         "eval_seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
     rules = {**baselines(args.test), **shallow_rules(args.test)}
@@ -212,6 +252,12 @@ def main() -> None:
         print(f"| rule: {name} | | | | {100 * value:.2f}% |")
     for name, value in PUBLISHED.items():
         print(f"| {name} | | | | {value:.2f}% |")
+    print("\n| run | root | examples | accuracy | root-operator rule | answered otherwise |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for op, c in r["test_by_root"].items():
+            print(f"| {r['run']} | {op} | {c['examples']} | {100 * c['accuracy']:.1f}% | "
+                  f"{100 * c['rule_accuracy']:.1f}% | {100 * c['answered_otherwise']:.1f}% |")
 
 
 def plot(results: list[dict], rule: dict[str, float], path: Path) -> None:

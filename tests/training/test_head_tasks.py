@@ -13,11 +13,11 @@ import torch
 from conftest import StopAt
 from reformer import ReformerConfig
 from reformer.__main__ import main
-from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
+from reformer.heads import SLOT_FEATURES, ReformerForMaskedLM, ReformerForSequenceClassification
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import RunConfig, TrainConfig
 from reformer.training.evaluate import evaluate_head_run, evaluate_run
-from reformer.training.metrics import evaluate_examples
+from reformer.training.metrics import classify_examples, evaluate_examples
 from reformer.training.trainer import Trainer
 
 TRUNK = dict(d_model=16, n_heads=2, d_ff=32, n_layers=2, attn_layers=("local", "lsh"),
@@ -109,6 +109,8 @@ def test_batched_evaluation_equals_one_example_at_a_time(reviews, tmp_path):
     assert together[0] == pytest.approx(out.loss.item() / math.log(2), rel=1e-9)
     right = (out.logits.argmax(-1) == labels).float().mean().item()
     assert together[1]["accuracy"] == pytest.approx(right)
+    picked = classify_examples(model, ids, mask, labels, batch_size=3)  # the answers, each
+    assert torch.equal(picked, out.logits.argmax(-1))
 
 
 def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_path, reviews,
@@ -119,9 +121,12 @@ def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_pat
     out = tmp_path / "run"
     assert main(["train", "--task", "classify", "--data", str(reviews), "--config", str(config),
                  "--steps", "2", "--batch-size", "2", "--eval-windows", "4", "--seq-len",
-                 "256", "--device", "cpu", "--head-hidden", "8", "--out", str(out)]) == 0
+                 "256", "--device", "cpu", "--head-hidden", "8", "--pooling", "ends",
+                 "--pool-width", "3", "--out", str(out)]) == 0
     assert "bits/example" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["training"]["head_hidden"] == 8
+    saved = json.loads((out / "config.json").read_text())["training"]
+    assert (saved["head_hidden"], saved["pool_width"]) == (8, 3)
+    assert ckpt.load_model(out)[0].head.weight.shape == (2, 2 * 3 * SLOT_FEATURES)
     assert main(["eval", "--checkpoint", str(out), "--windows", "4"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "%" in printed
@@ -150,7 +155,8 @@ def listops_pair(tmp_path, **model):
                    steps=2, eval_every=2, model=model)
     Trainer.create(tmp_path / "pre", pre).run_loop()
     fine = head_run("listops", vocab=17, seq_len=2048, batch_size=2, eval_windows=2, steps=2,
-                    eval_every=2, pooling="ends", head_hidden=8,  # a head of two parts
+                    eval_every=2, pooling="ends", pool_width=3,  # a head of three parts
+                    head_hidden=8,
                     init_from=str(tmp_path / "pre"))
     return pre, fine
 
@@ -164,7 +170,7 @@ def test_init_from_starts_the_trunk_from_another_runs_checkpoint(tmp_path):
     trunk = [k for k in ours if not k.startswith(ckpt.HEAD_PREFIXES)]
     assert len(trunk) > 10 and set(trunk) < set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in trunk)
-    assert ours["head.weight"].shape == (10, 4 * 16)  # a fresh classifier, not the MLM's
+    assert ours["head.weight"].shape == (10, 2 * 3 * SLOT_FEATURES)  # fresh, not the MLM's
     fresh = Trainer.create(tmp_path / "fresh", RunConfig(fine.model, replace(
         fine.training, init_from=None)))
     assert fresh.init_step is None and not torch.equal(

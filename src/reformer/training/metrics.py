@@ -135,6 +135,38 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
     """
     world = world or World()
     nats = count = correct = 0.0
+    device = next(model.parameters()).device
+    for _, weight, out, target in _head_batches(model, inputs, attention_mask, labels, n_hashes,
+                                                seed, precision, world, batch_size):
+        n = target.numel() * weight
+        nats, count = nats + out.loss.item() * n, count + n
+        correct += int((out.logits.argmax(dim=-1) == target).sum()) * weight
+    nats, count, correct = world.all_sum([nats, count, correct], device)
+    return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def classify_examples(model: torch.nn.Module, inputs: torch.Tensor,
+                      attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                      n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
+                      batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """(N,) the class a classifier picks for each of N examples, from the very forwards that
+    :func:`evaluate_examples` scores (same batches, same seeds), so the share that equals
+    ``labels`` is its accuracy; for breaking that accuracy down by kind of example."""
+    picked = torch.empty(len(inputs), dtype=torch.long)
+    for rows, _, out, _ in _head_batches(model, inputs, attention_mask, labels, n_hashes, seed,
+                                         precision, World(), batch_size):
+        picked[rows] = out.logits.argmax(dim=-1).cpu()
+    return picked
+
+
+def _head_batches(model: torch.nn.Module, inputs: torch.Tensor,
+                  attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                  n_hashes: int | None, seed: int, precision: str, world: World,
+                  batch_size: int) -> Iterator[tuple[slice, float, Any, torch.Tensor]]:
+    """(rows, weight, the head's output, its targets) of each of :func:`_eval_batches`'s
+    batches, each cut to its longest real example; targets are the labels (B,) of a
+    classifier or the masked positions' labels of a masked LM."""
     for rows, weight, device in _eval_batches(model, len(inputs), batch_size, seed, precision,
                                               world):
         x, y = inputs[rows], labels[rows]
@@ -145,12 +177,7 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
             m = m.to(device)
         x, y = x.to(device), y.to(device)
         out = model(x, attention_mask=m, labels=y, n_hashes=n_hashes)
-        target = y if y.dim() == 1 else y[y != -100]
-        n = target.numel() * weight
-        nats, count = nats + out.loss.item() * n, count + n
-        correct += int((out.logits.argmax(dim=-1) == target).sum()) * weight
-    nats, count, correct = world.all_sum([nats, count, correct], device)
-    return nats / max(count, 1) / LN2, {"accuracy": correct / max(count, 1)}
+        yield rows, weight, out, (y if y.dim() == 1 else y[y != -100])
 
 
 @torch.no_grad()

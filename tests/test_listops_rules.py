@@ -1,0 +1,73 @@
+"""The ListOps report's shallow rules (benchmarks/lra/listops_report.py): the runs of the
+root's digit arguments at either end, read off the tree, must be the runs of digit tokens
+right after the root operator and right before the closing ']' that a reader of the
+sequence sees, or the rule would credit a model with what it cannot read there."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from reformer import ReformerConfig
+from reformer.data import listops
+from reformer.training.config import RunConfig, TrainConfig
+from reformer.training.evaluate import evaluate_head_run
+from reformer.training.trainer import Trainer
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lra" / "listops_report.py"
+_SPEC = importlib.util.spec_from_file_location("listops_report", _PATH)
+report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(report)
+
+
+@pytest.mark.parametrize("text, edge", [
+    ("[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]", [4, 3]),
+    ("[SM 1 [MAX 2 ] 7 8 ]", [1, 7, 8]),
+    ("[MIN 5 6 ]", [5, 6]),  # no nested operator: every digit, once
+    ("[MED [SM 1 ] ]", []),
+])
+def test_edge_digits_of_written_examples(text, edge):
+    assert report._edge_digits(text.split()) == edge
+
+
+def _runs_of_digit_tokens(symbols):
+    head = []
+    for s in symbols[1:-1]:
+        if not s.isdigit():
+            break
+        head.append(int(s))
+    if len(head) == len(symbols) - 2:
+        return head
+    tail = []
+    for s in reversed(symbols[1:-1]):
+        if not s.isdigit():
+            break
+        tail.append(int(s))
+    return head + tail[::-1]
+
+
+def test_edge_digits_are_the_digit_runs_next_to_either_end():
+    for i in range(40):
+        symbols, _ = listops.example(0, "train", i)
+        assert report._edge_digits(symbols) == _runs_of_digit_tokens(symbols), i
+
+
+def test_by_root_splits_the_runs_scored_answers(tmp_path):
+    """The breakdown covers every test example, and its accuracy and the rule's add up to
+    what the evaluation and the rule score on the same examples."""
+    model = ReformerConfig(vocab_size=17, max_seq_len=2048, d_model=16, n_heads=2, d_ff=32,
+                           n_layers=2, attn_layers=("local", "lsh"), chunk_length=64,
+                           local_chunk_length=64, n_chunks_after=1, causal=False)
+    training = TrainConfig(task="listops", seq_len=2048, batch_size=2, steps=2, eval_every=2,
+                           eval_windows=2, device="cpu", pooling="ends", pool_width=2)
+    Trainer.create(tmp_path / "run", RunConfig(model, training, preset=None)).run_loop()
+    split = report.by_root(tmp_path / "run", 12)
+    assert set(split) <= {"MAX", "MIN", "MED", "SM"}
+    assert sum(c["examples"] for c in split.values()) == 12
+
+    def total(key):
+        return sum(c[key] * c["examples"] for c in split.values()) / 12
+    scored = evaluate_head_run(tmp_path / "run", "test", n_examples=12, device="cpu")
+    assert total("accuracy") == pytest.approx(next(iter(scored.values()))[1]["accuracy"])
+    assert total("rule_accuracy") == pytest.approx(report.root_rule("test", 12)["accuracy"])
+    assert all(0 <= c["answered_otherwise"] <= 1 for c in split.values())
