@@ -22,7 +22,7 @@ Decisions:
   reads what the sequence says at its start and at its close (in ListOps, the root's first
   and last arguments) where "first" reads only the start. With ``width`` K > 1, "ends" reads
   the first K and the last K real tokens, each state projected to SLOT_FEATURES by one shared
-  layer first (fed the 8K * D states directly, ListOps's head diverged in its warm-up: Adam
+  layer first (fed the 4KD features directly, ListOps's head diverged in its warm-up: Adam
   moves each weight by about lr, so logits move by about lr times the fan-in); it did not
   help ListOps in 85 minutes either (docs/lra.md, ninth run). The mean is taken block by block
   by one autograd node that recomputes each block's LayerNorm in its backward
