@@ -69,12 +69,28 @@ def test_masked_lm_without_labels_gives_every_positions_logits():
     torch.testing.assert_close(logits, model.head(reference_states(model, ids, None)))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "first", "ends"])
+def reference_ends(model, states, last, width):
+    """(B, 4D) the first and the last real token's states side by side; for width K > 1,
+    (B, 2KS) positions 0..K-1 and last-K+1..last, each through the slot projection, zeros
+    where a position lies outside the sequence."""
+    if width == 1:
+        return torch.cat([states[:, 0], states[torch.arange(len(last)), last]], dim=-1)
+    rows = []
+    for b, end in enumerate(last):
+        slots = [*range(width), *range(end - width + 1, end + 1)]  # both ends, in order
+        rows.append(torch.cat([model.slots(states[b, p]) if 0 <= p <= end
+                               else torch.zeros(SLOT_FEATURES, dtype=torch.float64)
+                               for p in slots]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pooling, width", [  # width 25: past the padded row's 21 tokens
+    ("mean", 1), ("first", 1), ("ends", 1), ("ends", 4), ("ends", 25)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("hidden", [0, 7])
-def test_classification_equals_the_unchunked_reference(pooling, masked, hidden):
+def test_classification_equals_the_unchunked_reference(pooling, width, masked, hidden):
     model = build(ReformerForSequenceClassification, n_classes=3, pooling=pooling,
-                  hidden=hidden)
+                  hidden=hidden, width=width)
     if hidden:  # its output projection starts at zero (the linear classifier); give it
         assert not model.hidden.outer.weight.any()  # weights that show in the logits
         torch.nn.init.normal_(model.hidden.outer.weight, std=0.3)
@@ -86,8 +102,9 @@ def test_classification_equals_the_unchunked_reference(pooling, masked, hidden):
     if pooling == "first":
         pooled = states[:, 0]
     elif pooling == "ends":  # the last real token: 29 in both rows, or 20 in the padded one
-        last = [29, 20 if masked else 29]
-        pooled = torch.cat([states[:, 0], states[torch.arange(2), last]], dim=-1)
+        pooled = reference_ends(model, states, [29, 20 if masked else 29], width)
+        wide = 2 * width * SLOT_FEATURES
+        assert pooled.shape[1] == (4 * model.config.d_model if width == 1 else wide)
     else:
         real = torch.ones(2, 30, dtype=torch.float64) if mask is None else mask.double()
         pooled = (states * real[..., None]).sum(1) / real.sum(1, keepdim=True)
@@ -96,33 +113,6 @@ def test_classification_equals_the_unchunked_reference(pooling, masked, hidden):
         assert inner.weight.shape == (7, pooled.shape[1])
         pooled = pooled + torch.relu(pooled @ inner.weight.T + inner.bias) @ outer.weight.T \
             + outer.bias
-    logits = model.head(pooled)
-    want_loss = F.cross_entropy(logits, labels)
-    want = grads_of(model, want_loss)
-    assert (out.logits - logits).abs().max() <= 1e-9
-    assert_close(got, want)
-
-
-@pytest.mark.parametrize("width", [4, 25])  # 25: more than the padded row's 21 real tokens
-@pytest.mark.parametrize("masked", [False, True])
-def test_wide_ends_pooling_equals_the_unchunked_reference(width, masked):
-    model = build(ReformerForSequenceClassification, n_classes=3, pooling="ends", hidden=7,
-                  width=width)
-    torch.nn.init.normal_(model.hidden.outer.weight, std=0.3)
-    ids, mask = random_ids(2, 30, seed=7), padded_mask() if masked else None
-    labels = torch.tensor([1, 2])
-    out = model(ids, attention_mask=mask, labels=labels)
-    got = grads_of(model, out.loss)
-    states = reference_states(model, ids, mask)  # (B, L, 2D)
-    rows = []
-    for b, last in enumerate([29, 20 if masked else 29]):  # the last real token
-        slots = [*range(width), *range(last - width + 1, last + 1)]  # both ends, in order
-        rows.append(torch.cat([model.slots(states[b, p]) if 0 <= p <= last
-                               else torch.zeros(SLOT_FEATURES, dtype=torch.float64)
-                               for p in slots]))
-    pooled = torch.stack(rows)
-    assert pooled.shape == (2, 2 * width * SLOT_FEATURES)
-    pooled = pooled + model.hidden.outer(torch.relu(model.hidden.inner(pooled)))
     logits = model.head(pooled)
     want_loss = F.cross_entropy(logits, labels)
     want = grads_of(model, want_loss)
