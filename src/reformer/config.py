@@ -99,6 +99,10 @@ class ReformerConfig:
     loss_chunk_size: int = 4096
     attn_head_chunk_size: int = 1
     init_std: float = 0.02
+    # the token embedding's initial std (None: init_std). Sinusoidal positions have unit
+    # amplitude, so at 0.02 a token's identity is ~3% of its input vector: ListOps's
+    # classifier then never learned which digits its root holds (docs/lra.md, tenth run)
+    embed_init_std: float | None = None
     # Hugging Face's Reformer function exactly (interop/hf.py; DESIGN.md 3.3): keys
     # x / sqrt(|x|^2 + E*1e-6), circular local windows, padding to the lcm of the chunk
     # lengths with pad_token_id, HF's rotation draw for a hash_seed and bucket count
@@ -169,6 +173,10 @@ class ReformerConfig:
             value = getattr(self, name)
             if not is_real(value) or not 0.0 < value < math.inf:
                 fail(name, value, "must be a finite number > 0", f"pass e.g. {name}={example}")
+        if self.embed_init_std is not None and not (
+                is_real(self.embed_init_std) and 0.0 < self.embed_init_std < math.inf):
+            fail("embed_init_std", self.embed_init_std, "must be a finite number > 0 or None",
+                 "pass e.g. embed_init_std=0.7, or None for init_std")
         for name in ("n_chunks_before", "n_chunks_after", "local_n_chunks_before",
                      "local_n_chunks_after", "pad_token_id"):
             value = getattr(self, name)

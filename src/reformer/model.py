@@ -67,7 +67,9 @@ class ReformerTrunk(nn.Module):
         self.norm = nn.LayerNorm(2 * config.d_model, eps=config.layer_norm_eps)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Embedding) and self.config.embed_init_std is not None:
+            nn.init.normal_(module.weight, std=self.config.embed_init_std)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
