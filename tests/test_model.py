@@ -361,3 +361,20 @@ def test_bf16_autocast_forward_backward_is_close_to_fp32(make_model, ids, return
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("embed_init_std", [None, 0.7])
+def test_embed_init_std_draws_the_token_embedding_only(embed_init_std):
+    from reformer import ReformerConfig, ReformerLM
+    from reformer.heads import ReformerForSequenceClassification
+
+    config = ReformerConfig(vocab_size=512, d_model=64, n_heads=2, d_ff=64, n_layers=2,
+                            max_seq_len=64, embed_init_std=embed_init_std)
+    torch.manual_seed(0)
+    for model in (ReformerLM(config),
+                  ReformerForSequenceClassification(config.replace(causal=False), 10)):
+        expected = 0.02 if embed_init_std is None else embed_init_std
+        assert abs(model.embed.weight.std().item() / expected - 1) < 0.05
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "hidden.outer":
+                assert abs(module.weight.std().item() / 0.02 - 1) < 0.2, name

@@ -131,6 +131,7 @@ INVALID = {
     "attention_dropout": [-0.5, 1.5, math.nan, "0"],
     "layer_norm_eps": [0.0, -1e-5, math.nan, math.inf, "1e-5", None],
     "init_std": [0.0, -0.02, math.nan, math.inf, None],
+    "embed_init_std": [0.0, -0.7, math.nan, math.inf, "0.7", True],
 }
 BASE = dict(vocab_size=16, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=64)
 
