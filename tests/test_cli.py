@@ -56,6 +56,12 @@ def test_train_generate_eval(setup, capsys):
     assert table[0].split() == ["hash", "rounds", "bits/char"] and len(table) == 3
 
 
+def test_emulated_bf16_is_flagged_when_a_run_starts(setup, capsys, monkeypatch):
+    monkeypatch.setattr("reformer.training.metrics.cpu_has_native_bf16", lambda: False)
+    assert main(train_args(setup, "--precision", "bf16", "--steps", "1")) == 0
+    assert "bf16 is emulated" in capsys.readouterr().out
+
+
 def test_resume_continues_and_rejects_another_config(setup, capsys):
     assert main(train_args(setup)) == 0
     assert main(train_args(setup)) == 2  # the run exists: --resume or another --out

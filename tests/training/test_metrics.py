@@ -36,3 +36,14 @@ def test_bits_are_the_mean_over_labelled_tokens_not_over_sequences():
     assert metrics["first_logit"] == pytest.approx(float(logits[:, 0, 0].mean()), rel=1e-5)
     plain, none = evaluate_sequences(model, inputs)  # language modelling: every position
     assert none == {} and math.isfinite(plain) and plain != pytest.approx(bits)
+
+
+def test_precision_warning_only_for_emulated_bf16_on_the_cpu():
+    from reformer.training.metrics import precision_warning
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    warning = precision_warning(cpu, "bf16", native=lambda: False)
+    assert warning is not None and "--precision fp32" in warning
+    assert precision_warning(cpu, "bf16", native=lambda: True) is None
+    assert precision_warning(cpu, "fp32", native=lambda: False) is None
+    assert precision_warning(cuda, "bf16", native=lambda: False) is None

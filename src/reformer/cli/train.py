@@ -26,6 +26,7 @@ from reformer.parallel.world import World, close_world, init_world
 from reformer.presets import DEFAULT_PRESET, PRESETS
 from reformer.training import checkpoint as ckpt
 from reformer.training.config import TrainConfig, resolve_run_config
+from reformer.training.metrics import precision_warning
 from reformer.training.trainer import (
     Callback,
     EvalReport,
@@ -169,7 +170,9 @@ def describe(trainer: Trainer) -> str:
             f"data: {trainer.task.describe()}"
             + (f"; resuming at step {trainer.step}" if trainer.step else "")
             + (f"\ntrunk from {cfg.init_from} (step {trainer.init_step})"
-               if trainer.init_step is not None else ""))
+               if trainer.init_step is not None else "")
+            + (f"\n{warning}" if (warning := precision_warning(trainer.device, cfg.precision))
+               else ""))
 
 
 def run_training(trainer: Trainer) -> RunResult:
