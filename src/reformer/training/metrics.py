@@ -47,7 +47,7 @@ def precision_warning(device: torch.device, precision: str,
     """A line for the run's banner when bf16 on ``device`` will be emulated, else None.
 
     On a CPU without bf16 instructions (an AMD EPYC Zen 3, AVX2) the ListOps preset ran at
-    1,000-1,900 tokens/s in bf16 against 12,000-16,000 in fp32 (docs/lra.md, tenth run).
+    about 1,000-1,900 tokens/s in bf16 against 11,000-18,500 in fp32 (docs/lra.md, tenth run).
     """
     if precision != "bf16" or device.type != "cpu" or (native or cpu_has_native_bf16)():
         return None
