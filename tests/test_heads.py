@@ -173,8 +173,21 @@ def test_bert_mask_chooses_fifteen_percent_and_replaces_eighty_ten_ten():
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
 
 
+@pytest.mark.parametrize("first,mask_id", [(1, 31), (1, 0), (3, 2)])
+def test_bert_mask_draws_replacements_from_first_random_id_on_never_the_mask(first, mask_id):
+    ids = torch.randint(first, 32, (64, 512), generator=torch.Generator().manual_seed(0))
+    inputs, labels = bert_mask(ids, mask_id, 32, p=1.0, first_random_id=first,
+                               generator=torch.Generator().manual_seed(1))
+    replaced = (inputs != ids) & (inputs != mask_id)
+    drawn = inputs[replaced].unique()
+    allowed = set(range(first, 32)) - {mask_id}
+    assert set(drawn.tolist()) == allowed  # every allowed id is drawn, no other
+
+
 @pytest.mark.parametrize("kwargs,match", [({"p": 0.0}, "p=0.0"), ({"p": 1.5}, "p=1.5"),
-                                          ({"mask_token_id": 32}, "mask_token_id=32")])
+                                          ({"mask_token_id": 32}, "mask_token_id=32"),
+                                          ({"first_random_id": 31}, "first_random_id=31"),
+                                          ({"first_random_id": -1}, "first_random_id=-1")])
 def test_bert_mask_refuses_bad_settings(kwargs, match):
     args = {"mask_token_id": 31, **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -191,7 +191,19 @@ def test_listops_mlm_masks_the_listops_inputs_and_labels_only_real_tokens():
     assert torch.equal(inputs[~chosen], ids[~chosen])
     assert (inputs[chosen] == LISTOPS_MASK_TOKEN).float().mean() > 0.7
     assert (inputs[~chosen] < LISTOPS_MASK_TOKEN).all()
+    assert (inputs[mask] != 0).all()  # no real token is replaced by padding
     val_a = masked.eval_set()
     val_b = build_task(spec("listops-mlm", seq_len=2048, seed=5)).eval_set()
     assert all(torch.equal(a, b) for a, b in zip(val_a, val_b, strict=True))
     assert (val_a[2] != -100).any()
+
+
+def test_listops_mlm_test_split_masks_the_listops_test_inputs_whatever_the_seed():
+    masked = build_task(spec("listops-mlm", seq_len=2048))
+    ids, mask, _ = build_task(spec("listops", seq_len=2048)).test_set(4)
+    inputs, same_mask, labels = masked.test_set(4)
+    chosen = labels != -100
+    assert torch.equal(mask, same_mask) and chosen.any() and not chosen[~mask].any()
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    again = build_task(spec("listops-mlm", seq_len=2048, seed=5)).test_set(4)
+    assert all(torch.equal(a, b) for a, b in zip((inputs, mask, labels), again, strict=True))

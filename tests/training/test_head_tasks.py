@@ -109,8 +109,11 @@ def test_batched_evaluation_equals_one_example_at_a_time(reviews, tmp_path):
     assert together[0] == pytest.approx(out.loss.item() / math.log(2), rel=1e-9)
     right = (out.logits.argmax(-1) == labels).float().mean().item()
     assert together[1]["accuracy"] == pytest.approx(right)
-    picked = classify_examples(model, ids, mask, labels, batch_size=3)  # the answers, each
+    picked, bits = classify_examples(model, ids, mask, labels, batch_size=3)  # each answer
     assert torch.equal(picked, out.logits.argmax(-1))
+    by_hand = torch.nn.functional.cross_entropy(out.logits, labels, reduction="none")
+    assert torch.allclose(bits, by_hand / math.log(2), rtol=1e-9)
+    assert bits.mean().item() == pytest.approx(together[0], rel=1e-9)
 
 
 def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_path, reviews,
@@ -131,7 +134,7 @@ def test_cli_trains_and_scores_a_classifier_and_listops_has_a_test_split(tmp_pat
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "%" in printed
     assert main(["eval", "--checkpoint", str(out), "--split", "test"]) == 2
-    assert "only ListOps has a test split" in capsys.readouterr().err
+    assert "only the listops and listops-mlm tasks have a test split" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(out), "--prompt", "yes"]) == 2
     assert "is a classify run, not a text model; use reformer eval" in capsys.readouterr().err
     with pytest.raises(ValueError, match="evaluate_head_run"):
@@ -164,6 +167,8 @@ def listops_pair(tmp_path, **model):
 def test_init_from_starts_the_trunk_from_another_runs_checkpoint(tmp_path):
     _, fine = listops_pair(tmp_path)
     source, _ = ckpt.load_model(tmp_path / "pre")
+    (bits, scores), = evaluate_head_run(tmp_path / "pre", split="test", n_examples=2).values()
+    assert math.isfinite(bits) and 0 <= scores["accuracy"] <= 1  # the MLM scores on test too
     started = Trainer.create(tmp_path / "fine", fine)
     assert started.init_step == 2
     theirs, ours = source.state_dict(), started.module.state_dict()

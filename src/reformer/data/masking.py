@@ -40,22 +40,33 @@ LISTOPS_MASK_TOKEN = len(listops.VOCAB)  # listops-mlm's mask id: one past ListO
 
 def bert_mask(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, *,
               p: float = 0.15, attention_mask: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids -> (masked inputs (B, L), labels (B, L) with -100 where not chosen)."""
+              generator: torch.Generator | None = None, first_random_id: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids -> (masked inputs (B, L), labels (B, L) with -100 where not chosen).
+
+    Random replacements are drawn from ids ``first_random_id`` to ``vocab_size - 1``, never
+    the mask token; pass 1 where id 0 pads, so that no real token is replaced by padding.
+    """
     if not is_real(p) or not 0 < p <= 1:
         fail("p", p, "must lie in (0, 1] (the share of tokens to predict)", "pass e.g. 0.15")
     if not is_int(mask_token_id) or not 0 <= mask_token_id < vocab_size:
         fail("mask_token_id", mask_token_id, f"is not an id of the vocabulary [0, {vocab_size})",
              "reserve one id of the vocabulary for the mask token (e.g. vocab_size - 1)")
+    if not is_int(first_random_id) or not 0 <= first_random_id < vocab_size - 1:
+        fail("first_random_id", first_random_id,
+             f"must lie in [0, {vocab_size - 1}) (the first id random replacements are drawn "
+             "from)", "pass 0, or 1 where id 0 pads")
     draw = torch.rand(input_ids.shape + (2,), generator=generator).to(input_ids.device)
     chosen = draw[..., 0] < p
     if attention_mask is not None:
         chosen &= attention_mask.bool()
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     action = draw[..., 1]  # uniform: [0, 0.8) mask, [0.8, 0.9) random, [0.9, 1) keep
-    random_ids = torch.randint(0, vocab_size - 1, input_ids.shape, generator=generator
-                               ).to(input_ids)
-    random_ids += random_ids >= mask_token_id  # any token but the mask token
+    skips_mask = mask_token_id >= first_random_id
+    random_ids = torch.randint(first_random_id, vocab_size - skips_mask, input_ids.shape,
+                               generator=generator).to(input_ids)
+    if skips_mask:
+        random_ids += random_ids >= mask_token_id  # any token but the mask token
     inputs = torch.where(chosen & (action < 1 - KEEP - RANDOM), mask_token_id, input_ids)
     inputs = torch.where(chosen & (action >= 1 - KEEP - RANDOM) & (action < 1 - KEEP),
                          random_ids, inputs)
@@ -123,7 +134,7 @@ class MaskedListOpsTask(ListOpsTask):
     def _mask(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
               ) -> tuple[torch.Tensor, torch.Tensor]:
         return bert_mask(ids, LISTOPS_MASK_TOKEN, self.vocab_size, p=self.spec.mask_prob,
-                         attention_mask=mask, generator=generator)
+                         attention_mask=mask, generator=generator, first_random_id=1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, _ = super().next_batch()  # this rank's rows, padded to their longest
@@ -140,6 +151,12 @@ class MaskedListOpsTask(ListOpsTask):
             inputs, labels = self._mask(ids, mask, torch.Generator().manual_seed(0))
             self._held_out = (inputs, mask, labels)
         return self._held_out
+
+    def test_set(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``n`` test inputs, masked the same way whatever the run's seed."""
+        ids, mask, _ = super().test_set(n)
+        inputs, labels = self._mask(ids, mask, torch.Generator().manual_seed(0))
+        return inputs, mask, labels
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "masks": self.mask_generator.get_state()}

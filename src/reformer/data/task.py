@@ -163,9 +163,14 @@ TASK_CLASSES = {"text": ("text", "TextTask"), "images": ("images", "ImageTask"),
                 "seq2seq": ("pairs", "PairTask")}
 
 
+def task_class(task: str) -> type[Task]:
+    """The class of the task named ``task`` (its data not loaded)."""
+    if task not in TASK_CLASSES:
+        raise ValueError(f"task={task!r} is unknown; use one of {TASKS}")
+    module, name = TASK_CLASSES[task]
+    return getattr(importlib.import_module(f"reformer.data.{module}"), name)
+
+
 def build_task(spec: TaskSpec) -> Task:
     """The task that ``spec.task`` names, with its data loaded and its sampler seeded."""
-    if spec.task not in TASK_CLASSES:
-        raise ValueError(f"task={spec.task!r} is unknown; use one of {TASKS}")
-    module, name = TASK_CLASSES[spec.task]
-    return getattr(importlib.import_module(f"reformer.data.{module}"), name)(spec)
+    return task_class(spec.task)(spec)

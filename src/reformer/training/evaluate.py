@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reformer.config import check_positive_int
 from reformer.data import text
-from reformer.data.task import build_task, task_head
+from reformer.data.task import build_task, task_class, task_head
 from reformer.training.checkpoint import load_model, read_config
 from reformer.training.metrics import evaluate_head, evaluate_sequences
 from reformer.training.trainer import resolve_device
@@ -74,8 +74,8 @@ def evaluate_head_run(run_dir: str | Path, split: str = "validation",
     """Held-out loss and accuracy of a classifier or masked-LM run, per number of hash rounds.
 
     Args:
-        split: "validation" (the run's held-out set) or, for ListOps, "test" (examples that
-            neither training nor validation drew).
+        split: "validation" (the run's held-out set) or, for listops and listops-mlm, "test"
+            (examples that neither training nor validation drew; masked for listops-mlm).
         n_examples: how many examples (default: the run's eval_windows; for sequences of the
             mlm task, windows).
 
@@ -87,9 +87,10 @@ def evaluate_head_run(run_dir: str | Path, split: str = "validation",
     cfg = run.training
     if split not in ("validation", "test"):
         raise ValueError(f"split={split!r} is unknown; use validation or test")
-    if split == "test" and cfg.task != "listops":
-        raise ValueError(f"only ListOps has a test split; {run_dir} is a {cfg.task} run "
-                         "(evaluate on other data by passing it as the run's --val-data)")
+    if split == "test" and not hasattr(task_class(cfg.task), "test_set"):
+        raise ValueError(f"only the listops and listops-mlm tasks have a test split; {run_dir} "
+                         f"is a {cfg.task} run (evaluate on other data by passing it as the "
+                         "run's --val-data)")
     n = _given_or(n_examples, "n_examples", cfg.eval_windows)
     task = build_task(cfg.replace(eval_windows=n).task_spec())
     held_out = task.test_set(n) if split == "test" else task.eval_set()
