@@ -27,7 +27,7 @@ _SPEC.loader.exec_module(report)
     ("[MED [SM 1 ] ]", []),
 ])
 def test_edge_digits_of_written_examples(text, edge):
-    assert report._edge_digits(text.split()) == edge
+    assert report._edge_digits(listops.parse(text.split())[1]) == edge
 
 
 def _runs_of_digit_tokens(symbols):
@@ -49,7 +49,7 @@ def _runs_of_digit_tokens(symbols):
 def test_edge_digits_are_the_digit_runs_next_to_either_end():
     for i in range(40):
         symbols, _ = listops.example(0, "train", i)
-        assert report._edge_digits(symbols) == _runs_of_digit_tokens(symbols), i
+        assert report._edge_digits(listops.parse(symbols)[1]) == _runs_of_digit_tokens(symbols), i
 
 
 def test_by_root_splits_the_runs_scored_answers(tmp_path):
@@ -61,13 +61,18 @@ def test_by_root_splits_the_runs_scored_answers(tmp_path):
     training = TrainConfig(task="listops", seq_len=2048, batch_size=2, steps=2, eval_every=2,
                            eval_windows=2, device="cpu", pooling="ends", pool_width=2)
     Trainer.create(tmp_path / "run", RunConfig(model, training, preset=None)).run_loop()
-    split = report.by_root(tmp_path / "run", 12)
+    scored, split = report.score(tmp_path / "run", 12, [3])
     assert set(split) <= {"MAX", "MIN", "MED", "SM"}
     assert sum(c["examples"] for c in split.values()) == 12
 
     def total(key):
         return sum(c[key] * c["examples"] for c in split.values()) / 12
-    scored = evaluate_head_run(tmp_path / "run", "test", n_examples=12, device="cpu")
-    assert total("accuracy") == pytest.approx(next(iter(scored.values()))[1]["accuracy"])
+    by_eval = evaluate_head_run(tmp_path / "run", "test", n_hashes=(None, 3), n_examples=12,
+                                device="cpu")
+    assert list(scored) == list(by_eval) == [model.n_hashes, 3]  # the trained rounds first
+    for rounds, (bits, metrics) in by_eval.items():  # what `reformer eval` prints
+        assert scored[rounds]["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert scored[rounds]["bits"] == pytest.approx(bits, rel=1e-6)
+    assert total("accuracy") == pytest.approx(scored[model.n_hashes]["accuracy"])
     assert total("rule_accuracy") == pytest.approx(report.root_rule("test", 12)["accuracy"])
     assert all(0 <= c["answered_otherwise"] <= 1 for c in split.values())

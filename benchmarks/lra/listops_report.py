@@ -7,8 +7,9 @@
         --test 2000 --out docs
 
 For each run it scores the newest checkpoint on the first ``--test`` examples of the ListOps
-test split (never drawn in training or validation) with ``reformer.training.evaluate`` (with
-the hash rounds it trained with, and for LSH runs also with each of ``--more-hashes``), reads
+test split (never drawn in training or validation) with the forwards ``reformer eval`` runs
+(``reformer.training.metrics.classify_examples``: the same batches and seeds), once with the
+hash rounds it trained with, and for LSH runs also with each of ``--more-hashes``; it reads
 the validation accuracy after every evaluation from ``metrics.jsonl`` with the wall time it was
 reached at, scores two rules that read no expression on the same test examples (the most
 frequent class, and the most frequent class of each root operator), writes
@@ -35,7 +36,6 @@ from reformer.data import listops
 from reformer.data.labelled import ListOpsTask
 from reformer.data.task import build_task
 from reformer.training import checkpoint as ckpt
-from reformer.training.evaluate import evaluate_head_run
 from reformer.training.metrics import MetricsLog, classify_examples
 
 PUBLISHED = {"Transformer (LRA paper)": 36.37, "Reformer (LRA paper)": 37.27}
@@ -83,9 +83,9 @@ def root_rule(split: str, n: int, n_fit: int = 5000) -> dict[str, float]:
     return {"accuracy": right / n, "bits": bits / n}
 
 
-def _top_digits(symbols: list[str]) -> tuple[list[tuple[int, int]], int]:
-    """The root's digit arguments as (token position, digit), and the sequence's length."""
-    op, args = listops.parse(symbols)
+def _top_digits(args: list) -> list[tuple[int, int]]:
+    """The root's digit arguments (``args``, as listops.parse gives them) as (token position,
+    digit)."""
     position, digits = 1, []
     for arg in args:
         if isinstance(arg, int):
@@ -93,15 +93,15 @@ def _top_digits(symbols: list[str]) -> tuple[list[tuple[int, int]], int]:
             position += 1
         else:
             position += len(listops.tokens(arg))
-    return digits, len(symbols)
+    return digits
 
 
-def _edge_digits(symbols: list[str]) -> list[int]:
+def _edge_digits(args: list) -> list[int]:
     """The root's digit arguments that no nested operator separates from either end: those
     before its first nested operator and after its last (all of them if it has none). A
     reader of the sequence finds them without counting brackets: the run of digits right
-    after the root operator, and the run right before the closing ']'."""
-    op, args = listops.parse(symbols)
+    after the root operator, and the run right before the closing ']'. ``args`` as
+    listops.parse gives them."""
     nested = [k for k, arg in enumerate(args) if not isinstance(arg, int)]
     if not nested:
         return list(args)
@@ -131,9 +131,10 @@ def shallow_rules(n_test: int, n_fit: int = 20000, window: int = 128) -> dict[st
     def cases(split: str, n: int):
         for i in range(n):
             symbols, value = listops.example(ListOpsTask.DATA_SEED, split, i)
-            digits, length = _top_digits(symbols)
+            args = listops.parse(symbols)[1]
+            digits, length = _top_digits(args), len(symbols)
             near = [d for p, d in digits if p < window or p >= length - window]
-            yield symbols[0], value, {"edge": _edge_digits(symbols), "ends": near,
+            yield symbols[0], value, {"edge": _edge_digits(args), "ends": near,
                                       "all": [d for _, d in digits]}
 
     fitted = {"edge": defaultdict(Counter), "ends": defaultdict(Counter),
@@ -172,18 +173,33 @@ def trained_minutes(records: list[dict], step: int) -> float:
                default=0.0) / 60
 
 
-def by_root(run_dir: Path, n_test: int) -> dict[str, dict[str, float]]:
-    """The run's test answers split by root operator: how many examples, its accuracy, the
-    root-operator rule's, and the share it answers otherwise than the rule. A classifier that
-    reads no more than the root operator answers as the rule on every MAX and MIN root."""
+def score(run_dir: Path, n_test: int, more_hashes: list[int]
+          ) -> tuple[dict[int, dict[str, float]], dict[str, dict[str, float]]]:
+    """The run's first ``n_test`` test examples scored once per number of hash rounds (those
+    it trained with first, then ``more_hashes``): {rounds: accuracy and bits per example},
+    and the first rounds' answers split by root operator (:func:`by_root`)."""
     model, run = ckpt.load_model(run_dir, "cpu")
     task = build_task(run.training.replace(eval_windows=n_test).task_spec())
     ids, mask, labels = task.test_set(n_test)
-    picked = classify_examples(model, ids, mask, labels, seed=run.training.seed,
-                               precision=run.training.precision).tolist()
+    scored, picks = {}, []
+    for rounds in (run.model.n_hashes, *more_hashes):
+        picked, bits = classify_examples(model, ids, mask, labels, n_hashes=rounds,
+                                         seed=run.training.seed,
+                                         precision=run.training.precision)
+        scored.setdefault(rounds, {"accuracy": (picked == labels).double().mean().item(),
+                                   "bits": bits.mean().item()})
+        picks.append(picked)
+    return scored, by_root(ids[:, 0].tolist(), picks[0].tolist(), labels.tolist())
+
+
+def by_root(roots: list[int], picked: list[int], labels: list[int]
+            ) -> dict[str, dict[str, float]]:
+    """Test answers split by root operator id: how many examples, their accuracy, the
+    root-operator rule's, and the share answered otherwise than the rule. A classifier that
+    reads no more than the root operator answers as the rule on every MAX and MIN root."""
     rule = {op: counts.most_common(1)[0][0] for op, counts in _root_counts(5000).items()}
     split: dict[str, Counter] = defaultdict(Counter)
-    for op_id, answer, value in zip(ids[:, 0].tolist(), picked, labels.tolist(), strict=True):
+    for op_id, answer, value in zip(roots, picked, labels, strict=True):
         op = listops.VOCAB[op_id]
         split[op].update(n=1, right=answer == value, rule_right=rule[op] == value,
                          otherwise=answer != rule[op])
@@ -215,10 +231,8 @@ def main() -> None:
     for run_dir in args.runs:
         t0 = time.perf_counter()
         extra = args.more_hashes if "lsh" in attention(run_dir) else []
-        scored = evaluate_head_run(run_dir, "test", n_hashes=(None, *extra),
-                                   n_examples=args.test, device="cpu")
-        bits, metrics = next(iter(scored.values()))  # the rounds it trained with, first
-        accuracy = metrics["accuracy"]
+        scored, roots = score(run_dir, args.test, extra)
+        accuracy, bits = next(iter(scored.values())).values()  # the rounds it trained with
         records = MetricsLog(run_dir / ckpt.METRICS_FILE).read()
         points = curve(records)
         # the scored checkpoint's step: a stopped run's is after its last evaluation
@@ -228,9 +242,7 @@ def main() -> None:
                         "test_examples": args.test, "test_accuracy": accuracy,
                         "test_bits": bits, "best_val_accuracy": max(p[2] for p in points),
                         "final_val_accuracy": points[-1][2], "curve": points,
-                        "test_by_hash_rounds": {r: {"accuracy": m["accuracy"], "bits": b}
-                                                for r, (b, m) in scored.items()},
-                        "test_by_root": by_root(run_dir, args.test),
+                        "test_by_hash_rounds": scored, "test_by_root": roots,
                         "eval_seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
     rules = {**baselines(args.test), **shallow_rules(args.test)}

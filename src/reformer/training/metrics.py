@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from reformer.model import ReformerLM
 from reformer.parallel.world import World
@@ -171,15 +172,19 @@ def evaluate_examples(model: torch.nn.Module, inputs: torch.Tensor,
 def classify_examples(model: torch.nn.Module, inputs: torch.Tensor,
                       attention_mask: torch.Tensor | None, labels: torch.Tensor,
                       n_hashes: int | None = None, seed: int = 0, precision: str = "fp32",
-                      batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """(N,) the class a classifier picks for each of N examples, from the very forwards that
-    :func:`evaluate_examples` scores (same batches, same seeds), so the share that equals
-    ``labels`` is its accuracy; for breaking that accuracy down by kind of example."""
+                      batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) the class a classifier picks for each of N examples and (N,) its loss on each in
+    bits, from the very forwards that :func:`evaluate_examples` scores (same batches, same
+    seeds): the share of picks that equal ``labels`` is its accuracy and the mean loss its
+    bits per example. For breaking both down by kind of example."""
     picked = torch.empty(len(inputs), dtype=torch.long)
-    for rows, _, out, _ in _head_batches(model, inputs, attention_mask, labels, n_hashes, seed,
-                                         precision, World(), batch_size):
+    bits = torch.empty(len(inputs), dtype=torch.float64)
+    for rows, _, out, target in _head_batches(model, inputs, attention_mask, labels, n_hashes,
+                                              seed, precision, World(), batch_size):
         picked[rows] = out.logits.argmax(dim=-1).cpu()
-    return picked
+        wide = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
+        bits[rows] = F.cross_entropy(wide, target.long(), reduction="none").cpu().double() / LN2
+    return picked, bits
 
 
 def _head_batches(model: torch.nn.Module, inputs: torch.Tensor,
