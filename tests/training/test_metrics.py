@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ReformerLM
+from reformer.training import metrics
 from reformer.training.metrics import LN2, evaluate_sequences
 
 
@@ -47,3 +48,17 @@ def test_precision_warning_only_for_emulated_bf16_on_the_cpu():
     assert precision_warning(cpu, "bf16", native=lambda: True) is None
     assert precision_warning(cpu, "fp32", native=lambda: False) is None
     assert precision_warning(cuda, "bf16", native=lambda: False) is None
+
+
+def test_native_bf16_falls_back_to_the_cpu_flags_without_the_onednn_query(tmp_path,
+                                                                          monkeypatch):
+    class NoQuery:  # a torch build without the private oneDNN op
+        def __getattr__(self, name):
+            raise AttributeError(name)
+    monkeypatch.setattr(torch.ops, "mkldnn", NoQuery())
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert metrics.cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert not metrics.cpu_has_native_bf16(info)
+    assert not metrics.cpu_has_native_bf16(tmp_path / "absent")

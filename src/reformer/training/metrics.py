@@ -35,12 +35,23 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN finds bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names for bf16 instructions
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): oneDNN's answer, or where a
+    torch build lacks that (private) query, the flags in ``cpuinfo`` (False where unreadable)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 either
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no answer, and a warning is the safer side
         return False
+    flags = {f for line in text.splitlines() if line.startswith("flags")
+             for f in line.partition(":")[2].split()}
+    return any(f in flags for f in BF16_CPU_FLAGS)
 
 
 def precision_warning(device: torch.device, precision: str,
