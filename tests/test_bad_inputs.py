@@ -159,6 +159,12 @@ def test_eval_refuses_zero_instead_of_using_the_default(flags, named, text_run, 
     assert out == ""
 
 
+def test_eval_test_split_names_the_tasks_that_have_one(text_run, capsys):
+    code, _, err = run_cli(capsys, ["eval", "--checkpoint", text_run, "--split", "test"])
+    assert_one_line_error(code, err, "--split test applies to listops and listops-mlm runs",
+                          "is a text run")
+
+
 def test_held_out_windows_refuse_zero():
     from reformer.data.text import ByteCorpus
 

@@ -12,6 +12,7 @@ from reformer import ReformerConfig
 from reformer.data import listops
 from reformer.training.config import RunConfig, TrainConfig
 from reformer.training.evaluate import evaluate_head_run
+from reformer.training.metrics import classify_examples
 from reformer.training.trainer import Trainer
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lra" / "listops_report.py"
@@ -52,7 +53,7 @@ def test_edge_digits_are_the_digit_runs_next_to_either_end():
         assert report._edge_digits(listops.parse(symbols)[1]) == _runs_of_digit_tokens(symbols), i
 
 
-def test_by_root_splits_the_runs_scored_answers(tmp_path):
+def test_by_root_splits_the_runs_scored_answers(tmp_path, monkeypatch):
     """The breakdown covers every test example, and its accuracy and the rule's add up to
     what the evaluation and the rule score on the same examples."""
     model = ReformerConfig(vocab_size=17, max_seq_len=2048, d_model=16, n_heads=2, d_ff=32,
@@ -61,7 +62,11 @@ def test_by_root_splits_the_runs_scored_answers(tmp_path):
     training = TrainConfig(task="listops", seq_len=2048, batch_size=2, steps=2, eval_every=2,
                            eval_windows=2, device="cpu", pooling="ends", pool_width=2)
     Trainer.create(tmp_path / "run", RunConfig(model, training, preset=None)).run_loop()
-    scored, split = report.score(tmp_path / "run", 12, [3])
+    passes = []
+    monkeypatch.setattr(report, "classify_examples", lambda *a, **k: passes.append(k["n_hashes"])
+                        or classify_examples(*a, **k))
+    scored, split = report.score(tmp_path / "run", 12, [3, model.n_hashes])
+    assert passes == [model.n_hashes, 3]  # one pass per number of rounds
     assert set(split) <= {"MAX", "MIN", "MED", "SM"}
     assert sum(c["examples"] for c in split.values()) == 12
 

@@ -181,15 +181,15 @@ def score(run_dir: Path, n_test: int, more_hashes: list[int]
     model, run = ckpt.load_model(run_dir, "cpu")
     task = build_task(run.training.replace(eval_windows=n_test).task_spec())
     ids, mask, labels = task.test_set(n_test)
-    scored, picks = {}, []
-    for rounds in (run.model.n_hashes, *more_hashes):
+    scored, first = {}, None
+    for rounds in dict.fromkeys((run.model.n_hashes, *more_hashes)):  # each once, in order
         picked, bits = classify_examples(model, ids, mask, labels, n_hashes=rounds,
                                          seed=run.training.seed,
                                          precision=run.training.precision)
-        scored.setdefault(rounds, {"accuracy": (picked == labels).double().mean().item(),
-                                   "bits": bits.mean().item()})
-        picks.append(picked)
-    return scored, by_root(ids[:, 0].tolist(), picks[0].tolist(), labels.tolist())
+        scored[rounds] = {"accuracy": (picked == labels).double().mean().item(),
+                          "bits": bits.mean().item()}
+        first = picked if first is None else first
+    return scored, by_root(ids[:, 0].tolist(), first.tolist(), labels.tolist())
 
 
 def by_root(roots: list[int], picked: list[int], labels: list[int]
@@ -232,7 +232,8 @@ def main() -> None:
         t0 = time.perf_counter()
         extra = args.more_hashes if "lsh" in attention(run_dir) else []
         scored, roots = score(run_dir, args.test, extra)
-        accuracy, bits = next(iter(scored.values())).values()  # the rounds it trained with
+        trained = next(iter(scored.values()))  # with the hash rounds it trained with
+        accuracy, bits = trained["accuracy"], trained["bits"]
         records = MetricsLog(run_dir / ckpt.METRICS_FILE).read()
         points = curve(records)
         # the scored checkpoint's step: a stopped run's is after its last evaluation

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reformer.cli.train import add_train_flags, in_world, resume_dir, train_changes
 from reformer.config import ReformerConfig
-from reformer.data.task import UNITS, task_head
+from reformer.data.task import UNITS, task_head, test_split_tasks
 from reformer.training import checkpoint as ckpt
 from reformer.training.checkpoint import with_attention
 from reformer.training.config import RunConfig, check_device, resolve_run_config
@@ -49,9 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   + "   ".join(f"{100 * metrics[k]:{len(k) - 1}.2f}%" for k in names))
         return 0
     if args.split != "validation":
-        raise ValueError(f"--split {args.split} applies to listops and listops-mlm runs; "
-                         f"{args.checkpoint} is a {run.training.task} run (pass --data for "
-                         "other held-out text)")
+        raise ValueError(f"--split {args.split} applies to {' and '.join(test_split_tasks())} "
+                         f"runs; {args.checkpoint} is a {run.training.task} run (pass --data "
+                         "for other held-out text)")
     results = evaluate_run(args.checkpoint, args.data or (), args.n_hashes or (None,),
                            n_windows=args.windows, seq_len=args.seq_len, device=args.device)
     print(f"hash rounds   bits/{unit}")
@@ -120,8 +120,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="number of windows, or examples for classifiers (default: the run's "
                     "eval_windows)")
     ev.add_argument("--split", choices=("validation", "test"), default="validation",
-                    help="listops and listops-mlm runs: the held-out split to score (default: "
-                    "%(default)s)")
+                    help=f"{' and '.join(test_split_tasks())} runs: the held-out split to "
+                    "score (default: %(default)s)")
     ev.add_argument("--seq-len", type=int, metavar="N",
                     help="window length (default: the run's seq_len)")
     ev.add_argument("--device", default="auto",

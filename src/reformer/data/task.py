@@ -171,6 +171,11 @@ def task_class(task: str) -> type[Task]:
     return getattr(importlib.import_module(f"reformer.data.{module}"), name)
 
 
+def test_split_tasks() -> list[str]:
+    """The tasks with a test split (a ``test_set`` method), in the order of TASKS."""
+    return [task for task in TASKS if hasattr(task_class(task), "test_set")]
+
+
 def build_task(spec: TaskSpec) -> Task:
     """The task that ``spec.task`` names, with its data loaded and its sampler seeded."""
     return task_class(spec.task)(spec)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reformer.config import check_positive_int
 from reformer.data import text
-from reformer.data.task import build_task, task_class, task_head
+from reformer.data.task import build_task, task_head, test_split_tasks
 from reformer.training.checkpoint import load_model, read_config
 from reformer.training.metrics import evaluate_head, evaluate_sequences
 from reformer.training.trainer import resolve_device
@@ -87,10 +87,10 @@ def evaluate_head_run(run_dir: str | Path, split: str = "validation",
     cfg = run.training
     if split not in ("validation", "test"):
         raise ValueError(f"split={split!r} is unknown; use validation or test")
-    if split == "test" and not hasattr(task_class(cfg.task), "test_set"):
-        raise ValueError(f"only the listops and listops-mlm tasks have a test split; {run_dir} "
-                         f"is a {cfg.task} run (evaluate on other data by passing it as the "
-                         "run's --val-data)")
+    if split == "test" and cfg.task not in test_split_tasks():
+        raise ValueError(f"only the {' and '.join(test_split_tasks())} tasks have a test split; "
+                         f"{run_dir} is a {cfg.task} run (evaluate on other data by passing it "
+                         "as the run's --val-data)")
     n = _given_or(n_examples, "n_examples", cfg.eval_windows)
     task = build_task(cfg.replace(eval_windows=n).task_spec())
     held_out = task.test_set(n) if split == "test" else task.eval_set()
