@@ -81,3 +81,15 @@ def test_by_root_splits_the_runs_scored_answers(tmp_path, monkeypatch):
     assert total("accuracy") == pytest.approx(scored[model.n_hashes]["accuracy"])
     assert total("rule_accuracy") == pytest.approx(report.root_rule("test", 12)["accuracy"])
     assert all(0 <= c["answered_otherwise"] <= 1 for c in split.values())
+
+
+def test_the_full_attention_comparison_is_the_preset_with_full_attention_only():
+    # docs/lra.md compares the listops preset with benchmarks/lra/listops-full.json at the
+    # same budget; the comparison is about attention only if nothing else differs.
+    from reformer.training.config import resolve_run_config
+
+    preset = resolve_run_config(preset="listops")
+    full = resolve_run_config(config_file=_PATH.parent / "listops-full.json")
+    assert full.model.attn_layers == ("full",)
+    assert full.model == preset.model.replace(attn_layers=("full",))
+    assert full.training == preset.training
