@@ -65,7 +65,7 @@ def test_by_root_splits_the_runs_scored_answers(tmp_path, monkeypatch):
     passes = []
     monkeypatch.setattr(report, "classify_examples", lambda *a, **k: passes.append(k["n_hashes"])
                         or classify_examples(*a, **k))
-    scored, split = report.score(tmp_path / "run", 12, [3, model.n_hashes])
+    scored, split, right = report.score(tmp_path / "run", 12, [3, model.n_hashes])
     assert passes == [model.n_hashes, 3]  # one pass per number of rounds
     assert set(split) <= {"MAX", "MIN", "MED", "SM"}
     assert sum(c["examples"] for c in split.values()) == 12
@@ -79,6 +79,7 @@ def test_by_root_splits_the_runs_scored_answers(tmp_path, monkeypatch):
         assert scored[rounds]["accuracy"] == pytest.approx(metrics["accuracy"])
         assert scored[rounds]["bits"] == pytest.approx(bits, rel=1e-6)
     assert total("accuracy") == pytest.approx(scored[model.n_hashes]["accuracy"])
+    assert sum(right) / 12 == pytest.approx(scored[model.n_hashes]["accuracy"])
     assert total("rule_accuracy") == pytest.approx(report.root_rule("test", 12)["accuracy"])
     assert all(0 <= c["answered_otherwise"] <= 1 for c in split.values())
 
@@ -93,3 +94,18 @@ def test_the_full_attention_comparison_is_the_preset_with_full_attention_only():
     assert full.model.attn_layers == ("full",)
     assert full.model == preset.model.replace(attn_layers=("full",))
     assert full.training == preset.training
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_example_differences():
+    import statistics
+
+    first = [True] * 30 + [False] * 10 + [True] * 6 + [False] * 4
+    second = [True] * 30 + [False] * 10 + [False] * 6 + [True] * 4
+    c = report.paired(first, second)
+    d = [int(a) - int(b) for a, b in zip(first, second, strict=True)]
+    assert c["difference"] == pytest.approx(statistics.mean(d)) == pytest.approx(2 / 50)
+    assert c["standard_error"] == pytest.approx(statistics.stdev(d) / len(d) ** 0.5)
+    assert (c["only_first_right"], c["only_second_right"]) == (6, 4)
+    assert report.paired(first, first)["standard_error"] == 0
+    with pytest.raises(ValueError, match="50 and 3 answers"):
+        report.paired(first, second[:3])

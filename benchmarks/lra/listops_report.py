@@ -174,10 +174,11 @@ def trained_minutes(records: list[dict], step: int) -> float:
 
 
 def score(run_dir: Path, n_test: int, more_hashes: list[int]
-          ) -> tuple[dict[int, dict[str, float]], dict[str, dict[str, float]]]:
+          ) -> tuple[dict[int, dict[str, float]], dict[str, dict[str, float]], list[bool]]:
     """The run's first ``n_test`` test examples scored once per number of hash rounds (those
     it trained with first, then ``more_hashes``): {rounds: accuracy and bits per example},
-    and the first rounds' answers split by root operator (:func:`by_root`)."""
+    the first rounds' answers split by root operator (:func:`by_root`), and whether each
+    of those answers is right (for :func:`paired`)."""
     model, run = ckpt.load_model(run_dir, "cpu")
     task = build_task(run.training.replace(eval_windows=n_test).task_spec())
     ids, mask, labels = task.test_set(n_test)
@@ -189,7 +190,25 @@ def score(run_dir: Path, n_test: int, more_hashes: list[int]
         scored[rounds] = {"accuracy": (picked == labels).double().mean().item(),
                           "bits": bits.mean().item()}
         first = picked if first is None else first
-    return scored, by_root(ids[:, 0].tolist(), first.tolist(), labels.tolist())
+    return (scored, by_root(ids[:, 0].tolist(), first.tolist(), labels.tolist()),
+            (first == labels).tolist())
+
+
+def paired(first_right: list[bool], second_right: list[bool]) -> dict[str, float]:
+    """Two runs' accuracies on the same test examples compared example by example: the
+    difference (first minus second), its standard error from the per-example differences
+    (each -1, 0 or 1; smaller than the unpaired one when the runs err on the same
+    examples), and how many examples only one of them answers right."""
+    n = len(first_right)
+    if n != len(second_right) or n < 2:
+        raise ValueError(f"paired: {n} and {len(second_right)} answers; score both runs on "
+                         "the same test examples, at least 2")
+    only_first = sum(a and not b for a, b in zip(first_right, second_right, strict=True))
+    only_second = sum(b and not a for a, b in zip(first_right, second_right, strict=True))
+    mean = (only_first - only_second) / n
+    variance = ((only_first + only_second) / n - mean ** 2) * n / (n - 1)
+    return {"difference": mean, "standard_error": math.sqrt(variance / n),
+            "only_first_right": only_first, "only_second_right": only_second}
 
 
 def by_root(roots: list[int], picked: list[int], labels: list[int]
@@ -227,11 +246,12 @@ def main() -> None:
     args = parser.parse_args()
     if any(r < 1 for r in args.more_hashes):
         parser.error(f"--more-hashes {args.more_hashes}: hash rounds must be at least 1")
-    results = []
+    results, right = [], []
     for run_dir in args.runs:
         t0 = time.perf_counter()
         extra = args.more_hashes if "lsh" in attention(run_dir) else []
-        scored, roots = score(run_dir, args.test, extra)
+        scored, roots, answers = score(run_dir, args.test, extra)
+        right.append(answers)
         trained = next(iter(scored.values()))  # with the hash rounds it trained with
         accuracy, bits = trained["accuracy"], trained["bits"]
         records = MetricsLog(run_dir / ckpt.METRICS_FILE).read()
@@ -246,6 +266,8 @@ def main() -> None:
                         "test_by_hash_rounds": scored, "test_by_root": roots,
                         "eval_seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "curve"}), flush=True)
+    for r, answers in zip(results[1:], right[1:], strict=True):  # each against the first
+        r["paired_with_first"] = {"first": results[0]["run"], **paired(right[0], answers)}
     rules = {**baselines(args.test), **shallow_rules(args.test)}
     on_validation = root_rule("validation", args.validation)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +293,12 @@ def main() -> None:
         for op, c in r["test_by_root"].items():
             print(f"| {r['run']} | {op} | {c['examples']} | {100 * c['accuracy']:.1f}% | "
                   f"{100 * c['rule_accuracy']:.1f}% | {100 * c['answered_otherwise']:.1f}% |")
+    for r in results[1:]:
+        c = r["paired_with_first"]
+        print(f"\n{c['first']} minus {r['run']}, paired over {args.test} test examples: "
+              f"{100 * c['difference']:+.2f} points (standard error "
+              f"{100 * c['standard_error']:.2f}); only {c['first']} right on "
+              f"{c['only_first_right']}, only {r['run']} right on {c['only_second_right']}")
 
 
 def plot(results: list[dict], rule: dict[str, float], path: Path) -> None:
