@@ -19,7 +19,9 @@ panels mark the root-operator rule on the same validation examples: beating the 
 not a validation accuracy, is the sign that a model reads more than the root operator. Three
 more rules evaluate only the root's digit arguments (the runs of digits at either end, those
 near either end, and all of them): how far a model gets that reads the ends of the sequence,
-or the depth of every token, without evaluating any nested operator.
+or the depth of every token, without evaluating any nested operator. Each run after the first
+is compared with the first example by example (``paired_with_first``: the difference in
+accuracy and its paired standard error), since all score the same test examples.
 """
 
 from __future__ import annotations
